@@ -1,0 +1,149 @@
+"""Detection post-processing: per-level top-k, box decoding and per-class NMS.
+
+Graph-only (no Python loops over boxes or images); the same layer runs in ``predict_step``
+and inside the exported serving signature.
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet import boxes as box_ops
+
+NMS_METHODS = ("combined", "padded")
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class DetectionPostProcessor(keras.layers.Layer):
+    """Turns per-level sigmoid logits and box deltas into final detections (§5.4).
+
+    Per level: sigmoid, keep the ``pre_nms_topk`` highest (anchor, class) scores, decode
+    only those. Then merge the levels, clip to the image, drop scores
+    ``<= score_threshold`` and run per-class NMS at ``nms_iou_threshold`` keeping
+    ``max_detections`` (per-class NMS and 100 detections: Detectron's choices, the thesis
+    states neither — spec ambiguities 2 and 3).
+
+    NMS implementations (``nms_method``):
+
+    * ``"combined"`` — ``tf.image.combined_non_max_suppression``: the fast C++ kernel on CPU;
+      it does not compile with XLA.
+    * ``"padded"`` — class-offset trick (boxes of different classes are shifted apart so
+      one class-agnostic NMS acts per class, as torchvision's ``batched_nms``) through
+      ``tf.image.non_max_suppression_padded``, which compiles with XLA.
+
+    Both give the same detections (tested).
+
+    Call with ``(class_logits, box_deltas, anchors, image_shape=(h, w))``: lists (finest level
+    first) of ``[B, N_l, K]`` logits, ``[B, N_l, 4]`` deltas and ``[N_l, 4]`` anchors, and
+    the network-input ``(height, width)`` (keyword). Returns a dict ``boxes [B, D, 4]`` (yxyx,
+    network-input pixels), ``scores [B, D]``, ``classes [B, D]`` int32 (-1 padding) and
+    ``num_detections [B]`` int32 with ``D = max_detections``.
+
+    Args:
+        pre_nms_topk: candidates kept per level. Default 1000.
+        score_threshold: minimum score. Default 0.05.
+        nms_iou_threshold: Default 0.5.
+        max_detections: Default 100.
+        box_weights: the box coder's ``(wy, wx, wh, ww)``. Default (1, 1, 1, 1).
+        nms_method: ``"combined"`` (default) or ``"padded"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        pre_nms_topk=1000,
+        score_threshold=0.05,
+        nms_iou_threshold=0.5,
+        max_detections=100,
+        box_weights=(1.0, 1.0, 1.0, 1.0),
+        nms_method="combined",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if nms_method not in NMS_METHODS:
+            raise ValueError(f"nms_method must be one of {NMS_METHODS}, got {nms_method!r}.")
+        self.pre_nms_topk = int(pre_nms_topk)
+        self.score_threshold = float(score_threshold)
+        self.nms_iou_threshold = float(nms_iou_threshold)
+        self.max_detections = int(max_detections)
+        self.box_weights = tuple(float(w) for w in box_weights)
+        self.nms_method = nms_method
+
+    def _level_candidates(self, logits, deltas, anchors):
+        logits = tf.cast(logits, tf.float32)
+        num_classes = logits.shape[-1] or tf.shape(logits)[-1]
+        batch = tf.shape(logits)[0]
+        flat = tf.reshape(tf.sigmoid(logits), [batch, -1])
+        static_n = flat.shape[1]
+        k = min(self.pre_nms_topk, static_n) if static_n is not None else tf.minimum(self.pre_nms_topk, tf.shape(flat)[1])
+        scores, index = tf.math.top_k(flat, k=k, sorted=False)
+        anchor_index = index // num_classes
+        classes = index % num_classes
+        deltas = tf.gather(tf.cast(deltas, tf.float32), anchor_index, batch_dims=1)
+        boxes = box_ops.decode(deltas, tf.gather(anchors, anchor_index), weights=self.box_weights)
+        return boxes, scores, classes
+
+    def call(self, class_logits, box_deltas, anchors, *, image_shape):
+        candidates = [self._level_candidates(c, d, a) for c, d, a in zip(class_logits, box_deltas, anchors)]
+        boxes = tf.concat([c[0] for c in candidates], axis=1)
+        scores = tf.concat([c[1] for c in candidates], axis=1)
+        classes = tf.concat([c[2] for c in candidates], axis=1)
+        boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])
+        num_classes = class_logits[0].shape[-1] or tf.shape(class_logits[0])[-1]
+        if self.nms_method == "combined":
+            return self._combined_nms(boxes, scores, classes, num_classes)
+        return self._padded_nms(boxes, scores, classes, image_shape)
+
+    def _combined_nms(self, boxes, scores, classes, num_classes):
+        per_class = tf.one_hot(classes, num_classes, dtype=scores.dtype) * scores[..., None]
+        nmsed_boxes, nmsed_scores, nmsed_classes, valid = tf.image.combined_non_max_suppression(
+            boxes[:, :, None, :],
+            per_class,
+            max_output_size_per_class=self.max_detections,
+            max_total_size=self.max_detections,
+            iou_threshold=self.nms_iou_threshold,
+            score_threshold=self.score_threshold,
+            clip_boxes=False,
+        )
+        return self._format(nmsed_boxes, nmsed_scores, tf.cast(nmsed_classes, tf.int32), valid)
+
+    def _padded_nms(self, boxes, scores, classes, image_shape):
+        # Shift each class's boxes by class * (image extent + 1) so boxes of different classes
+        # never overlap: one class-agnostic NMS then acts per class.
+        extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
+        offset = tf.cast(classes, tf.float32)[..., None] * extent
+        scores = tf.where(scores > self.score_threshold, scores, 0.0)
+        index, valid = tf.image.non_max_suppression_padded(
+            boxes + offset,
+            scores,
+            max_output_size=self.max_detections,
+            iou_threshold=self.nms_iou_threshold,
+            score_threshold=self.score_threshold,
+            pad_to_max_output_size=True,
+        )
+        out_boxes = tf.gather(boxes, index, batch_dims=1)
+        out_scores = tf.gather(scores, index, batch_dims=1)
+        out_classes = tf.gather(classes, index, batch_dims=1)
+        return self._format(out_boxes, out_scores, out_classes, valid)
+
+    def _format(self, boxes, scores, classes, valid):
+        valid = tf.cast(valid, tf.int32)
+        keep = tf.range(self.max_detections)[None, :] < valid[:, None]
+        return {
+            "boxes": tf.where(keep[..., None], boxes, 0.0),
+            "scores": tf.where(keep, scores, 0.0),
+            "classes": tf.where(keep, classes, -1),
+            "num_detections": valid,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "pre_nms_topk": self.pre_nms_topk,
+                "score_threshold": self.score_threshold,
+                "nms_iou_threshold": self.nms_iou_threshold,
+                "max_detections": self.max_detections,
+                "box_weights": list(self.box_weights),
+                "nms_method": self.nms_method,
+            }
+        )
+        return config

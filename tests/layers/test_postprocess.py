@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.layers.postprocess import DetectionPostProcessor
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+def _inputs():
+    # level 0: 4 anchors, level 1: 2 anchors, 3 classes, zero deltas (boxes = anchors)
+    anchors0 = np.array([[0, 0, 10, 10], [0, 1, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50]], "float32")
+    anchors1 = np.array([[0, 0, 10, 10], [60, 60, 90, 90]], "float32")
+    logits0 = np.full((1, 4, 3), _logit(0.01), "float32")
+    logits0[0, 0, 1] = _logit(0.9)   # A: class 1
+    logits0[0, 1, 1] = _logit(0.8)   # overlaps A (IoU 0.82), same class -> suppressed
+    logits0[0, 1, 2] = _logit(0.7)   # same box, other class -> kept
+    logits0[0, 2, 0] = _logit(0.6)
+    logits0[0, 3, 0] = _logit(0.04)  # under the 0.05 threshold
+    logits1 = np.full((1, 2, 3), _logit(0.01), "float32")
+    logits1[0, 0, 1] = _logit(0.5)   # duplicate of A on another level -> suppressed
+    logits1[0, 1, 2] = _logit(0.3)
+    deltas = [np.zeros((1, 4, 4), "float32"), np.zeros((1, 2, 4), "float32")]
+    return [logits0, logits1], deltas, [anchors0, anchors1]
+
+
+@pytest.mark.parametrize("method", ["combined", "padded"])
+def test_nms_threshold_and_per_class(method):
+    logits, deltas, anchors = _inputs()
+    post = DetectionPostProcessor(max_detections=10, nms_method=method)
+    out = post(logits, deltas, anchors, image_shape=(100, 100))
+    n = int(out["num_detections"][0])
+    assert n == 4
+    np.testing.assert_allclose(out["scores"][0, :n], [0.9, 0.7, 0.6, 0.3], rtol=1e-5)
+    np.testing.assert_array_equal(out["classes"][0, :n], [1, 2, 0, 2])
+    np.testing.assert_allclose(out["boxes"][0, 0], [0, 0, 10, 10], atol=1e-4)
+    np.testing.assert_allclose(out["boxes"][0, 3], [60, 60, 90, 90], atol=1e-4)
+    assert np.all(out["classes"][0, n:] == -1) and np.all(out["scores"][0, n:] == 0)
+
+
+def test_topk_per_level_and_clipping():
+    logits, deltas, anchors = _inputs()
+    post = DetectionPostProcessor(pre_nms_topk=1, max_detections=10)
+    out = post(logits, deltas, anchors, image_shape=(80, 80))
+    # one candidate per level: A (0.9) from level 0, the 0.5 duplicate from level 1 (suppressed by A)
+    assert int(out["num_detections"][0]) == 1
+    post = DetectionPostProcessor(max_detections=10)
+    out = post(logits, deltas, anchors, image_shape=(80, 80))
+    assert float(tf.reduce_max(out["boxes"])) <= 80.0
+
+
+def test_methods_agree_on_random_inputs():
+    rng = np.random.RandomState(0)
+    logits = [rng.normal(-2, 2, size=(2, n, 4)).astype("float32") for n in (300, 60)]
+    deltas = [rng.normal(0, 0.3, size=(2, n, 4)).astype("float32") for n in (300, 60)]
+    anchors = []
+    for n, s in ((300, 16), (60, 32)):
+        c = rng.uniform(0, 128, size=(n, 2))
+        anchors.append(np.concatenate([c - s / 2, c + s / 2], 1).astype("float32"))
+    a = DetectionPostProcessor(nms_method="combined", max_detections=50)(logits, deltas, anchors, image_shape=(128, 128))
+    b = DetectionPostProcessor(nms_method="padded", max_detections=50)(logits, deltas, anchors, image_shape=(128, 128))
+    np.testing.assert_array_equal(a["num_detections"], b["num_detections"])
+    for i in range(2):
+        n = int(a["num_detections"][i])
+        order_a = np.lexsort((a["classes"][i, :n], -a["scores"][i, :n].numpy()))
+        order_b = np.lexsort((b["classes"][i, :n], -b["scores"][i, :n].numpy()))
+        np.testing.assert_allclose(a["scores"][i, :n].numpy()[order_a], b["scores"][i, :n].numpy()[order_b], atol=1e-6)
+        np.testing.assert_allclose(a["boxes"][i, :n].numpy()[order_a], b["boxes"][i, :n].numpy()[order_b], atol=1e-3)
+
+
+def test_padded_compiles_with_xla():
+    logits, deltas, anchors = _inputs()
+    post = DetectionPostProcessor(max_detections=10, nms_method="padded")
+    fn = tf.function(lambda l0, l1, d0, d1: post([l0, l1], [d0, d1], anchors, image_shape=(100, 100)), jit_compile=True)
+    out = fn(logits[0], logits[1], deltas[0], deltas[1])
+    assert int(out["num_detections"][0]) == 4
+
+
+def test_config_round_trip():
+    post = DetectionPostProcessor(pre_nms_topk=50, nms_method="padded")
+    assert DetectionPostProcessor.from_config(post.get_config()).get_config() == post.get_config()
+    with pytest.raises(ValueError):
+        DetectionPostProcessor(nms_method="soft")
