@@ -1,1 +1,32 @@
-"""kerasdet.evaluation"""
+"""kerasdet.evaluation: COCO evaluation through pycocotools, a Keras callback, VOC AP.
+
+``coco_eval`` and ``voc_ap`` need only numpy/pycocotools; ``callback`` imports Keras.
+
+The VOC AP function is reached as ``kerasdet.evaluation.voc_ap.voc_ap`` (or ``from
+kerasdet.evaluation.voc_ap import voc_ap``): it is deliberately not re-exported here, since
+a package attribute named ``voc_ap`` would shadow the ``voc_ap`` module.
+"""
+from kerasdet.evaluation.coco_eval import (
+    STAT_KEYS,
+    CocoEvaluator,
+    detections_to_coco_results,
+    evaluate_results_file,
+    format_table,
+    run_cocoeval,
+)
+from kerasdet.evaluation.callback import CocoEvalCallback, evaluate_model
+from kerasdet.evaluation import voc_ap  # the module (see above)
+from kerasdet.evaluation.voc_ap import voc_eval
+
+__all__ = [
+    "STAT_KEYS",
+    "CocoEvalCallback",
+    "CocoEvaluator",
+    "detections_to_coco_results",
+    "evaluate_model",
+    "evaluate_results_file",
+    "format_table",
+    "run_cocoeval",
+    "voc_ap",
+    "voc_eval",
+]
