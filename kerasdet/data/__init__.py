@@ -1,1 +1,34 @@
-"""kerasdet.data"""
+"""kerasdet.data: loaders (COCO JSON, Pascal VOC), the embedded multi-digit set, tf.data.
+
+* :func:`generate_digits` writes the default data set (real MNIST digits composed into
+  detection images, PNG + COCO JSON with boxes and masks).
+* :func:`load_coco` / :func:`load_voc` return a :class:`DetectionSource` (numpy, no TF).
+* :func:`make_dataset` turns a source into batched ``(images, labels)`` ``tf.data``.
+
+``make_dataset`` and the augmentation module import TensorFlow; they (and
+``generate_digits``, so that ``python -m kerasdet.data.digits`` runs cleanly) are loaded
+lazily, which keeps the loaders light.
+"""
+from .coco import DetectionSource, load_coco, read_image
+from .voc import VOC_CLASSES, load_voc
+
+__all__ = [
+    "DetectionSource", "load_coco", "load_voc", "read_image", "VOC_CLASSES",
+    "generate_digits", "make_dataset",
+]
+
+
+def __getattr__(name):
+    if name == "generate_digits":
+        from .digits import generate_digits
+
+        return generate_digits
+    if name == "make_dataset":
+        from .pipeline import make_dataset
+
+        return make_dataset
+    if name in ("augment", "pipeline", "digits"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

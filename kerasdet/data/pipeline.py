@@ -1,0 +1,241 @@
+"""``tf.data`` input pipeline: a :class:`~kerasdet.data.coco.DetectionSource` -> batches.
+
+:func:`make_dataset` yields ``(images, labels)``:
+
+* ``images``: float32 ``[B, H, W, 3]``, RGB, 0..255 (not normalized: models normalize).
+* ``labels``: a dict
+
+  - ``"boxes"`` float32 ``[B, max_boxes, 4]`` yxyx in network-input pixels (0 rows pad),
+  - ``"classes"`` int32 ``[B, max_boxes]`` contiguous, padded with -1,
+  - ``"is_crowd"`` bool ``[B, max_boxes]`` (False pad): ignore these in matching,
+  - ``"image_id"`` int64 ``[B]`` (the dataset's image id),
+  - ``"image_scale"`` float32 ``[B]``: network px per original px, so
+    ``original = network / image_scale`` (the nominal scale; the image itself is resized
+    to ``round(h * scale)``, which differs by < 0.5 px),
+  - ``"original_size"`` int32 ``[B, 2]``: ``(height, width)`` of the original image.
+
+Shapes are static (``B`` too when ``drop_remainder``), so models trace once.
+
+Structure (and why): per-image labels enter as ragged tensor slices (no Python
+generator); images are decoded with OpenCV inside ``tf.numpy_function`` (grey, RGBA,
+16-bit, BGR -> RGB handled in :func:`~kerasdet.data.coco.read_image`; a bad file raises
+an error naming it). Shuffling happens on file indices before decoding, or on decoded
+images after ``cache()`` when ``cache_images``. Randomness is stateless per element,
+seeded from ``tf.data.Dataset.random(seed)``, so a seeded pipeline is reproducible and
+still differs between epochs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from .augment import MIN_VISIBLE_FRACTION, preprocess_example
+from .coco import DetectionSource, read_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "numpy_resized_shapes"]
+
+
+def _decode_numpy(path, height, width):
+    path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
+    image = read_image(path)
+    if image.shape[0] != height or image.shape[1] != width:
+        raise ValueError(f"{path}: image is {image.shape[:2]} but the annotations say "
+                         f"(height, width)=({height}, {width})")
+    return image
+
+
+def decode_image(path, height, width):
+    """Graph op: read ``path`` with OpenCV as RGB uint8 ``[h, w, 3]``.
+
+    Raises (at run time) an error whose message names the file when it is missing,
+    unreadable, truncated, or not of the expected ``(height, width)``.
+    """
+    image = tf.numpy_function(_decode_numpy, [path, height, width], tf.uint8,
+                              stateful=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def numpy_resized_shapes(heights, widths, image_size, min_size=None, max_size=None):
+    """Resized ``(h, w)`` arrays per image, as :mod:`kerasdet.data.augment` computes them
+    (without jitter); used to check the canvas at construction time."""
+    h = np.asarray(heights, np.float32)
+    w = np.asarray(widths, np.float32)
+    if min_size is None and max_size is None:
+        scale = np.minimum(np.float32(image_size[0]) / h, np.float32(image_size[1]) / w)
+    elif min_size is None:
+        scale = np.float32(max_size) / np.maximum(h, w)
+    else:
+        scale = np.float32(min_size) / np.minimum(h, w)
+        if max_size is not None:
+            scale = np.minimum(scale, np.float32(max_size) / np.maximum(h, w))
+    return (np.maximum(np.round(h * scale), 1).astype(np.int64),
+            np.maximum(np.round(w * scale), 1).astype(np.int64))
+
+
+def _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes):
+    if not isinstance(source, DetectionSource):
+        raise TypeError(f"make_dataset needs a DetectionSource, got {type(source).__name__}")
+    if len(source) == 0:
+        raise ValueError(f"the source from {source.annotation_file} has no images")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if len(image_size) != 2 or min(int(s) for s in image_size) < 1:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    if max_boxes < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    if scale_jitter is not None and (len(scale_jitter) != 2
+                                     or not 0 < scale_jitter[0] <= scale_jitter[1]):
+        raise ValueError(f"scale_jitter must be (low, high) with 0 < low <= high, got "
+                         f"{scale_jitter!r}")
+    if any(h is None or w is None for h, w in zip(source.heights, source.widths)):
+        raise ValueError("every image of the source needs a height and width")
+    if min_size is not None or max_size is not None:
+        new_h, new_w = numpy_resized_shapes(source.heights, source.widths, image_size,
+                                            min_size, max_size)
+        too_big = np.flatnonzero((new_h > image_size[0]) | (new_w > image_size[1]))
+        if len(too_big):
+            i = int(too_big[0])
+            need = (int(new_h.max()), int(new_w.max()))
+            raise ValueError(
+                f"canvas image_size={tuple(image_size)} is smaller than the resized image "
+                f"({new_h[i]}, {new_w[i]}) of {source.image_paths[i]} with min_size="
+                f"{min_size}, max_size={max_size} ({len(too_big)} image(s) affected); use "
+                f"an image_size of at least {need}, e.g. a multiple of 128 such as "
+                f"{tuple(-(-n // 128) * 128 for n in need)}")
+    counts = np.asarray([len(b) for b in source.boxes])
+    if counts.size and counts.max() > max_boxes:
+        logger.warning("%d image(s) have more than max_boxes=%d objects (max %d); extra "
+                       "objects are dropped (crowd ones first)",
+                       int((counts > max_boxes).sum()), max_boxes, int(counts.max()))
+
+
+def _ragged(arrays, dtype, inner_shape=()):
+    values = np.concatenate([np.asarray(a, dtype).reshape((-1,) + inner_shape)
+                             for a in arrays]) if arrays else np.zeros((0,) + inner_shape, dtype)
+    lengths = np.asarray([len(a) for a in arrays], np.int64)
+    return tf.RaggedTensor.from_row_lengths(values, lengths)
+
+
+def make_dataset(
+    source: DetectionSource,
+    *,
+    batch_size: int,
+    image_size: Sequence[int],
+    min_size: int | None = None,
+    max_size: int | None = None,
+    training: bool = False,
+    shuffle: bool | None = None,
+    flip: bool | None = None,
+    scale_jitter: Sequence[float] | None = None,
+    max_boxes: int = 100,
+    drop_remainder: bool | None = None,
+    seed: int | None = None,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    cache_images: bool = False,
+    repeat: bool = False,
+    shuffle_buffer_size: int | None = None,
+    min_visible_fraction: float = MIN_VISIBLE_FRACTION,
+) -> tf.data.Dataset:
+    """Batched ``(images, labels)`` dataset for a detection source (see module doc).
+
+    Args:
+      source: a loaded :class:`DetectionSource` (``load_coco``, ``load_voc``).
+      batch_size: images per batch.
+      image_size: ``(H, W)`` output canvas; every image is resized keeping its aspect
+        ratio and padded bottom/right with 0.
+      min_size, max_size: resize rule (Detectron: short side -> ``min_size``, long side
+        capped at ``max_size``); default: fit inside the canvas. The canvas must hold
+        every resized image (checked here against the source's sizes: e.g. 800/1333
+        needs up to 1333 px on either side, so a 1344x1344 canvas, or 1408x1408 for a
+        multiple of 128).
+      training: turns on the defaults of ``shuffle``, ``flip``, ``drop_remainder``.
+      shuffle: shuffle images (default: ``training``); else the source order.
+      flip: random horizontal flip, p = 0.5 (default: ``training``).
+      scale_jitter: ``(low, high)`` random factor on the resize scale (training only),
+        then a random crop to the canvas; default None (off).
+      max_boxes: label rows per image (padding with class -1; more objects are dropped).
+      drop_remainder: drop the last partial batch (default: ``training``; needed for
+        static batch shapes and under tf.distribute).
+      seed: makes shuffling and augmentation deterministic; None: random.
+      num_parallel_calls: parallelism of the decode and preprocess maps (order is kept).
+      cache_images: keep decoded images in memory after the first pass (small sets).
+      repeat: repeat forever (e.g. with ``steps_per_epoch``).
+      shuffle_buffer_size: default: the whole set.
+      min_visible_fraction: a box cut by a jitter crop is kept when at least this
+        fraction of its area stays visible.
+    """
+    image_size = (int(image_size[0]), int(image_size[1]))
+    _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
+    shuffle = training if shuffle is None else bool(shuffle)
+    flip = training if flip is None else bool(flip)
+    drop_remainder = training if drop_remainder is None else bool(drop_remainder)
+    if not training:
+        if scale_jitter is not None or flip:
+            logger.info("make_dataset: training=False, so flip/scale_jitter are off")
+        scale_jitter, flip = None, False
+    random_aug = flip or scale_jitter is not None
+    n = len(source)
+
+    slices = {
+        "index": np.arange(n, dtype=np.int64),
+        "path": np.asarray([str(p) for p in source.image_paths], dtype=object),
+        "image_id": np.asarray(source.image_ids, np.int64),
+        "size": np.stack([np.asarray(source.heights, np.int32),
+                          np.asarray(source.widths, np.int32)], axis=1),
+        "boxes": _ragged(source.boxes, np.float32, (4,)),
+        "classes": _ragged(source.classes, np.int32),
+        "is_crowd": _ragged(source.is_crowd, bool),
+    }
+    ds = tf.data.Dataset.from_tensor_slices(slices)
+
+    def load(example):
+        example = dict(example)
+        example["image"] = decode_image(example.pop("path"), example["size"][0],
+                                        example["size"][1])
+        return example
+
+    buffer = n if shuffle_buffer_size is None else int(shuffle_buffer_size)
+    if cache_images:
+        ds = ds.map(load, num_parallel_calls=num_parallel_calls).cache()
+        if shuffle:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        if shuffle:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(load, num_parallel_calls=num_parallel_calls)
+    if repeat:
+        ds = ds.repeat()
+    if random_aug:
+        aug_seed = None if seed is None else int(seed) + 1
+        ds = tf.data.Dataset.zip(
+            ds, tf.data.Dataset.random(seed=aug_seed, rerandomize_each_iteration=True))
+    else:
+        ds = ds.map(lambda ex: (ex, tf.constant(0, tf.int64)))
+
+    def prepare(example, rand):
+        element_seed = tf.stack([rand, tf.constant(0x5EED, tf.int64)]) if random_aug else None
+        image, boxes, classes, is_crowd, scale = preprocess_example(
+            example["image"], example["boxes"], example["classes"], example["is_crowd"],
+            image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
+            scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
+            min_visible_fraction=min_visible_fraction)
+        image.set_shape([image_size[0], image_size[1], 3])
+        labels = {
+            "boxes": boxes,
+            "classes": classes,
+            "is_crowd": is_crowd,
+            "image_id": example["image_id"],
+            "image_scale": tf.cast(scale, tf.float32),
+            "original_size": example["size"],
+        }
+        return image, labels
+
+    ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
