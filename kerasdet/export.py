@@ -1,0 +1,136 @@
+"""SavedModel export with a TF Serving signature.
+
+The exported ``serving_default`` takes ``images: uint8 [None, None, None, 3]`` (a batch of
+same-size RGB images, any size) and returns:
+
+* ``detection_boxes``: float32 ``[B, K, 4]`` normalized ``[ymin, xmin, ymax, xmax]``
+  relative to the ORIGINAL image (0..1);
+* ``detection_scores``: float32 ``[B, K]``;
+* ``detection_classes``: int32 ``[B, K]`` in the dataset's own ids (e.g. COCO category
+  ids); padding rows are -1;
+* ``num_detections``: int32 ``[B]``.
+
+Resizing (the same ops as the training pipeline, :mod:`kerasdet.data.augment`),
+normalization (inside the backbone), decoding and NMS are all inside the graph. The
+SavedModel loads and runs with TensorFlow alone (no kerasdet import), with
+``tf.saved_model.load`` and with ``saved_model_cli run`` (the C++ loader TF Serving uses).
+A ``kerasdet_export.json`` next to ``saved_model.pb`` records the label map and the input
+geometry for humans and tools.
+"""
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from kerasdet.data.augment import resize_scale, resized_shape
+
+SIGNATURE_INPUT = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+
+
+def preprocess_batch(images, *, image_size, min_size=None, max_size=None):
+    """Resizes a ``[B, h, w, 3]`` batch onto the ``image_size`` canvas like the pipeline.
+
+    Returns ``(canvas float32 [B, H, W, 3], ratio [4])`` with ``ratio`` the per-axis
+    ``(new_h / h, new_w / w, new_h / h, new_w / w)`` that maps original to network pixels.
+    """
+    images = tf.cast(images, tf.float32)
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    scale = resize_scale(h, w, image_size, min_size, max_size)
+    new_h, new_w = resized_shape(h, w, scale)
+    new_h = tf.minimum(new_h, image_size[0])
+    new_w = tf.minimum(new_w, image_size[1])
+    resized = tf.image.resize(images, tf.stack([new_h, new_w]), method="bilinear")
+    canvas = tf.image.pad_to_bounding_box(resized, 0, 0, image_size[0], image_size[1])
+    ry = tf.cast(new_h, tf.float32) / tf.cast(h, tf.float32)
+    rx = tf.cast(new_w, tf.float32) / tf.cast(w, tf.float32)
+    return canvas, tf.stack([ry, rx, ry, rx])
+
+
+def serving_outputs(detections, ratio, original_hw, category_ids):
+    """Maps network-pixel detections to the serving signature's outputs."""
+    h = tf.cast(original_hw[0], tf.float32)
+    w = tf.cast(original_hw[1], tf.float32)
+    boxes = detections["boxes"] / ratio / tf.stack([h, w, h, w])
+    boxes = tf.clip_by_value(boxes, 0.0, 1.0)
+    classes = detections["classes"]
+    ids = tf.constant(category_ids, tf.int32)
+    mapped = tf.gather(ids, tf.maximum(classes, 0))
+    return {
+        "detection_boxes": boxes,
+        "detection_scores": detections["scores"],
+        "detection_classes": tf.where(classes >= 0, mapped, -1),
+        "num_detections": tf.cast(detections["num_detections"], tf.int32),
+    }
+
+
+def make_serving_function(model, *, image_size, min_size=None, max_size=None, category_ids=None):
+    """The ``serving_default`` function (a ``tf.function`` over uint8 images).
+
+    Args:
+        model: a kerasdet detector (anything with ``detect(images)`` returning the
+            detection dict).
+        image_size: ``(H, W)`` network canvas, as in the training pipeline.
+        min_size, max_size: the pipeline's optional Detectron-style resize rule.
+        category_ids: contiguous class index -> dataset id. Default: ``range(K)``.
+    """
+    if category_ids is None:
+        category_ids = list(range(model.num_classes))
+    category_ids = [int(c) for c in category_ids]
+    image_size = (int(image_size[0]), int(image_size[1]))
+
+    @tf.function(input_signature=[SIGNATURE_INPUT])
+    def serve(images):
+        canvas, ratio = preprocess_batch(images, image_size=image_size, min_size=min_size, max_size=max_size)
+        detections = model.detect(canvas)
+        shape = tf.shape(images)
+        return serving_outputs(detections, ratio, (shape[1], shape[2]), category_ids)
+
+    return serve
+
+
+def export_saved_model(
+    model,
+    export_dir,
+    *,
+    image_size,
+    min_size=None,
+    max_size=None,
+    category_ids=None,
+    category_names=None,
+):
+    """Writes a SavedModel with the ``serving_default`` signature to ``export_dir``.
+
+    Uses ``keras.export.ExportArchive`` (tracks every variable, so the C++ loader finds
+    them). Returns ``export_dir``.
+    """
+    if not model.built:
+        model(tf.zeros((1, image_size[0], image_size[1], 3), tf.float32))
+    serve = make_serving_function(
+        model, image_size=image_size, min_size=min_size, max_size=max_size, category_ids=category_ids
+    )
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serving_default", fn=serve)
+    archive.write_out(export_dir, verbose=False)
+    meta = {
+        "model": type(model).__name__,
+        "image_size": list(image_size),
+        "min_size": min_size,
+        "max_size": max_size,
+        "category_ids": list(category_ids) if category_ids is not None else list(range(model.num_classes)),
+        "category_names": list(category_names) if category_names is not None else None,
+        "signature": {
+            "inputs": {"images": "uint8 [None, None, None, 3]"},
+            "outputs": {
+                "detection_boxes": "float32 [B, K, 4] normalized yxyx",
+                "detection_scores": "float32 [B, K]",
+                "detection_classes": "int32 [B, K] dataset ids, -1 padding",
+                "num_detections": "int32 [B]",
+            },
+        },
+    }
+    with open(os.path.join(export_dir, "kerasdet_export.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return export_dir

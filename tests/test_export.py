@@ -1,0 +1,133 @@
+"""SavedModel export: fresh-process load without kerasdet, saved_model_cli, parity with predict."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import keras
+import numpy as np
+import pytest
+
+from kerasdet.data.coco import load_coco
+from kerasdet.data.pipeline import make_dataset
+from kerasdet.export import export_saved_model
+from kerasdet.models.retinanet import RetinaNet
+from kerasdet.backbones import small_backbone
+
+CATEGORY_IDS = [3, 7, 11]
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    return RetinaNet(
+        backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0)),
+        num_classes=3, min_level=3, max_level=5, fpn_channels=16, head_convs=1, head_channels=16,
+        anchor_size=2.0, prior_probability=0.1, max_detections=20,
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
+    os.makedirs(root / "img")
+    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
+    for i, im in enumerate(images):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+        coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
+    with open(root / "ann.json", "w") as f:
+        json.dump(coco, f)
+    model = _model()
+    path = str(root / "saved_model")
+    export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
+    np.save(root / "batch.npy", np.stack(images))
+    return model, path, root, np.stack(images)
+
+
+FRESH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "kerasdet" or name.startswith("kerasdet."):
+                raise ImportError("kerasdet is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    try:
+        import kerasdet
+        raise SystemExit("kerasdet was importable")
+    except ImportError:
+        pass
+    import numpy as np, tensorflow as tf
+    fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    out = fn(images=tf.constant(np.load(sys.argv[2])))
+    np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})
+    print("kerasdet" in sys.modules)
+    """
+)
+
+
+def test_fresh_process_without_kerasdet_matches_in_process_predict(exported):
+    model, path, root, batch = exported
+    out_file = str(root / "fresh.npz")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, path, str(root / "batch.npy"), out_file],
+        capture_output=True, text=True, timeout=300, env=env, cwd=str(root),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("False")
+    served = dict(np.load(out_file))
+    assert served["detection_boxes"].dtype == np.float32 and served["detection_boxes"].shape == (2, 20, 4)
+    assert served["num_detections"].dtype == np.int32
+
+    # In-process reference: the training/eval pipeline's canvas + model.predict.
+    source = load_coco(str(root / "ann.json"), str(root / "img"))
+    ds = make_dataset(source, batch_size=2, image_size=(64, 64))
+    (images, labels), = list(ds)
+    pred = model.predict(images, verbose=0)
+    np.testing.assert_array_equal(served["num_detections"], pred["num_detections"])
+    assert served["num_detections"].min() > 0
+    for b in range(2):
+        n = int(pred["num_detections"][b])
+        np.testing.assert_allclose(served["detection_scores"][b, :n], pred["scores"][b, :n], atol=1e-5)
+        ids = np.array(CATEGORY_IDS)[pred["classes"][b, :n]]
+        np.testing.assert_array_equal(served["detection_classes"][b, :n], ids)
+        assert np.all(served["detection_classes"][b, n:] == -1)
+        scale = float(labels["image_scale"][b])
+        ref = pred["boxes"][b, :n] / scale / np.array([96, 80, 96, 80])
+        np.testing.assert_allclose(served["detection_boxes"][b, :n], np.clip(ref, 0, 1), atol=0.01)
+        assert served["detection_boxes"].min() >= 0 and served["detection_boxes"].max() <= 1
+
+
+def test_saved_model_cli_show_and_run(exported):
+    _, path, root, _ = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    show = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True, timeout=300, env=env)
+    assert show.returncode == 0, show.stderr[-2000:]
+    text = show.stdout
+    assert "signature_def['serving_default']" in text
+    assert "inputs['images'] tensor_info:" in text and "dtype: DT_UINT8" in text and "shape: (-1, -1, -1, 3)" in text
+    for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
+        assert f"outputs['{key}']" in text
+    outdir = str(root / "cli_out")
+    run = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default",
+         "--inputs", f"images={root / 'batch.npy'}", "--outdir", outdir],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    boxes = np.load(os.path.join(outdir, "detection_boxes.npy"))
+    assert boxes.shape == (2, 20, 4)
+
+
+def test_export_metadata(exported):
+    _, path, _, _ = exported
+    with open(os.path.join(path, "kerasdet_export.json")) as f:
+        meta = json.load(f)
+    assert meta["category_ids"] == CATEGORY_IDS and meta["image_size"] == [64, 64]
