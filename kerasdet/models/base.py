@@ -11,9 +11,12 @@ only writes ``detection_losses`` (a dict of already-normalized loss terms) and
 * the coupled (Caffe-style, ``grad += wd * w``) weight decay is added per replica divided
   by the number of replicas, for the same reason;
 * logged losses are all-reduced so every replica (and the History) sees the global value;
-* ``MultiWorkerMirroredStrategy`` + ``fit``: Keras' symbolic build reduces a PerReplica
-  batch and then fails (keras-team/keras#20585, see PLATFORM.md); the model builds itself
-  eagerly on a concrete batch instead (``_maybe_symbolic_build`` is a no-op).
+* ``MultiWorkerMirroredStrategy`` + ``fit`` (keras-team/keras#20585, see PLATFORM.md):
+  Keras' symbolic build cross-worker-reduces the first PerReplica batch and fails, and its
+  ``reduce(MEAN, axis=0)`` of the step outputs fails on scalar logs. Under a multi-worker
+  strategy the symbolic build uses this worker's local batch instead (which also builds
+  the optimizer inside the strategy scope), and the step logs are rank-1 ``[1]`` tensors
+  (Keras' reduction turns them back into scalars). Nothing changes under other strategies.
 """
 import keras
 import tensorflow as tf
@@ -22,6 +25,21 @@ import tensorflow as tf
 def _num_replicas():
     ctx = tf.distribute.get_replica_context()
     return ctx.num_replicas_in_sync if ctx is not None else tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _is_multi_worker(strategy):
+    """True for a ``MultiWorkerMirroredStrategy`` that really spans several workers."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return bool(in_multi_worker_mode()) if callable(in_multi_worker_mode) else True
+
+
+def _local_value(strategy, value):
+    """This worker's first replica's value of a (possibly) distributed value."""
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
 
 
 def _all_reduce_sum(value):
@@ -108,6 +126,12 @@ class Detector(keras.Model):
                 continue
             tracker.update_state(_all_reduce_sum(tf.cast(values[tracker.name], tf.float32)))
             logs[tracker.name] = tracker.result()
+        if _is_multi_worker(self.distribute_strategy):
+            # keras-team/keras#20585: under a multi-worker strategy Keras reduces the step
+            # outputs with ``strategy.reduce(MEAN, v, axis=0)``, which rejects scalars.
+            # Every replica holds the same all-reduced value, so the mean over axis 0 of
+            # these [1]-vectors is that value, as a scalar again.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
     def train_step(self, data):
@@ -131,12 +155,20 @@ class Detector(keras.Model):
         images, _ = split_data(data)
         return self.detect(images)
 
-    def _maybe_symbolic_build(self, *args, **kwargs):
-        # Keras' symbolic build of a PerReplica batch fails under MultiWorkerMirroredStrategy
-        # (keras-team/keras#20585). Detectors are built by their first real call instead.
-        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-            return
-        return super()._maybe_symbolic_build(*args, **kwargs)
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # keras-team/keras#20585 (open): under MultiWorkerMirroredStrategy Keras builds the
+        # model from ``strategy.reduce("MEAN", first_batch, axis=None)``, which fails on a
+        # PerReplica batch. Build from this worker's local part of the batch instead (the
+        # shapes are all the symbolic build needs); like Keras, this also builds the
+        # optimizer inside the strategy scope. Keras resets the iterator afterwards.
+        strategy = self.distribute_strategy
+        if iterator is None or self._distribute_strategy is None or not _is_multi_worker(strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(lambda v: _local_value(strategy, v), next(it))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def get_config(self):
         return {"weight_decay": self.weight_decay, "name": self.name}
