@@ -149,11 +149,13 @@ def retinanet_param_count(num_classes, blocks=(3, 4, 6, 3), d=256, anchors=9):
     return resnet_param_count(blocks) + fpn + head
 
 
-@pytest.mark.parametrize("depth,blocks", [(50, (3, 4, 6, 3))])
-def test_r50_fpn_parameter_count_matches_paper_layer_list(depth, blocks):
+@pytest.mark.parametrize("depth,blocks,total", [(50, (3, 4, 6, 3), 38_048_372), (101, (3, 4, 23, 3), 57_118_836)])
+def test_resnet_fpn_parameter_count_matches_paper_layer_list(depth, blocks, total):
     model = RetinaNet(backbone=resnet_backbone(depth), num_classes=80)
     model(np.zeros((1, 128, 128, 3), "float32"))
     expected = retinanet_param_count(80, blocks)
-    assert resnet_param_count(blocks) == 23_587_712  # keras.applications ResNet50(include_top=False)
+    # keras.applications ResNet50/101(include_top=False) counts
+    assert resnet_param_count(blocks) == {50: 23_587_712, 101: 42_658_176}[depth]
+    assert expected == total
     assert model.count_params() == expected
     print(f"RetinaNet R{depth}-FPN, 80 classes: {model.count_params():,} parameters")
