@@ -1,0 +1,122 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.layers.attention import SelfAttention
+
+
+def _x(b=2, h=5, w=7, c=16, seed=0):
+    return tf.constant(np.random.RandomState(seed).normal(size=(b, h, w, c)).astype("float32"))
+
+
+def numpy_attention(x, wq, wk, wv):
+    """Eqs. 1-2 of the ASSD paper written out with numpy loops over positions."""
+    b, h, w, c = x.shape
+    out = np.array(x, dtype=np.float64)
+    for n in range(b):
+        flat = x[n].reshape(h * w, c).astype(np.float64)
+        q, k, v = flat @ wq, flat @ wk, flat @ wv
+        for i in range(h * w):
+            a = np.array([q[i] @ k[j] for j in range(h * w)])
+            a = np.exp(a - a.max())
+            a /= a.sum()
+            out[n].reshape(h * w, c)[i] += (a[:, None] * v).sum(axis=0)
+    return out
+
+
+def test_matches_numpy_reference_and_parameter_count():
+    x = _x()
+    layer = SelfAttention()
+    y = layer(x).numpy()
+    assert y.shape == x.shape
+    wq, wk, wv = (l.kernel.numpy()[0, 0] for l in (layer.query_conv, layer.key_conv, layer.value_conv))
+    assert wq.shape == (16, 2) and wk.shape == (16, 2) and wv.shape == (16, 16)
+    np.testing.assert_allclose(y, numpy_attention(x.numpy(), wq, wk, wv), rtol=1e-4, atol=1e-4)
+    # 1.25 C^2 parameters per unit, no bias (spec 002 §1.4)
+    assert layer.count_params() == int(1.25 * 16 * 16)
+
+
+def test_softmax_rows_sum_to_one():
+    x = _x(h=4, w=3)
+    a = SelfAttention()
+    a(x)
+    weights = a.attention_weights(x).numpy()
+    assert weights.shape == (2, 12, 12)
+    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-6)
+    assert (weights > 0).all()
+
+
+def test_zero_value_weights_give_identity():
+    x = _x()
+    layer = SelfAttention()
+    layer(x)
+    layer.value_conv.kernel.assign(tf.zeros_like(layer.value_conv.kernel))
+    np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+
+
+def test_single_position_reduces_to_x_plus_value_projection():
+    x = _x(h=1, w=1)
+    layer = SelfAttention()
+    y = layer(x).numpy()
+    wv = layer.value_conv.kernel.numpy()[0, 0]
+    np.testing.assert_allclose(y, x.numpy() + x.numpy() @ wv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 8, 35, 64])
+def test_blocked_path_equals_dense(block):
+    x = _x(h=5, w=7)  # N = 35: blocks that divide it, do not, and exceed it
+    dense = SelfAttention()
+    y_dense = dense(x).numpy()
+    blocked = SelfAttention(query_block_size=block)
+    blocked(x)
+    blocked.set_weights(dense.get_weights())
+    np.testing.assert_allclose(blocked(x).numpy(), y_dense, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_spatial_size_in_a_graph():
+    layer = SelfAttention(query_block_size=16)
+    layer(_x(h=3, w=3))
+    fn = tf.function(layer.call, input_signature=[tf.TensorSpec([None, None, None, 16], tf.float32)])
+    for h, w in ((3, 3), (9, 4), (1, 20)):
+        x = _x(b=1, h=h, w=w)
+        np.testing.assert_allclose(fn(x).numpy(), layer(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_input_and_all_three_projections():
+    x = _x()
+    for block in (None, 8):
+        layer = SelfAttention(query_block_size=block)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x)))
+        grads = tape.gradient(loss, [x] + layer.trainable_variables)
+        assert len(layer.trainable_variables) == 3
+        for g in grads:
+            assert g is not None and np.isfinite(g.numpy()).all() and np.abs(g.numpy()).sum() > 0
+
+
+def test_mixed_precision_softmax_in_float32():
+    x = _x()
+    layer = SelfAttention(dtype="mixed_bfloat16")
+    y = layer(tf.cast(x, tf.bfloat16))
+    assert y.dtype == tf.bfloat16
+    ref = SelfAttention()
+    ref(x)
+    ref.set_weights(layer.get_weights())
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), ref(x).numpy(), atol=0.1, rtol=0.05)
+
+
+def test_config_round_trip_and_keras_serialization():
+    layer = SelfAttention(reduction=4, query_block_size=128, name="att")
+    clone = SelfAttention.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, SelfAttention) and restored.query_block_size == 128 and restored.reduction == 4
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="query_block_size"):
+        SelfAttention(query_block_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        SelfAttention(reduction=0)
