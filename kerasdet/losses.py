@@ -62,3 +62,63 @@ def global_normalizer(count, *, minimum=1.0):
     if ctx is not None and ctx.num_replicas_in_sync > 1:
         count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
     return tf.maximum(count, minimum)
+
+
+def hard_negative_mask(negative_losses, negatives, num_positives, *, ratio=3.0, min_negatives=0):
+    """SSD's hard negative mining (Liu et al. 2016 §2.2; ASSD §4): per image, the
+    ``min(ratio * num_positives, num_anchors - 1)`` negatives of highest loss.
+
+    Batched graph code: each anchor's rank among its image's candidate negatives comes
+    from a stable double ``argsort`` (ties go to the lower anchor index, as a stable sort
+    in the authors' PyTorch code), no loop over images.
+
+    Args:
+        negative_losses: ``[B, A]`` per-anchor background loss (e.g. ``logsumexp(logits)
+            - logits[background]``); only entries where ``negatives`` is True compete.
+        negatives: ``[B, A]`` bool, anchors that may be mined (not positive, not ignored).
+        num_positives: ``[B]`` positives per image.
+        ratio: negatives per positive. Default 3.0 (3:1).
+        min_negatives: negatives kept even in an image with no positives. Default 0 (the
+            SSD/ASSD code: an image without objects contributes no loss); a positive value
+            lets empty images teach background.
+    Returns:
+        ``[B, A]`` bool mask of the mined negatives.
+    """
+    negative_losses = tf.cast(negative_losses, tf.float32)
+    num_anchors = tf.shape(negative_losses)[1]
+    scores = tf.where(negatives, negative_losses, tf.fill(tf.shape(negative_losses), float("-inf")))
+    order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
+    rank = tf.argsort(order, axis=1, stable=True)
+    num_neg = tf.cast(tf.round(ratio * tf.cast(num_positives, tf.float32)), tf.int32)
+    num_neg = tf.maximum(num_neg, int(min_negatives))
+    num_neg = tf.minimum(num_neg, num_anchors - 1)
+    return negatives & (rank < num_neg[:, None])
+
+
+def multibox_loss(class_targets, class_logits, box_targets, box_deltas, *, negative_ratio=3.0,
+                  min_negatives=0, smooth_l1_beta=1.0):
+    """SSD multibox loss terms as LOCAL SUMS (divide by the global positive count).
+
+    Args:
+        class_targets: ``[B, A]`` int32: ``0`` background, ``1..K`` object classes, ``-1``
+            ignored (softmax over ``K + 1`` with background at index 0, the SSD layout).
+        class_logits: ``[B, A, K + 1]``.
+        box_targets, box_deltas: ``[B, A, 4]`` encoded offsets (variances applied).
+        negative_ratio, min_negatives: see :func:`hard_negative_mask`.
+        smooth_l1_beta: Default 1.0 (SSD's smooth L1).
+    Returns:
+        ``(conf_sum, loc_sum, num_positives)``: softmax cross-entropy summed over positives
+        and mined negatives, smooth L1 summed over positives, and the positive count (float32).
+    """
+    class_logits = tf.cast(class_logits, tf.float32)
+    positive = class_targets > 0
+    negative = tf.equal(class_targets, 0)
+    num_pos = tf.reduce_sum(tf.cast(positive, tf.int32), axis=1)
+    log_probs = tf.nn.log_softmax(class_logits, axis=-1)
+    background_loss = -log_probs[..., 0]
+    mined = hard_negative_mask(background_loss, negative, num_pos, ratio=negative_ratio, min_negatives=min_negatives)
+    ce = -tf.gather(log_probs, tf.maximum(class_targets, 0), batch_dims=2)
+    conf = tf.reduce_sum(tf.where(positive | mined, ce, 0.0))
+    loc = tf.reduce_sum(tf.reduce_sum(smooth_l1_loss(box_targets, box_deltas, beta=smooth_l1_beta), axis=-1)
+                        * tf.cast(positive, tf.float32))
+    return conf, loc, tf.cast(tf.reduce_sum(num_pos), tf.float32)

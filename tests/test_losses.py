@@ -40,3 +40,48 @@ def test_smooth_l1_equals_huber_over_beta():
 def test_global_normalizer_default_strategy():
     assert float(losses.global_normalizer(0.0)) == 1.0
     assert float(losses.global_normalizer(7.0)) == 7.0
+
+
+def _ssd_pytorch_reference(targets, logits, box_t, box_p, ratio=3):
+    """ssd.pytorch's MultiBoxLoss (the ASSD authors' loss), re-written in numpy."""
+    b, a, _ = logits.shape
+    lse = np.log(np.exp(logits).sum(-1))
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    pos = targets > 0
+    loss_c = np.where(pos, 0.0, lse - logits[..., 0])
+    idx = np.argsort(-loss_c, axis=1, kind="stable")
+    rank = np.argsort(idx, axis=1, kind="stable")
+    num_neg = np.minimum(ratio * pos.sum(1), a - 1)
+    neg = (rank < num_neg[:, None]) & ~pos
+    conf = ce[pos | neg].sum()
+    d = np.abs(box_t - box_p)
+    loc = (np.where(d < 1, 0.5 * d * d, d - 0.5).sum(-1) * pos).sum()
+    return conf, loc, pos.sum()
+
+
+def test_multibox_loss_matches_ssd_reference():
+    rng = np.random.RandomState(0)
+    b, a, k = 3, 40, 4
+    targets = np.zeros((b, a), "int32")
+    targets[0, [1, 5, 9]] = [1, 2, 3]
+    targets[1, [0, 39]] = [4, 1]  # image 2 has no objects: no negatives either (SSD code)
+    logits = rng.normal(size=(b, a, k + 1)).astype("float32")
+    box_t = rng.normal(size=(b, a, 4)).astype("float32")
+    box_p = rng.normal(size=(b, a, 4)).astype("float32")
+    conf, loc, n = losses.multibox_loss(tf.constant(targets), tf.constant(logits), tf.constant(box_t), tf.constant(box_p))
+    ref = _ssd_pytorch_reference(targets, logits.astype("float64"), box_t, box_p)
+    np.testing.assert_allclose([conf.numpy(), loc.numpy(), n.numpy()], ref, rtol=1e-5)
+
+
+def test_hard_negative_mask_hand_case():
+    neg_loss = tf.constant([[0.1, 0.9, 0.5, 0.7, 0.3, 0.2], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    negatives = tf.constant([[True, True, False, True, True, True], [True] * 6])
+    # image 0: 1 positive (anchor 2) -> 3 hardest negatives 1, 3, 4; image 1: none -> 0 (or min_negatives)
+    mask = losses.hard_negative_mask(neg_loss, negatives, tf.constant([1, 0]))
+    assert mask.numpy().tolist() == [[False, True, False, True, True, False], [False] * 6]
+    mask = losses.hard_negative_mask(neg_loss, negatives, tf.constant([1, 0]), min_negatives=2)
+    assert mask.numpy()[1].tolist() == [False, False, False, False, True, True]
+    # capped at num_anchors - 1 candidates; ignored anchors never mined
+    mask = losses.hard_negative_mask(neg_loss, negatives, tf.constant([5, 5]))
+    assert mask.numpy()[0].tolist() == [True, True, False, True, True, True]
+    assert mask.numpy()[1].sum() == 5
