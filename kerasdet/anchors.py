@@ -131,3 +131,114 @@ class AnchorGenerator:
     def num_anchors(self, image_height, image_width):
         """Total anchor count for a (static) image size."""
         return sum(h * w for h, w in self.feature_sizes(image_height, image_width)) * self.num_anchors_per_location
+
+
+class SSDAnchorGenerator:
+    """SSD/ASSD default boxes (Liu et al. 2016 §2.2; ASSD §4; spec ``002_assd.md`` §1.5).
+
+    Level ``l`` (one per detection source, finest first) has scale ``s = min_sizes[l]``
+    and the next scale ``max_sizes[l]``, both fractions of the image side. Per cell, in
+    this order (the authors' code): ``(s, s)``; ``(s', s')`` with ``s' = sqrt(s *
+    max_sizes[l])``; then for each ratio ``r`` in ``aspect_ratios[l]`` (the ratios > 1
+    only): ``(h, w) = (s / sqrt(r), s * sqrt(r))`` followed by its transpose. So ratios
+    ``(2,)`` give A = 4 and ``(2, 3)`` give A = 6. Cells run row-major, levels in order,
+    matching a ``[B, H, W, A * K]`` head reshaped to ``[B, H * W * A, K]``.
+
+    Centres: ``(i + 0.5) / f`` of the image for an ``f``-cell map (spec ambiguity 6's
+    recommendation); ``legacy_steps=True`` uses the authors' ``(i + 0.5) * ceil(S / f) / S``
+    (centres slightly past the border on odd sizes), for weight parity. Boxes are NOT
+    clipped (the authors' clamp is a no-op). Output boxes are yxyx in absolute pixels of
+    the network input, like every other anchor in kerasdet.
+
+    Args:
+        min_sizes: per-level scale as a fraction of the image. Default ASSD513's
+            ``(0.04, 0.10, 0.26, 0.42, 0.58, 0.74, 0.90)``.
+        max_sizes: per-level next scale. Default ``min_sizes[1:] + (1.06,)``.
+        aspect_ratios: per-level ratios > 1. Default ASSD's ``((2,), (2, 3), (2, 3), (2, 3),
+            (2, 3), (2,), (2,))``.
+        legacy_steps: see above. Default False.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_sizes=(0.04, 0.10, 0.26, 0.42, 0.58, 0.74, 0.90),
+        max_sizes=None,
+        aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)),
+        legacy_steps=False,
+    ):
+        self.min_sizes = tuple(float(s) for s in min_sizes)
+        if max_sizes is None:
+            max_sizes = self.min_sizes[1:] + (1.06,)
+        self.max_sizes = tuple(float(s) for s in max_sizes)
+        self.aspect_ratios = tuple(tuple(float(r) for r in rs) for rs in aspect_ratios)
+        if not (len(self.min_sizes) == len(self.max_sizes) == len(self.aspect_ratios)):
+            raise ValueError(
+                f"min_sizes, max_sizes and aspect_ratios need one entry per level; got "
+                f"{len(self.min_sizes)}, {len(self.max_sizes)}, {len(self.aspect_ratios)}."
+            )
+        if any(r <= 1.0 for rs in self.aspect_ratios for r in rs):
+            raise ValueError("SSD aspect_ratios lists the ratios > 1 only (each adds r and 1/r).")
+        if any(s <= 0 for s in self.min_sizes + self.max_sizes):
+            raise ValueError("min_sizes and max_sizes must be positive fractions of the image.")
+        self.legacy_steps = bool(legacy_steps)
+
+    @property
+    def num_levels(self):
+        return len(self.min_sizes)
+
+    @property
+    def num_anchors_per_location(self):
+        """``A`` of each level (a list: SSD levels differ)."""
+        return [2 + 2 * len(rs) for rs in self.aspect_ratios]
+
+    def get_config(self):
+        return {
+            "min_sizes": list(self.min_sizes),
+            "max_sizes": list(self.max_sizes),
+            "aspect_ratios": [list(rs) for rs in self.aspect_ratios],
+            "legacy_steps": self.legacy_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def base_shapes(self, level):
+        """``[A, 2]`` (height, width) of one level's boxes, as fractions of the image."""
+        s, s_max = self.min_sizes[level], self.max_sizes[level]
+        shapes = [(s, s), (math.sqrt(s * s_max),) * 2]
+        for r in self.aspect_ratios[level]:
+            shapes += [(s / math.sqrt(r), s * math.sqrt(r)), (s * math.sqrt(r), s / math.sqrt(r))]
+        return tf.constant(shapes, tf.float32)
+
+    def level_anchors(self, level, height, width, image_height, image_width):
+        """Boxes ``[height * width * A, 4]`` (yxyx pixels) of one ``height x width`` source."""
+        ih = tf.cast(image_height, tf.float32)
+        iw = tf.cast(image_width, tf.float32)
+        fh = tf.cast(height, tf.float32)
+        fw = tf.cast(width, tf.float32)
+        if self.legacy_steps:
+            step_y, step_x = tf.math.ceil(ih / fh) / ih, tf.math.ceil(iw / fw) / iw
+        else:
+            step_y, step_x = 1.0 / fh, 1.0 / fw
+        ys = (tf.cast(tf.range(height), tf.float32) + 0.5) * step_y
+        xs = (tf.cast(tf.range(width), tf.float32) + 0.5) * step_x
+        cy, cx = tf.meshgrid(ys, xs, indexing="ij")
+        centers = tf.stack([cy, cx, cy, cx], axis=-1)[:, :, None, :]
+        hw = self.base_shapes(level)
+        half = tf.concat([-0.5 * hw, 0.5 * hw], axis=-1)[None, None]
+        scale = tf.stack([ih, iw, ih, iw])
+        return tf.reshape(centers + half, [-1, 4]) * scale
+
+    def __call__(self, feature_shapes, image_height, image_width):
+        """All boxes ``[N, 4]`` for the sources' map sizes ``[(h, w), ...]`` (finest first)."""
+        if len(feature_shapes) != self.num_levels:
+            raise ValueError(f"Expected {self.num_levels} feature shapes, got {len(feature_shapes)}.")
+        return tf.concat(
+            [self.level_anchors(l, h, w, image_height, image_width) for l, (h, w) in enumerate(feature_shapes)],
+            axis=0,
+        )
+
+    def num_anchors(self, feature_shapes):
+        return sum(h * w * a for (h, w), a in zip(feature_shapes, self.num_anchors_per_location))

@@ -49,3 +49,55 @@ def test_bad_config():
         AnchorGenerator(aspect_ratios=(0.0,))
     gen = AnchorGenerator(min_level=2, max_level=6, anchor_size=8.0, scales=(1.0,))
     assert AnchorGenerator.from_config(gen.get_config()).get_config() == gen.get_config()
+
+
+def test_ssd_anchor_counts_match_assd_paper():
+    from kerasdet.anchors import SSDAnchorGenerator
+
+    gen = SSDAnchorGenerator()
+    maps513 = [(65, 65), (33, 33), (17, 17), (9, 9), (5, 5), (3, 3), (1, 1)]
+    assert gen.num_anchors_per_location == [4, 6, 6, 6, 6, 4, 4]
+    assert gen.num_anchors(maps513) == 25_844  # ASSD513, paper Table 2
+    assert gen(maps513, 513, 513).shape == (25_844, 4)
+    maps321 = [(41, 41), (21, 21), (11, 11), (6, 6), (3, 3), (2, 2), (1, 1)]
+    assert gen.num_anchors(maps321) == 10_386  # ASSD321 with a stride-2 conv9 (spec ambiguity 5)
+
+
+def test_ssd_anchor_order_and_values():
+    from kerasdet.anchors import SSDAnchorGenerator
+
+    gen = SSDAnchorGenerator(min_sizes=(0.2, 0.5), max_sizes=(0.5, 0.8), aspect_ratios=((2.0,), (2.0, 3.0)))
+    boxes = gen([(2, 2), (1, 1)], 100, 100).numpy()
+    assert boxes.shape == (2 * 2 * 4 + 6, 4)
+    c = 25.0  # first cell centre (0.5 / 2 of 100 px)
+    s2 = 100 * (0.1 ** 0.5)
+    r = 2 ** 0.5
+    expected_first_cell = [
+        [c - 10, c - 10, c + 10, c + 10],
+        [c - s2 / 2, c - s2 / 2, c + s2 / 2, c + s2 / 2],
+        [c - 10 / r, c - 10 * r, c + 10 / r, c + 10 * r],  # h = s / sqrt(2), w = s * sqrt(2)
+        [c - 10 * r, c - 10 / r, c + 10 * r, c + 10 / r],  # its transpose
+    ]
+    np.testing.assert_allclose(boxes[:4], expected_first_cell, rtol=1e-5)
+    # row-major cells: the second cell is one step to the right (x + 50 px)
+    np.testing.assert_allclose(boxes[4:8], np.array(expected_first_cell) + [0, 50, 0, 50], rtol=1e-5)
+    np.testing.assert_allclose(boxes[-6, :], [50 - 25, 50 - 25, 50 + 25, 50 + 25], rtol=1e-5)
+    # legacy steps: ceil(513 / 65) = 8 px; the last centre sits past the border (1.006)
+    legacy = SSDAnchorGenerator(legacy_steps=True)
+    first = legacy.level_anchors(0, 65, 65, 513, 513).numpy()
+    cy = (first[-1, 0] + first[-1, 2]) / 2
+    np.testing.assert_allclose(cy / 513, 64.5 * 8 / 513, rtol=1e-6)
+    assert cy / 513 > 1.0
+
+
+def test_ssd_anchor_bad_config_and_round_trip():
+    import pytest
+
+    from kerasdet.anchors import SSDAnchorGenerator
+
+    with pytest.raises(ValueError, match="one entry per level"):
+        SSDAnchorGenerator(min_sizes=(0.1, 0.2), aspect_ratios=((2.0,),))
+    with pytest.raises(ValueError, match="ratios > 1"):
+        SSDAnchorGenerator(min_sizes=(0.1,), aspect_ratios=((0.5,),))
+    gen = SSDAnchorGenerator(legacy_steps=True)
+    assert SSDAnchorGenerator.from_config(gen.get_config()).get_config() == gen.get_config()
