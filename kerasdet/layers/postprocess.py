@@ -9,6 +9,7 @@ import tensorflow as tf
 from kerasdet import boxes as box_ops
 
 NMS_METHODS = ("combined", "padded")
+SCORE_ACTIVATIONS = ("sigmoid", "softmax")
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -44,6 +45,9 @@ class DetectionPostProcessor(keras.layers.Layer):
         max_detections: Default 100.
         box_weights: the box coder's ``(wy, wx, wh, ww)``. Default (1, 1, 1, 1).
         nms_method: ``"combined"`` (default) or ``"padded"``.
+        score_activation: ``"sigmoid"`` (default: K independent logits, RetinaNet) or
+            ``"softmax"`` (``K + 1`` logits with background at index 0, SSD: scores are
+            the softmax of the object classes, the background column is dropped).
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class DetectionPostProcessor(keras.layers.Layer):
         max_detections=100,
         box_weights=(1.0, 1.0, 1.0, 1.0),
         nms_method="combined",
+        score_activation="sigmoid",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,12 +71,21 @@ class DetectionPostProcessor(keras.layers.Layer):
         self.max_detections = int(max_detections)
         self.box_weights = tuple(float(w) for w in box_weights)
         self.nms_method = nms_method
+        if score_activation not in SCORE_ACTIVATIONS:
+            raise ValueError(f"score_activation must be one of {SCORE_ACTIVATIONS}, got {score_activation!r}.")
+        self.score_activation = score_activation
+
+    def _scores(self, logits):
+        logits = tf.cast(logits, tf.float32)
+        if self.score_activation == "softmax":
+            return tf.nn.softmax(logits, axis=-1)[..., 1:]
+        return tf.sigmoid(logits)
 
     def _level_candidates(self, logits, deltas, anchors):
-        logits = tf.cast(logits, tf.float32)
-        num_classes = logits.shape[-1] or tf.shape(logits)[-1]
-        batch = tf.shape(logits)[0]
-        flat = tf.reshape(tf.sigmoid(logits), [batch, -1])
+        probs = self._scores(logits)
+        num_classes = probs.shape[-1] or tf.shape(probs)[-1]
+        batch = tf.shape(probs)[0]
+        flat = tf.reshape(probs, [batch, -1])
         static_n = flat.shape[1]
         k = min(self.pre_nms_topk, static_n) if static_n is not None else tf.minimum(self.pre_nms_topk, tf.shape(flat)[1])
         scores, index = tf.math.top_k(flat, k=k, sorted=False)
@@ -88,6 +102,8 @@ class DetectionPostProcessor(keras.layers.Layer):
         classes = tf.concat([c[2] for c in candidates], axis=1)
         boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])
         num_classes = class_logits[0].shape[-1] or tf.shape(class_logits[0])[-1]
+        if self.score_activation == "softmax":
+            num_classes = num_classes - 1
         if self.nms_method == "combined":
             return self._combined_nms(boxes, scores, classes, num_classes)
         return self._padded_nms(boxes, scores, classes, image_shape)
@@ -144,6 +160,7 @@ class DetectionPostProcessor(keras.layers.Layer):
                 "max_detections": self.max_detections,
                 "box_weights": list(self.box_weights),
                 "nms_method": self.nms_method,
+                "score_activation": self.score_activation,
             }
         )
         return config

@@ -83,3 +83,24 @@ def test_config_round_trip():
     assert DetectionPostProcessor.from_config(post.get_config()).get_config() == post.get_config()
     with pytest.raises(ValueError):
         DetectionPostProcessor(nms_method="soft")
+
+
+@pytest.mark.parametrize("method", ["combined", "padded"])
+def test_softmax_scores_drop_background(method):
+    # Softmax logits with background at index 0 whose class probabilities equal the
+    # sigmoid test's scores must give the same detections (classes shifted down by one).
+    logits, deltas, anchors = _inputs()
+    softmax_logits = []
+    for lg in logits:
+        p = 1 / (1 + np.exp(-lg)) / 3.0  # class probabilities, sum < 1
+        bg = 1 - p.sum(-1, keepdims=True)
+        softmax_logits.append(np.log(np.concatenate([bg, p], axis=-1)).astype("float32"))
+    post = DetectionPostProcessor(max_detections=10, nms_method=method, score_activation="softmax",
+                                  score_threshold=0.05 / 3)
+    out = post(softmax_logits, deltas, anchors, image_shape=(100, 100))
+    n = int(out["num_detections"][0])
+    assert n == 4
+    np.testing.assert_allclose(out["scores"][0, :n], np.array([0.9, 0.7, 0.6, 0.3]) / 3, rtol=1e-5)
+    np.testing.assert_array_equal(out["classes"][0, :n], [1, 2, 0, 2])
+    with pytest.raises(ValueError, match="score_activation"):
+        DetectionPostProcessor(score_activation="relu")
