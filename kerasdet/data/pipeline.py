@@ -23,6 +23,12 @@ an error naming it). Shuffling happens on file indices before decoding, or on de
 images after ``cache()`` when ``cache_images``. Randomness is stateless per element,
 seeded from ``tf.data.Dataset.random(seed)``, so a seeded pipeline is reproducible and
 still differs between epochs.
+
+``repeat=True`` builds a different, step-addressable stream (what training with
+``steps_per_epoch`` and exact resume use): per-data-epoch stateless permutations seeded by
+``(seed, epoch)`` and per-position augmentation seeds, so the same seed gives the same
+infinite stream in any process, however often it is re-iterated, and ``start_batch``
+starts it at any batch without reading the images before it.
 """
 from __future__ import annotations
 
@@ -40,23 +46,30 @@ logger = logging.getLogger(__name__)
 __all__ = ["DetectionSource", "make_dataset", "decode_image", "numpy_resized_shapes"]
 
 
-def _decode_numpy(path, height, width):
+def _decode_numpy(path, height, width, cache=None):
     path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
+    if cache is not None and path in cache:
+        return cache[path]
     image = read_image(path)
     if image.shape[0] != height or image.shape[1] != width:
         raise ValueError(f"{path}: image is {image.shape[:2]} but the annotations say "
                          f"(height, width)=({height}, {width})")
+    if cache is not None:
+        cache[path] = image
     return image
 
 
-def decode_image(path, height, width):
+def decode_image(path, height, width, cache=None):
     """Graph op: read ``path`` with OpenCV as RGB uint8 ``[h, w, 3]``.
 
     Raises (at run time) an error whose message names the file when it is missing,
-    unreadable, truncated, or not of the expected ``(height, width)``.
+    unreadable, truncated, or not of the expected ``(height, width)``. ``cache``: an
+    optional dict (path -> decoded image) kept across calls (in-memory image cache that
+    does not depend on the order images are read in).
     """
-    image = tf.numpy_function(_decode_numpy, [path, height, width], tf.uint8,
-                              stateful=False)
+    fn = _decode_numpy if cache is None else (
+        lambda p, h, w: _decode_numpy(p, h, w, cache))
+    image = tf.numpy_function(fn, [path, height, width], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
 
@@ -141,6 +154,7 @@ def make_dataset(
     repeat: bool = False,
     shuffle_buffer_size: int | None = None,
     min_visible_fraction: float = MIN_VISIBLE_FRACTION,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -165,8 +179,19 @@ def make_dataset(
       seed: makes shuffling and augmentation deterministic; None: random.
       num_parallel_calls: parallelism of the decode and preprocess maps (order is kept).
       cache_images: keep decoded images in memory after the first pass (small sets).
-      repeat: repeat forever (e.g. with ``steps_per_epoch``).
-      shuffle_buffer_size: default: the whole set.
+      repeat: repeat forever (e.g. with ``steps_per_epoch``) as a *step-addressable*
+        stream: the shuffle order of data epoch ``e`` is a stateless permutation seeded
+        by ``(seed, e)`` and the augmentation of the element at stream position ``p``
+        is seeded by ``(seed + 1, p)``, so the stream never depends on how many
+        iterators were made before, and ``start_batch`` can start it anywhere (exact
+        resume of an interrupted run, :func:`kerasdet.callbacks.fit_resumable`). Batches
+        run across data-epoch boundaries (no remainder is dropped). With ``seed=None``
+        a random seed is drawn once.
+      start_batch: with ``repeat``: the first batch to produce (the batches before it
+        are skipped without reading their images). Batch ``k`` of a stream started at
+        ``start_batch=j`` is batch ``j + k`` of the stream started at 0.
+      shuffle_buffer_size: default: the whole set (ignored with ``repeat``: each data
+        epoch is a full permutation).
       min_visible_fraction: a box cut by a jitter crop is kept when at least this
         fraction of its area stays visible.
     """
@@ -181,6 +206,18 @@ def make_dataset(
         scale_jitter, flip = None, False
     random_aug = flip or scale_jitter is not None
     n = len(source)
+    if start_batch and not repeat:
+        raise ValueError("start_batch needs repeat=True (a step-addressable stream)")
+    if int(start_batch) < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+
+    if repeat:
+        return _stream_dataset(
+            source, batch_size=batch_size, image_size=image_size, min_size=min_size,
+            max_size=max_size, shuffle=shuffle, flip=flip, scale_jitter=scale_jitter,
+            max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
+            cache_images=cache_images, min_visible_fraction=min_visible_fraction,
+            start_batch=int(start_batch))
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -238,4 +275,81 @@ def make_dataset(
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
+                    scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
+                    min_visible_fraction, start_batch):
+    """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
+
+    Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
+    ``e = p // n`` (``perm_e``: stateless permutation seeded by ``(seed, e)``), augmented
+    with the stateless seed ``(seed + 1, p)``. Skipping to ``start_batch`` only skips
+    integers: no image before it is read.
+    """
+    n = len(source)
+    if seed is None:
+        seed = int(np.random.randint(0, 2**31 - 1))
+    seed = int(seed)
+    random_aug = flip or scale_jitter is not None
+    start = int(start_batch) * int(batch_size)
+    first_epoch = start // n
+
+    paths = tf.constant([str(p) for p in source.image_paths], tf.string)
+    image_ids = tf.constant(np.asarray(source.image_ids, np.int64))
+    sizes = tf.constant(np.stack([np.asarray(source.heights, np.int32),
+                                  np.asarray(source.widths, np.int32)], axis=1))
+    boxes = _ragged(source.boxes, np.float32, (4,))
+    classes = _ragged(source.classes, np.int32)
+    is_crowd = _ragged(source.is_crowd, bool)
+
+    def epoch_order(epoch):
+        order = tf.range(n, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(
+                order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    order = (tf.data.Dataset.counter(first_epoch, dtype=tf.int64)
+             .flat_map(epoch_order).skip(start - first_epoch * n))
+    positions = tf.data.Dataset.counter(start, dtype=tf.int64)
+    cache = {} if cache_images else None
+
+    def load(position, index):
+        size = tf.gather(sizes, index)
+        example = {
+            "image": decode_image(tf.gather(paths, index), size[0], size[1], cache=cache),
+            "image_id": tf.gather(image_ids, index),
+            "size": size,
+            "boxes": boxes[index],
+            "classes": classes[index],
+            "is_crowd": is_crowd[index],
+        }
+        return example, position
+
+    ds = tf.data.Dataset.zip(positions, order).map(load, num_parallel_calls=num_parallel_calls)
+    aug_seed = seed + 1
+
+    def prepare(example, position):
+        element_seed = (tf.stack([tf.constant(aug_seed, tf.int64), position])
+                        if random_aug else None)
+        image, boxes_, classes_, is_crowd_, scale = preprocess_example(
+            example["image"], example["boxes"], example["classes"], example["is_crowd"],
+            image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
+            scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
+            min_visible_fraction=min_visible_fraction)
+        image.set_shape([image_size[0], image_size[1], 3])
+        labels = {
+            "boxes": boxes_,
+            "classes": classes_,
+            "is_crowd": is_crowd_,
+            "image_id": example["image_id"],
+            "image_scale": tf.cast(scale, tf.float32),
+            "original_size": example["size"],
+        }
+        return image, labels
+
+    ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
+    ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)

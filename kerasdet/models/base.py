@@ -17,9 +17,64 @@ only writes ``detection_losses`` (a dict of already-normalized loss terms) and
   strategy the symbolic build uses this worker's local batch instead (which also builds
   the optimizer inside the strategy scope), and the step logs are rank-1 ``[1]`` tensors
   (Keras' reduction turns them back into scalars). Nothing changes under other strategies.
+
+Non-finite guard (``nan_policy``): every training step checks its loss and gradients; the
+"bad step" flag is all-reduced, so every replica and worker takes the same decision. On a
+bad step the optimizer update is skipped (no weight, momentum or step-counter change), so
+weights never become NaN, and the step is reported with the ``image_id`` s of the global
+batch (the pipeline carries them in ``labels["image_id"]``; models ignore extra label
+keys), flagging the images whose boxes or pixels are themselves non-finite:
+
+* ``"raise"`` (default): ``fit`` stops with :class:`NonFiniteLossError` (``.image_ids``,
+  ``.suspect_image_ids``) right after the bad step; the weights are those before it.
+* ``"skip"``: a ``logging.warning`` names the images and training goes on;
+  ``model.nonfinite_steps`` counts the skipped steps.
+* ``"off"``: no check (one less all-reduce per step).
+
+Limitation: the forward pass of a skipped step has already run, so a batch with
+non-finite *pixels* can still move the moving statistics of a trainable BatchNorm (frozen
+BN, the ResNet default, is unaffected; uint8 pipeline images cannot be non-finite).
 """
+import logging
+
 import keras
 import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+NAN_POLICIES = ("raise", "skip", "off")
+#: Image ids kept for the report of a non-finite step (the global batch, truncated).
+MAX_REPORTED_IDS = 1024
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step had a non-finite loss or gradient (its update was not applied).
+
+    Attributes:
+      image_ids: dataset image ids of the step's global batch (``-1``: no id given).
+      suspect_image_ids: those whose ground-truth boxes or pixels are non-finite.
+      step: the bad step's number among the training steps of this process (from 1).
+    """
+
+    def __init__(self, message, image_ids=(), suspect_image_ids=(), step=None):
+        super().__init__(message)
+        self.image_ids = list(image_ids)
+        self.suspect_image_ids = list(suspect_image_ids)
+        self.step = step
+
+
+class _GuardState:
+    """Holds the guard's variables out of Keras/TF tracking (never saved or exported)."""
+
+    def __init__(self):
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=agg, name="nonfinite_count")
+        self.ids = tf.Variable(tf.fill([MAX_REPORTED_IDS], tf.constant(-1, tf.int64)), trainable=False,
+                               aggregation=agg, name="nonfinite_ids")
+        self.flags = tf.Variable(tf.zeros([MAX_REPORTED_IDS], tf.int32), trainable=False, aggregation=agg,
+                                 name="nonfinite_flags")
+        self.seen = 0
+        self.steps = 0
 
 
 def _num_replicas():
@@ -49,6 +104,20 @@ def _all_reduce_sum(value):
     return value
 
 
+def _all_gather(value):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        return ctx.all_gather(value, axis=0)
+    return value
+
+
+def _fixed_length(values, fill):
+    """``values`` [n] padded with ``fill`` / truncated to ``MAX_REPORTED_IDS``."""
+    values = values[:MAX_REPORTED_IDS]
+    pad = MAX_REPORTED_IDS - tf.shape(values)[0]
+    return tf.pad(values, [[0, pad]], constant_values=fill)
+
+
 def split_data(data):
     """``(images, labels)`` from a Keras data tuple (labels may be None)."""
     if isinstance(data, (tuple, list)):
@@ -68,13 +137,18 @@ class Detector(keras.Model):
             on biases or normalization layers — spec ambiguity 22). The thesis' 1e-4 is
             Caffe-style (``grad += 1e-4 * w``), which Keras' decoupled
             ``optimizer(weight_decay=...)`` is not once momentum is involved. Default 1e-4.
+        nan_policy: what a training step with a non-finite loss/gradient does:
+            ``"raise"`` (default), ``"skip"`` or ``"off"`` (see the module doc).
     """
 
     #: Names of the terms ``detection_losses`` returns (a tracker is made for each).
     LOSS_NAMES = ()
 
-    def __init__(self, *, weight_decay=1e-4, **kwargs):
+    def __init__(self, *, weight_decay=1e-4, nan_policy="raise", **kwargs):
         super().__init__(**kwargs)
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+        self.nan_policy = nan_policy
         self.weight_decay = float(weight_decay)
         names = ["loss", *self.LOSS_NAMES] + (["weight_decay"] if self.weight_decay else [])
         # Trackers are made here, under whatever strategy scope builds the model, never
@@ -118,13 +192,17 @@ class Detector(keras.Model):
             total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.losses]) / _num_replicas()
         return total, terms
 
-    def _log(self, total, terms):
+    def _log(self, total, terms, skipped=None):
         values = dict(terms, loss=total)
         logs = {}
         for tracker in self._tracker_list:
             if tracker.name not in values:
                 continue
-            tracker.update_state(_all_reduce_sum(tf.cast(values[tracker.name], tf.float32)))
+            value = _all_reduce_sum(tf.cast(values[tracker.name], tf.float32))
+            if skipped is None:
+                tracker.update_state(value)
+            else:  # a skipped step does not enter the running means (no NaN in the logs)
+                tracker.update_state(tf.where(skipped, 0.0, value), sample_weight=tf.where(skipped, 0.0, 1.0))
             logs[tracker.name] = tracker.result()
         if _is_multi_worker(self.distribute_strategy):
             # keras-team/keras#20585: under a multi-worker strategy Keras reduces the step
@@ -143,8 +221,123 @@ class Detector(keras.Model):
             scaled = self.optimizer.scale_loss(total) if hasattr(self.optimizer, "scale_loss") else total
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        if self.nan_policy == "off":
+            self.optimizer.apply(grads, variables)
+        else:
+            finite = tf.reduce_all(tf.math.is_finite(total))
+            for g in grads:
+                if g is not None:
+                    finite = finite & tf.reduce_all(tf.math.is_finite(g))
+            # The same decision on every replica and worker.
+            bad = _all_reduce_sum(tf.cast(~finite, tf.float32)) > 0.0
+            self._apply_unless(bad, grads, variables)
+            self._record_nonfinite(bad, images, labels)
+            return self._log(total, terms, skipped=bad)
         return self._log(total, terms)
+
+    # --- non-finite guard ---------------------------------------------------------------
+    @property
+    def _guard(self):
+        state = self.__dict__.get("_kerasdet_guard")
+        if state is None:
+            with self.distribute_strategy.scope():
+                state = _GuardState()
+            self.__dict__["_kerasdet_guard"] = state  # untracked on purpose
+        return state
+
+    @property
+    def nonfinite_steps(self):
+        """Training steps whose update was skipped for a non-finite loss/gradient."""
+        return int(self._guard.count.numpy())
+
+    def _apply_unless(self, bad, grads, variables):
+        """``optimizer.apply`` unless ``bad`` (identical on all replicas), strategy-safe
+        like Keras' ``LossScaleOptimizer``: the ``cond`` runs in a cross-replica context
+        where the strategy needs ``merge_call``."""
+        optimizer = self.optimizer
+        if not optimizer.built:
+            optimizer.build(variables)  # never create variables inside a cond branch
+
+        def apply():
+            optimizer.apply(grads, variables)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            keras.ops.cond(bad, lambda: None, apply)
+            return
+
+        def cross_replica(distribution, bad, grads):
+            bad0 = distribution.experimental_local_results(bad)[0]
+
+            def apply_all():
+                distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+
+            keras.ops.cond(bad0, lambda: None, apply_all)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(bad, grads))
+
+    def _record_nonfinite(self, bad, images, labels):
+        guard = self._guard
+        batch = tf.shape(images)[0]
+        ids = labels.get("image_id") if isinstance(labels, dict) else None
+        ids = tf.fill([batch], tf.constant(-1, tf.int64)) if ids is None else tf.reshape(tf.cast(ids, tf.int64), [-1])
+        flags = tf.zeros([batch], tf.int32)
+        if isinstance(labels, dict) and "boxes" in labels:
+            box_bad = ~tf.reduce_all(tf.math.is_finite(tf.cast(labels["boxes"], tf.float32)), axis=[1, 2])
+            flags = flags + tf.cast(box_bad, tf.int32)
+        if images.dtype.is_floating:
+            pix_bad = ~tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+            flags = flags + 2 * tf.cast(pix_bad, tf.int32)
+        ids = _fixed_length(_all_gather(ids), -1)
+        flags = _fixed_length(_all_gather(flags), 0)
+        guard.ids.assign(tf.where(bad, ids, guard.ids))
+        guard.flags.assign(tf.where(bad, flags, guard.flags))
+        guard.count.assign_add(tf.cast(bad, tf.int64))
+
+    def _check_nonfinite(self):
+        """Host side, after each train function call: report new non-finite steps."""
+        guard = self._guard
+        guard.steps += 1
+        count = int(guard.count.numpy())
+        if count <= guard.seen:
+            return
+        new, guard.seen = count - guard.seen, count
+        ids = guard.ids.numpy()
+        flags = guard.flags.numpy()
+        keep = ids != -1
+        if not keep.any():
+            keep = flags != 0
+        batch_ids = [int(i) for i in ids[keep]]
+        boxes = [int(i) for i, f in zip(ids, flags) if f & 1]
+        pixels = [int(i) for i, f in zip(ids, flags) if f & 2]
+        message = (
+            f"non-finite loss or gradient in {new} training step(s), the latest being step "
+            f"{guard.steps} of this process (counted from 1); its update was NOT applied. Image ids of "
+            f"the batch: {batch_ids or 'unknown (labels carry no image_id)'}; with non-finite "
+            f"boxes: {boxes}; with non-finite pixels: {pixels}."
+        )
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(
+                message + " (nan_policy='raise'; use nan_policy='skip' to skip such batches)",
+                image_ids=batch_ids, suspect_image_ids=sorted(set(boxes + pixels)), step=guard.steps,
+            )
+        logger.warning("%s Skipped (nan_policy='skip'); %d step(s) skipped so far.", message, count)
+
+    def make_train_function(self, force=False):
+        if self.nan_policy != "off":
+            self._guard  # its variables are made here, eagerly, never inside a traced step
+        super().make_train_function(force=force)
+        inner = self.train_function
+        if self.nan_policy == "off" or getattr(inner, "_kerasdet_guarded", False):
+            return inner
+
+        def train_function(iterator):
+            logs = inner(iterator)
+            self._check_nonfinite()
+            return logs
+
+        train_function._kerasdet_guarded = True
+        self.train_function = train_function
+        return train_function
 
     def test_step(self, data):
         images, labels = split_data(data)
@@ -171,4 +364,4 @@ class Detector(keras.Model):
             self._symbolic_build(data_batch=data_batch)
 
     def get_config(self):
-        return {"weight_decay": self.weight_decay, "name": self.name}
+        return {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
