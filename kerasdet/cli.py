@@ -81,7 +81,10 @@ def prepare_sources(config, data_dir=None):
     return train, val
 
 
-def make_datasets(config, train_source, val_source, *, seed=0):
+def make_datasets(config, train_source, val_source, *, seed=0, repeat=False, start_batch=0):
+    """``(train_ds, val_ds)``; ``repeat=True`` makes the training set the infinite,
+    step-addressable stream (``make_dataset(repeat=True, start_batch=...)``) that exact
+    resume needs."""
     from kerasdet.data.pipeline import make_dataset
 
     inp = config["input"]
@@ -94,6 +97,8 @@ def make_datasets(config, train_source, val_source, *, seed=0):
         scale_jitter=inp.get("scale_jitter"),
         seed=seed,
         cache_images=inp.get("cache_images", False),
+        repeat=repeat,
+        start_batch=start_batch,
         **common,
     )
     val_ds = make_dataset(
@@ -150,6 +155,7 @@ def train(args):
     import keras
     import tensorflow as tf
 
+    from kerasdet.callbacks import BestModelCheckpoint, fit_resumable
     from kerasdet.distribute import get_strategy
     from kerasdet.evaluation.callback import CocoEvalCallback, evaluate_model
     from kerasdet.evaluation.coco_eval import format_table
@@ -164,13 +170,18 @@ def train(args):
 
     train_source, val_source = prepare_sources(config, args.data_dir)
     logger.info("train: %d images, val: %d images, %d classes", len(train_source), len(val_source), train_source.num_classes)
-    train_ds, val_ds = make_datasets(config, train_source, val_source, seed=args.seed)
+    _, val_ds = make_datasets(config, train_source, val_source, seed=args.seed)
+
+    def make_train_data(start_batch):
+        return make_datasets(config, train_source, val_source, seed=args.seed, repeat=True, start_batch=start_batch)[0]
+
     steps_per_epoch = len(train_source) // config["train"]["batch_size"]
     if steps_per_epoch < 1:
         raise ValueError(f"Only {len(train_source)} training images for a batch of {config['train']['batch_size']}.")
     t_data = time.time() - t0
 
     model = build(recipe, config, train_source.num_classes, strategy)
+    model.nan_policy = config["train"].get("nan_policy", "raise")
     with strategy.scope():
         model.compile(optimizer=make_optimizer(config, steps_per_epoch), jit_compile=config["train"].get("jit_compile", False))
     logger.info("%s: %s parameters", type(model).__name__, f"{model.count_params():,}")
@@ -183,12 +194,22 @@ def train(args):
             every_n_epochs=config["eval"].get("every_n_epochs", 1),
             log_dir=os.path.join(work_dir, "logs"),
         ),
+        # After CocoEvalCallback, which puts val_AP into the epoch logs.
+        BestModelCheckpoint(os.path.join(work_dir, "best.weights.h5"), monitor="val_AP", mode="max"),
         keras.callbacks.TensorBoard(os.path.join(work_dir, "logs"), write_graph=False, profile_batch=0),
-        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup")),
-        keras.callbacks.CSVLogger(os.path.join(work_dir, "history.csv")),
+        keras.callbacks.CSVLogger(os.path.join(work_dir, "history.csv"), append=True),
     ]
     t1 = time.time()
-    model.fit(train_ds, epochs=config["train"]["epochs"], callbacks=callbacks, verbose=args.verbose)
+    # Exact resume: a run killed at any step and started again with the same command
+    # continues at the last backup step with the batches it would have seen (see
+    # kerasdet.callbacks); backups every ``train.backup_every`` steps (default: per epoch).
+    _, backup = fit_resumable(
+        model, make_train_data, epochs=config["train"]["epochs"], steps_per_epoch=steps_per_epoch,
+        backup_dir=os.path.join(work_dir, "backup"), save_freq=config["train"].get("backup_every", "epoch"),
+        callbacks=callbacks, verbose=args.verbose,
+    )
+    if backup.restored_step:
+        logger.info("resumed from the backup of step %d", backup.restored_step)
     t_train = time.time() - t1
     weights_path = os.path.join(work_dir, "model.weights.h5")
     model.save_weights(weights_path)
@@ -199,7 +220,8 @@ def train(args):
     )
     print(f"\nCOCO evaluation (pycocotools) on {len(val_source)} validation images:")
     print(format_table(stats))
-    summary = {"stats": stats, "train_seconds": t_train, "data_seconds": t_data}
+    summary = {"stats": stats, "train_seconds": t_train, "data_seconds": t_data,
+               "resumed_from_step": backup.restored_step, "nonfinite_steps": model.nonfinite_steps}
 
     if not args.no_export:
         export_dir = args.export_dir or os.path.join("saved_models", f"{os.path.basename(args.recipe).replace('.py', '')}_{args.preset}")
