@@ -18,13 +18,16 @@ sub-cell centres, bilinearly interpolated, and averaged. Two backends compute it
   points beyond contribute zero). All levels are flattened into one ``[B, sum(HW), C]``
   tensor and the four bilinear neighbours are gathered (TF Model Garden's multilevel
   crop-and-resize layout). Compiles with XLA; memory ``B*R*(P*S)^2*4*C`` floats.
-* ``method="crop_and_resize"`` — ``tf.image.crop_and_resize`` to ``(P*S, P*S)`` on each
-  level then ``S x S`` average pooling: the same sample points, the fast C++ kernel on
-  CPU, but sample points outside ``[0, H-1]`` read 0 (``extrapolation_value``) instead of
-  being clamped — identical to ``gather`` for every RoI whose sample points lie inside
-  the map, slightly different in the one-cell border band. It does not compile with XLA.
-  Each RoI is cropped on every level and the level of Eq. 4.1 is selected by a mask:
-  static shapes, and the extra crops are tiny next to the 2-fc head.
+* ``method="crop_and_resize"`` — ``tf.image.crop_and_resize`` to ``(P*S, P*S)`` then
+  ``S x S`` average pooling: the same sample points through the C++ kernel, but sample
+  points outside the map read 0 (``extrapolation_value``) instead of being clamped —
+  identical to ``gather`` for every RoI whose sample points lie inside its level's map,
+  slightly different in the one-cell border band. The levels are zero-padded onto the
+  finest level's canvas and stacked, so one ``crop_and_resize`` call crops every RoI from
+  its own level (static shapes, no per-level work). It does not compile with XLA.
+  Measured on the 2-core CPU (16 x 128 RoIs, 32x32x64 maps, forward + backward): ~0.4 s,
+  vs ~2 s for the gather backend; cropping each RoI on every level and masking was 4x
+  slower again.
 * ``method="auto"`` (default): ``crop_and_resize`` unless the caller asks for XLA
   (``call(..., xla=True)``).
 
@@ -146,75 +149,86 @@ def roi_align_gather(features, boxes, levels, strides, *, output_size=7, samplin
         + gather(y_hi, x_lo) * weight(wy_hi, wx_lo)
         + gather(y_hi, x_hi) * weight(wy_hi, wx_hi)
     )
-    s = sampling_ratio
-    out = tf.reshape(out, [batch, num_rois, output_size, s, output_size, s, channels])
-    return tf.reduce_mean(out, axis=[3, 5])
+    return _pool(out, output_size * sampling_ratio, sampling_ratio, "mean")
 
 
-def _crop_level(feature, boxes, crop_size):
-    """``crop_and_resize`` of ``[B, R, 4]`` feature-index-space boxes (first/last sample)."""
+def _pool(crops, size, pool, reduce):
+    """``[B, R, n, n, C]`` -> ``[B, R, n/pool, n/pool, C]`` by 2-D avg/max pooling.
+
+    ``tf.nn.avg_pool2d``/``max_pool2d`` on ``[B*R, n, n, C]`` (oneDNN kernels): a
+    ``reduce_mean`` over axes 3 and 5 of a 7-D reshape computes the same thing ~3x slower
+    on CPU (measured).
+    """
+    if pool == 1:
+        return crops
+    shape = tf.shape(crops)
+    c = crops.shape[-1]
+    flat = tf.reshape(crops, [-1, size, size, c])
+    fn = tf.nn.avg_pool2d if reduce == "mean" else tf.nn.max_pool2d
+    out = fn(flat, pool, pool, "VALID")
+    return tf.reshape(out, [shape[0], shape[1], size // pool, size // pool, c])
+
+
+def _crop_pyramid(features, boxes, levels, strides, crop_size):
+    """One ``crop_and_resize`` over all levels padded onto a common canvas.
+
+    ``boxes`` ``[B, R, 4]`` are in the feature-index space of each RoI's own level
+    (``levels [B, R]``). The levels are zero-padded bottom/right to the finest level's size
+    and stacked into ``[B * L, Hmax, Wmax, C]`` (TF Object Detection API layout), so each
+    RoI is cropped once, from its own level (``box_index = b * L + level``). For a single
+    level this is a plain ``crop_and_resize``.
+    """
     batch = tf.shape(boxes)[0]
     num_rois = boxes.shape[1] if boxes.shape[1] is not None else tf.shape(boxes)[1]
-    shape = tf.shape(feature)
+    channels = features[0].shape[-1]
+    num_levels = len(features)
+    if num_levels == 1:
+        canvas = tf.cast(features[0], tf.float32)
+        box_index = tf.repeat(tf.range(batch), num_rois)
+    else:
+        hmax = tf.reduce_max(tf.stack([tf.shape(f)[1] for f in features]))
+        wmax = tf.reduce_max(tf.stack([tf.shape(f)[2] for f in features]))
+        padded = []
+        for f in features:
+            shape = tf.shape(f)
+            padded.append(tf.pad(tf.cast(f, tf.float32), [[0, 0], [0, hmax - shape[1]], [0, wmax - shape[2]], [0, 0]]))
+        canvas = tf.reshape(tf.stack(padded, axis=1), [-1, hmax, wmax, channels])
+        box_index = tf.reshape(tf.range(batch)[:, None] * num_levels + levels, [-1])
+    shape = tf.shape(canvas)
     denom = tf.cast(tf.stack([shape[1], shape[2], shape[1], shape[2]]) - 1, tf.float32)
     normalized = boxes / tf.maximum(denom, 1.0)
-    box_index = tf.repeat(tf.range(batch), num_rois)
     crops = tf.image.crop_and_resize(
-        feature, tf.reshape(normalized, [-1, 4]), box_index, [crop_size, crop_size], extrapolation_value=0.0
+        canvas, tf.reshape(normalized, [-1, 4]), box_index, [crop_size, crop_size], extrapolation_value=0.0
     )
-    return tf.reshape(crops, [batch, num_rois, crop_size, crop_size, feature.shape[-1]])
+    return tf.reshape(crops, [batch, num_rois, crop_size, crop_size, channels])
 
 
-def _select_level(per_level, levels):
-    """Picks ``per_level[levels[b, r]][b, r]`` with a one-hot mask (static shapes)."""
-    if len(per_level) == 1:
-        return per_level[0]
-    stacked = tf.stack(per_level, axis=2)  # [B, R, L, P, P, C]
-    mask = tf.one_hot(levels, len(per_level), dtype=stacked.dtype)[..., None, None, None]
-    return tf.reduce_sum(stacked * mask, axis=2)
+def _per_roi_scale(levels, strides):
+    return tf.gather(tf.constant([1.0 / s for s in strides], tf.float32), levels)[..., None]
 
 
 def roi_align_crop_and_resize(features, boxes, levels, strides, *, output_size=7, sampling_ratio=2, aligned=True):
     """RoIAlign via ``tf.image.crop_and_resize`` + average pooling (see module docstring)."""
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
     n = output_size * sampling_ratio
-    per_level = []
-    for feature, stride in zip(features, strides):
-        shift = 0.5 if aligned else 0.0
-        fb = boxes / float(stride) - shift
-        y0, x0, y1, x1 = tf.unstack(fb, 4, axis=-1)
-        h, w = y1 - y0, x1 - x0
-        if not aligned:
-            h = tf.maximum(h, 1.0)
-            w = tf.maximum(w, 1.0)
-        # first and last sample points of torchvision's grid
-        sample_boxes = tf.stack(
-            [y0 + 0.5 * h / n, x0 + 0.5 * w / n, y0 + h - 0.5 * h / n, x0 + w - 0.5 * w / n], axis=-1
-        )
-        crops = _crop_level(tf.cast(feature, tf.float32), sample_boxes, n)
-        if sampling_ratio > 1:
-            shape = tf.shape(crops)
-            c = feature.shape[-1]
-            crops = tf.reshape(crops, [shape[0], -1, output_size, sampling_ratio, output_size, sampling_ratio, c])
-            crops = tf.reduce_mean(crops, axis=[3, 5])
-        per_level.append(tf.cast(crops, feature.dtype))
-    return _select_level(per_level, levels)
+    shift = 0.5 if aligned else 0.0
+    fb = boxes * _per_roi_scale(levels, strides) - shift
+    y0, x0, y1, x1 = tf.unstack(fb, 4, axis=-1)
+    h, w = y1 - y0, x1 - x0
+    if not aligned:
+        h = tf.maximum(h, 1.0)
+        w = tf.maximum(w, 1.0)
+    # first and last sample points of torchvision's grid
+    sample_boxes = tf.stack([y0 + 0.5 * h / n, x0 + 0.5 * w / n, y0 + h - 0.5 * h / n, x0 + w - 0.5 * w / n], -1)
+    crops = _crop_pyramid(features, sample_boxes, levels, strides, n)
+    return tf.cast(_pool(crops, n, sampling_ratio, "mean"), features[0].dtype)
 
 
 def crop_and_pool(features, boxes, levels, strides, *, crop_size=14, pool_size=2):
     """tf-faster-rcnn's ``_crop_pool_layer``: crop_and_resize to ``crop_size`` + max-pool."""
     boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
-    out_size = crop_size // pool_size
-    per_level = []
-    for feature, stride in zip(features, strides):
-        crops = _crop_level(tf.cast(feature, tf.float32), boxes / float(stride), crop_size)
-        if pool_size > 1:
-            shape = tf.shape(crops)
-            c = feature.shape[-1]
-            crops = tf.reshape(crops, [shape[0], -1, out_size, pool_size, out_size, pool_size, c])
-            crops = tf.reduce_max(crops, axis=[3, 5])
-        per_level.append(tf.cast(crops, feature.dtype))
-    return _select_level(per_level, levels)
+    crops = _crop_pyramid(features, boxes * _per_roi_scale(levels, strides), levels, strides, crop_size)
+    return tf.cast(_pool(crops, crop_size, pool_size, "max"), features[0].dtype)
 
 
 class _RoIFeatureLayer(keras.layers.Layer):
