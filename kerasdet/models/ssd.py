@@ -1,0 +1,289 @@
+"""SSD and ASSD (seed 002: Yi, Wu & Metaxas, "ASSD: Attentive Single Shot Multibox Detector").
+
+One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (spec ``002_assd.md``):
+
+* sources: the backbone taps (``C3, C4, C5`` of a ResNet: conv3_x..conv5_x) then the extra
+  blocks conv6..conv9 (each ``1x1 conv -> BN -> ReLU -> 3x3 conv (stride 2 or valid) ->
+  BN -> ReLU``, with biases, as the authors' code);
+* ``fusion=True``: :class:`~kerasdet.layers.fusion.SemanticFusion` of C3 with upsampled C4
+  and C5 replaces the C3 *source* (the backbone keeps running from the raw C3);
+* ``attention=True``: one :class:`~kerasdet.layers.attention.SelfAttention` per source
+  (weights not shared), between the source and its head;
+* heads: per source a 3x3 conv to ``A * (K + 1)`` softmax logits (background at index 0)
+  and a 3x3 conv to ``A * 4`` offsets; no BN/ReLU in heads or attention (authors' code);
+* default boxes: :class:`~kerasdet.anchors.SSDAnchorGenerator`;
+* matching: IoU >= 0.5 positive, everything else background, and each ground truth's best
+  box positive (:class:`~kerasdet.matching.ArgMaxMatcher` with ``allow_low_quality_matches``;
+  where the SSD code would re-point a box that is some object's best match to that object,
+  the shared matcher keeps the box's own arg-max object — they differ only for a box that
+  is the best match of one object and overlaps another more, rare and documented);
+* box coding: the shared R-CNN coder with SSD's variances (0.1, 0.2) as weights (10, 10, 5, 5);
+* loss: :func:`~kerasdet.losses.multibox_loss` (softmax CE on positives and 3:1 mined
+  negatives, smooth L1 with beta 1 on positives), both divided by the positives of the
+  global batch (strategy-safe);
+* inference: softmax, score >= 0.01, per-class NMS 0.45, ``max_detections`` per image
+  (200 for VOC, 100 for COCO: the paper gives no cap, spec ambiguity 11), through the
+  shared :class:`~kerasdet.layers.postprocess.DetectionPostProcessor` (its per-source
+  ``pre_nms_topk`` candidate cut replaces the authors' top-200-per-class pre-NMS cut).
+
+Where we chose: input images are resized by the kerasdet pipeline (aspect kept, padded),
+not squashed to a square as SSD does — identical for square inputs.
+"""
+import copy
+
+import keras
+import tensorflow as tf
+
+from kerasdet import boxes as box_ops
+from kerasdet import losses as loss_ops
+from kerasdet.anchors import SSDAnchorGenerator
+from kerasdet.layers.attention import SelfAttention
+from kerasdet.layers.fusion import SemanticFusion
+from kerasdet.layers.postprocess import DetectionPostProcessor
+from kerasdet.matching import ArgMaxMatcher
+from kerasdet.models.base import Detector
+
+#: ASSD513's extra blocks conv6..conv9: ``(1x1 channels, 3x3 channels, stride, padding)``.
+ASSD513_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 1, "valid"))
+#: ASSD321's: conv9 is a stride-2 'same' conv (a valid 3x3 on conv8's 2x2 map is impossible;
+#: spec ambiguity 5), giving maps 41/21/11/6/3/2/1 and 10,386 boxes.
+ASSD321_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 2, "same"))
+
+
+def _conv_bn_relu(filters, kernel, stride, padding, name, dtype):
+    return [
+        keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, dtype=dtype, name=f"{name}_conv"),
+        keras.layers.BatchNormalization(dtype=dtype, name=f"{name}_bn"),
+        keras.layers.ReLU(dtype=dtype, name=f"{name}_relu"),
+    ]
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class SSD(Detector):
+    """SSD / ASSD single-shot detector.
+
+    Input: float RGB images 0..255 ``[B, H, W, 3]`` (normalization inside the backbone).
+    Targets: ``{"boxes" [B, N, 4] yxyx px, "classes" [B, N] (-1 padding), optional
+    "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
+
+    All arguments are keyword-only:
+        backbone: ``keras.Model`` returning a dict of feature maps. Required.
+        num_classes: K object classes (the softmax has K + 1). Required.
+        source_levels: backbone outputs used as sources, finest first. Default
+            ``("C3", "C4", "C5")`` (ResNet conv3_x..conv5_x).
+        extra_layers: extra blocks after the last source, each ``(mid, out, stride,
+            padding)``. Default :data:`ASSD513_EXTRAS`.
+        attention: one self-attention unit per source (ASSD). Default False (SSD).
+        attention_block_size: the unit's ``query_block_size`` on the first (largest) source.
+            Default None (dense).
+        fusion: fuse the first source with the next two (ASSD). Default False.
+        fusion_channels: ``SemanticFusion`` reduction width. Default 256.
+        min_sizes, max_sizes, aspect_ratios, legacy_steps: see
+            :class:`~kerasdet.anchors.SSDAnchorGenerator` (defaults: ASSD513's).
+        positive_threshold: matching IoU. Default 0.5.
+        negative_ratio: mined negatives per positive. Default 3.0.
+        min_negatives: negatives mined in an image without objects. Default 0 (SSD code).
+        box_weights: coder weights, ``1 / variances``. Default (10, 10, 5, 5).
+        smooth_l1_beta: Default 1.0.
+        pre_nms_topk, score_threshold, nms_iou_threshold, max_detections: inference.
+            Default 1000 / 0.01 / 0.45 / 200.
+        nms_method: ``"combined"`` (default) or ``"padded"`` (XLA-compilable).
+        weight_decay: coupled L2 on kernels. Default 5e-4 (the paper).
+    """
+
+    LOSS_NAMES = ("cls_loss", "box_loss")
+
+    def __init__(
+        self,
+        *,
+        backbone,
+        num_classes,
+        source_levels=("C3", "C4", "C5"),
+        extra_layers=ASSD513_EXTRAS,
+        attention=False,
+        attention_block_size=None,
+        fusion=False,
+        fusion_channels=256,
+        min_sizes=(0.04, 0.10, 0.26, 0.42, 0.58, 0.74, 0.90),
+        max_sizes=None,
+        aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)),
+        legacy_steps=False,
+        positive_threshold=0.5,
+        negative_ratio=3.0,
+        min_negatives=0,
+        box_weights=(10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta=1.0,
+        pre_nms_topk=1000,
+        score_threshold=0.01,
+        nms_iou_threshold=0.45,
+        max_detections=200,
+        nms_method="combined",
+        weight_decay=5e-4,
+        **kwargs,
+    ):
+        super().__init__(weight_decay=weight_decay, **kwargs)
+        if isinstance(backbone, dict):
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.source_levels = tuple(source_levels)
+        self.extra_layers = tuple(tuple(e) for e in extra_layers)
+        num_sources = len(self.source_levels) + len(self.extra_layers)
+        if fusion and len(self.source_levels) < 3:
+            raise ValueError("fusion=True fuses the first three backbone sources; give at least three source_levels.")
+        self.anchor_generator = SSDAnchorGenerator(
+            min_sizes=min_sizes, max_sizes=max_sizes, aspect_ratios=aspect_ratios, legacy_steps=legacy_steps
+        )
+        if self.anchor_generator.num_levels != num_sources:
+            raise ValueError(
+                f"{num_sources} sources ({len(self.source_levels)} backbone + {len(self.extra_layers)} extra) "
+                f"but the default boxes have {self.anchor_generator.num_levels} levels (min_sizes/aspect_ratios)."
+            )
+        self.matcher = ArgMaxMatcher(
+            positive_threshold=positive_threshold, negative_threshold=positive_threshold, allow_low_quality_matches=True
+        )
+        self.box_weights = tuple(float(w) for w in box_weights)
+        self.negative_ratio = float(negative_ratio)
+        self.min_negatives = int(min_negatives)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+        dtype = self.dtype_policy
+        self.extras = [
+            _conv_bn_relu(mid, 1, 1, "same", f"extra{i}_a", dtype) + _conv_bn_relu(out, 3, stride, padding, f"extra{i}_b", dtype)
+            for i, (mid, out, stride, padding) in enumerate(self.extra_layers)
+        ]
+        self.fusion = SemanticFusion(reduced_channels=fusion_channels, dtype=dtype, name="fusion") if fusion else None
+        self.attention = (
+            [
+                SelfAttention(query_block_size=attention_block_size if i == 0 else None, dtype=dtype, name=f"attention{i}")
+                for i in range(num_sources)
+            ]
+            if attention
+            else None
+        )
+        anchors_per_level = self.anchor_generator.num_anchors_per_location
+        self.class_heads = [
+            keras.layers.Conv2D(a * (self.num_classes + 1), 3, padding="same", dtype=dtype, name=f"class_head{i}")
+            for i, a in enumerate(anchors_per_level)
+        ]
+        self.box_heads = [
+            keras.layers.Conv2D(a * 4, 3, padding="same", dtype=dtype, name=f"box_head{i}")
+            for i, a in enumerate(anchors_per_level)
+        ]
+        post_args = dict(
+            pre_nms_topk=pre_nms_topk, score_threshold=score_threshold, nms_iou_threshold=nms_iou_threshold,
+            max_detections=max_detections, box_weights=self.box_weights, score_activation="softmax",
+        )
+        if nms_method not in ("combined", "padded"):
+            raise ValueError(f"nms_method must be 'combined' or 'padded', got {nms_method!r}.")
+        self.postprocess = DetectionPostProcessor(nms_method=nms_method, name="postprocess", **post_args)
+        self._config = dict(
+            num_classes=self.num_classes,
+            source_levels=list(self.source_levels),
+            extra_layers=[list(e) for e in self.extra_layers],
+            attention=bool(attention),
+            attention_block_size=attention_block_size,
+            fusion=bool(fusion),
+            fusion_channels=fusion_channels,
+            **{k: v for k, v in self.anchor_generator.get_config().items()},
+            positive_threshold=positive_threshold,
+            negative_ratio=self.negative_ratio,
+            min_negatives=self.min_negatives,
+            box_weights=list(self.box_weights),
+            smooth_l1_beta=self.smooth_l1_beta,
+            pre_nms_topk=pre_nms_topk,
+            score_threshold=score_threshold,
+            nms_iou_threshold=nms_iou_threshold,
+            max_detections=max_detections,
+            nms_method=nms_method,
+        )
+
+    # --- forward ------------------------------------------------------------------------
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        size = input_shape[1] if input_shape is not None and input_shape[1] else 128
+        self.forward(tf.zeros((1, size, size, 3), tf.float32))
+        self.built = True
+
+    def sources(self, images, training=False):
+        """The detection sources (finest first), after fusion and attention."""
+        feats = self.backbone(images, training=training)
+        taps = [feats[level] for level in self.source_levels]
+        x = taps[-1]
+        extras = []
+        for block in self.extras:
+            for layer in block:
+                x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+            extras.append(x)
+        sources = list(taps) + extras
+        if self.fusion is not None:
+            sources[0] = self.fusion(taps[:3], training=training)
+        if self.attention is not None:
+            sources = [unit(s) for unit, s in zip(self.attention, sources)]
+        return sources
+
+    def forward(self, images, training=False):
+        """``(class_logits, box_deltas, anchors)`` per source: ``[B, HWA, K+1]``, ``[B, HWA, 4]``, ``[HWA, 4]``."""
+        sources = self.sources(images, training=training)
+        shape = tf.shape(images)
+        class_logits, box_deltas, anchors = [], [], []
+        for level, (src, cls_head, box_head) in enumerate(zip(sources, self.class_heads, self.box_heads)):
+            b = tf.shape(src)[0]
+            class_logits.append(tf.reshape(cls_head(src), [b, -1, self.num_classes + 1]))
+            box_deltas.append(tf.reshape(box_head(src), [b, -1, 4]))
+            h, w = tf.shape(src)[1], tf.shape(src)[2]
+            anchors.append(self.anchor_generator.level_anchors(level, h, w, shape[1], shape[2]))
+        return class_logits, box_deltas, anchors
+
+    def call(self, images, training=False):
+        class_logits, box_deltas, _ = self.forward(images, training=training)
+        return {"class_logits": tf.concat(class_logits, axis=1), "box_deltas": tf.concat(box_deltas, axis=1)}
+
+    # --- loss ---------------------------------------------------------------------------
+    def compute_targets(self, anchors, labels):
+        """``(class_targets [B, A] (0 background, 1..K, -1 ignored), box_targets [B, A, 4])``."""
+        gt_boxes = tf.cast(labels["boxes"], tf.float32)
+        gt_classes = tf.cast(labels["classes"], tf.int32)
+        valid = gt_classes >= 0
+        gt_crowd = labels.get("is_crowd")
+        if gt_crowd is not None:
+            gt_crowd = tf.cast(gt_crowd, tf.bool) & valid
+            valid = valid & ~gt_crowd
+        matched, match_labels = self.matcher(anchors, gt_boxes, valid, gt_crowd)
+        matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
+        matched_classes = tf.gather(gt_classes, matched, batch_dims=1)
+        class_targets = tf.where(match_labels == 1, matched_classes + 1, tf.where(match_labels == 0, 0, -1))
+        box_targets = box_ops.encode(matched_boxes, anchors[None], weights=self.box_weights)
+        return class_targets, box_targets
+
+    def detection_losses(self, images, labels, training):
+        class_logits, box_deltas, anchors = self.forward(images, training=training)
+        class_logits = tf.cast(tf.concat(class_logits, axis=1), tf.float32)
+        box_deltas = tf.cast(tf.concat(box_deltas, axis=1), tf.float32)
+        class_targets, box_targets = self.compute_targets(tf.concat(anchors, axis=0), labels)
+        conf, loc, num_pos = loss_ops.multibox_loss(
+            class_targets, class_logits, box_targets, box_deltas, negative_ratio=self.negative_ratio,
+            min_negatives=self.min_negatives, smooth_l1_beta=self.smooth_l1_beta,
+        )
+        normalizer = loss_ops.global_normalizer(num_pos)
+        return {"cls_loss": conf / normalizer, "box_loss": loc / normalizer}
+
+    # --- inference ----------------------------------------------------------------------
+    def detect(self, images, postprocessor=None):
+        images = tf.cast(images, tf.float32)
+        class_logits, box_deltas, anchors = self.forward(images, training=False)
+        shape = tf.shape(images)
+        return (postprocessor or self.postprocess)(class_logits, box_deltas, anchors, image_shape=(shape[1], shape[2]))
+
+    # --- serialization ------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._config)
+        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)

@@ -1,0 +1,121 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.backbones import resnet_backbone, small_backbone
+from kerasdet.models.ssd import ASSD321_EXTRAS, ASSD513_EXTRAS, SSD
+
+TINY_EXTRAS = ((8, 16, 2, "same"), (8, 16, 2, "same"))
+
+
+def tiny_ssd(**kwargs):
+    args = dict(
+        backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0)),
+        num_classes=3,
+        extra_layers=TINY_EXTRAS,
+        min_sizes=(0.15, 0.3, 0.5, 0.7, 0.85),
+        aspect_ratios=((2.0,), (2.0,), (2.0,), (2.0,), (2.0,)),
+        fusion_channels=8,
+        weight_decay=1e-5,
+    )
+    args.update(kwargs)
+    return SSD(**args)
+
+
+def tiny_batch(batch=4, size=64, seed=0):
+    rng = np.random.RandomState(seed)
+    images = rng.uniform(0, 40, (batch, size, size, 3)).astype("float32")
+    boxes = np.zeros((batch, 3, 4), "float32")
+    classes = np.full((batch, 3), -1, "int32")
+    for b in range(batch - 1):  # last image: no objects at all
+        for j in range(2):
+            y, x = rng.randint(0, size - 24, 2)
+            s = rng.randint(12, 24)
+            boxes[b, j] = [y, x, y + s, x + s]
+            classes[b, j] = rng.randint(0, 3)
+            images[b, y : y + s, x : x + s, classes[b, j]] = 255.0
+    return images, {"boxes": boxes, "classes": classes}
+
+
+def _torch_layout_count(model):
+    """Parameters as the paper counts them: no BN moving statistics."""
+    return sum(int(np.prod(v.shape)) for v in model.weights if not v.path.endswith(("moving_mean", "moving_variance")))
+
+
+def test_assd513_parameters_and_boxes_match_the_paper():
+    model = SSD(backbone=resnet_backbone(101), num_classes=20, attention=True, fusion=True, extra_layers=ASSD513_EXTRAS)
+    out = model(tf.zeros((1, 513, 513, 3)))
+    assert out["class_logits"].shape == (1, 25_844, 21)  # paper Table 2: 25,844 boxes
+    # keras.applications' ResNet convs carry biases that torchvision's do not: 52,672 of them.
+    resnet_conv_biases = sum(
+        int(np.prod(v.shape)) for v in model.backbone.weights if v.path.endswith("bias") and "_conv/" in v.path
+    )
+    assert resnet_conv_biases == 52_672
+    total = _torch_layout_count(model)
+    assert total - resnet_conv_biases == 67_546_820  # "ASSD513 67.5M" (spec 002 §1.7 breakdown)
+    attention = sum(_torch_layout_count(a) for a in model.attention)
+    fusion = _torch_layout_count(model.fusion)
+    assert attention == 8_683_520 and fusion == 1_313_536
+    assert total - resnet_conv_biases - attention - fusion == 57_549_764  # "SSD513 57.5M"
+    print(f"ASSD513 (VOC): {total - resnet_conv_biases:,} parameters (torchvision layout), "
+          f"{model.count_params():,} in Keras (conv biases + BN statistics)")
+
+
+@pytest.mark.parametrize("size,extras,count", [(513, ASSD513_EXTRAS, 25_844), (321, ASSD321_EXTRAS, 10_386)])
+def test_source_geometry_of_assd513_and_assd321(size, extras, count):
+    # Same strides as ResNet-101 (8/16/32), tiny widths: the maps and box counts of the paper's inputs.
+    thin = tuple((8, 8, s, p) for _, _, s, p in extras)
+    model = SSD(backbone=small_backbone(widths=(8, 8, 8, 8), blocks=(0, 0, 0, 0)), num_classes=2, extra_layers=thin)
+    sources = model.sources(tf.zeros((1, size, size, 3)))
+    expected = [65, 33, 17, 9, 5, 3, 1] if size == 513 else [41, 21, 11, 6, 3, 2, 1]
+    assert [int(s.shape[1]) for s in sources] == expected
+    assert model(tf.zeros((1, size, size, 3)))["class_logits"].shape[1] == count
+
+
+@pytest.mark.parametrize("assd", [False, True])
+def test_fit_loss_decreases_and_empty_images_stay_finite(assd):
+    keras.utils.set_random_seed(0)
+    model = tiny_ssd(attention=assd, fusion=assd)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    images, labels = tiny_batch()
+    history = model.fit(images, labels, batch_size=4, epochs=20, verbose=0)
+    loss = history.history["loss"]
+    assert np.all(np.isfinite(loss)) and loss[-1] < 0.5 * loss[0]
+    empty = {"boxes": np.zeros((2, 3, 4), "float32"), "classes": np.full((2, 3), -1, "int32")}
+    logs = model.test_on_batch(images[:2], empty, return_dict=True)
+    assert np.isfinite(logs["loss"]) and logs["box_loss"] == 0.0 and logs["cls_loss"] == 0.0
+    out = model.predict(images, verbose=0)
+    assert out["boxes"].shape == (4, 200, 4) and out["classes"].shape == (4, 200)
+    n = out["num_detections"]
+    assert all(((out["classes"][i, : n[i]] >= 0) & (out["classes"][i, : n[i]] < 3)).all() for i in range(4))
+    assert (out["scores"][:, :] >= 0).all()
+
+
+def test_targets_background_zero_classes_shifted_and_ssd_coding():
+    model = tiny_ssd()
+    anchors = tf.constant([[0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60]], tf.float32)
+    labels = {"boxes": tf.constant([[[0, 0, 10, 12], [0, 0, 0, 0]]], tf.float32), "classes": tf.constant([[2, -1]])}
+    cls, box = model.compute_targets(anchors, labels)
+    # IoU 10*10/(10*12) = 0.83 positive (class 2 -> softmax index 3); 0.3 and 0 background
+    assert cls.numpy().tolist() == [[3, 0, 0]]
+    # SSD coding with variances (0.1, 0.2): dx = (6 - 5) / (0.1 * 10), dw = log(12 / 10) / 0.2
+    np.testing.assert_allclose(box.numpy()[0, 0], [0.0, 1.0, 0.0, np.log(1.2) / 0.2], rtol=1e-5, atol=1e-6)
+
+
+def test_config_round_trip_and_bad_arguments():
+    model = tiny_ssd(attention=True, fusion=True, attention_block_size=64)
+    model.build((None, 64, 64, 3))
+    config = model.get_config()
+    clone = SSD.from_config(config)
+    clone.build((None, 64, 64, 3))
+    assert clone.get_config() == config
+    assert clone.count_params() == model.count_params()
+    clone.set_weights(model.get_weights())
+    x = tf.random.uniform((1, 64, 64, 3), 0, 255)
+    np.testing.assert_allclose(clone(x)["class_logits"], model(x)["class_logits"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="default boxes have"):
+        tiny_ssd(min_sizes=(0.1, 0.2), aspect_ratios=((2.0,), (2.0,)))
+    with pytest.raises(ValueError, match="three source_levels"):
+        tiny_ssd(source_levels=("C4", "C5"), fusion=True, min_sizes=(0.2, 0.4, 0.6, 0.8),
+                 aspect_ratios=((2.0,),) * 4)
