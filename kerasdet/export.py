@@ -16,6 +16,15 @@ SavedModel loads and runs with TensorFlow alone (no kerasdet import), with
 ``tf.saved_model.load`` and with ``saved_model_cli run`` (the C++ loader TF Serving uses).
 A ``kerasdet_export.json`` next to ``saved_model.pb`` records the label map and the input
 geometry for humans and tools.
+
+Any image from 1x1 up (odd aspect ratios such as 1x3000, any batch size) is served; ``K``
+is fixed by the model (``max_detections``), so outputs always have the shapes above.
+Wrong inputs fail with ``InvalidArgumentError`` before the model runs: a non-uint8 dtype
+with TensorFlow's own "expected to be a uint8 tensor but is a float tensor"; a wrong rank,
+channel count with "Shape of tensor images [8,8,3] is not compatible with expected shape
+[?,?,?,3]", an empty batch or a 0-pixel image with "serving_default expects images: uint8
+[batch, height, width, 3] with batch, height, width >= 1; got an empty batch or image"
+(checked in the graph: a loaded signature does not check shapes). ``tests/test_serving_fuzz.py`` covers these.
 """
 import json
 import os
@@ -26,6 +35,21 @@ import tensorflow as tf
 from kerasdet.data.augment import resize_scale, resized_shape
 
 SIGNATURE_INPUT = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+
+
+def check_images(images):
+    """In-graph checks of what a loaded signature does not check itself: rank 4, 3
+    channels (``tf.ensure_shape``: "Shape of tensor images [8,8,3] is not compatible with
+    expected shape [?,?,?,3]") and a non-empty batch and image (the dtype is checked by
+    TensorFlow when the signature is called). Errors are ``InvalidArgumentError``."""
+    # A run-time check: the signature's static [None, None, None, 3] folds tf.rank away.
+    images = tf.ensure_shape(images, [None, None, None, 3], name="images")
+    size_ok = tf.debugging.assert_positive(
+        tf.shape(images)[:3],
+        message="serving_default expects images: uint8 [batch, height, width, 3] with batch, height, "
+        "width >= 1; got an empty batch or image")
+    with tf.control_dependencies([size_ok]):
+        return tf.identity(images)
 
 
 def preprocess_batch(images, *, image_size, min_size=None, max_size=None):
@@ -82,6 +106,7 @@ def make_serving_function(model, *, image_size, min_size=None, max_size=None, ca
 
     @tf.function(input_signature=[SIGNATURE_INPUT])
     def serve(images):
+        images = check_images(images)
         canvas, ratio = preprocess_batch(images, image_size=image_size, min_size=min_size, max_size=max_size)
         detections = model.detect(canvas)
         shape = tf.shape(images)
