@@ -178,6 +178,7 @@ def preprocess_example(
     seed=None,
     max_boxes: int = 100,
     min_visible_fraction: float = MIN_VISIBLE_FRACTION,
+    ssd_augmentation: bool = False,
 ):
     """Resize (+ optional random flip / scale jitter), crop/pad to the canvas, pad labels.
 
@@ -192,19 +193,26 @@ def preprocess_example(
         result is randomly cropped to the canvas when larger.
       seed: ``[2]`` int tensor, required when ``flip`` or ``scale_jitter`` is used.
       max_boxes: label rows after padding.
+      ssd_augmentation: first apply SSD's photometric distortion, expand and IoU crop
+        (:func:`kerasdet.data.ssd_augment.ssd_augment`; its flip is this function's
+        ``flip``). Needs ``seed``.
 
     Returns:
       ``(image float32 [H, W, 3], boxes [max_boxes, 4], classes [max_boxes],
       is_crowd [max_boxes], scale float32 scalar)``.
     """
-    random = flip or scale_jitter is not None
+    random = flip or scale_jitter is not None or ssd_augmentation
     if random and seed is None:
-        raise ValueError("preprocess_example: a seed is required for flip/scale_jitter")
+        raise ValueError("preprocess_example: a seed is required for flip/scale_jitter/ssd_augmentation")
     if random:
-        flip_seed, scale_seed, crop_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3))
-    shape = tf.shape(image)
+        flip_seed, scale_seed, crop_seed, ssd_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4))
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    if ssd_augmentation:
+        from kerasdet.data.ssd_augment import ssd_augment
+
+        image, boxes, classes, is_crowd = ssd_augment(image, boxes, classes, is_crowd, ssd_seed, flip=False)
+    shape = tf.shape(image)
     scale = resize_scale(shape[0], shape[1], image_size, min_size, max_size)
     if scale_jitter is not None:
         scale = scale * random_scale_factor(scale_seed, scale_jitter)

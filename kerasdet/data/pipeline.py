@@ -155,6 +155,7 @@ def make_dataset(
     shuffle_buffer_size: int | None = None,
     min_visible_fraction: float = MIN_VISIBLE_FRACTION,
     start_batch: int = 0,
+    ssd_augmentation: bool = False,
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -194,6 +195,8 @@ def make_dataset(
         epoch is a full permutation).
       min_visible_fraction: a box cut by a jitter crop is kept when at least this
         fraction of its area stays visible.
+      ssd_augmentation: SSD's photometric distortion, expand and IoU-constrained crop
+        before the resize (training only; :mod:`kerasdet.data.ssd_augment`). Default False.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
@@ -203,8 +206,8 @@ def make_dataset(
     if not training:
         if scale_jitter is not None or flip:
             logger.info("make_dataset: training=False, so flip/scale_jitter are off")
-        scale_jitter, flip = None, False
-    random_aug = flip or scale_jitter is not None
+        scale_jitter, flip, ssd_augmentation = None, False, False
+    random_aug = flip or scale_jitter is not None or ssd_augmentation
     n = len(source)
     if start_batch and not repeat:
         raise ValueError("start_batch needs repeat=True (a step-addressable stream)")
@@ -217,7 +220,7 @@ def make_dataset(
             max_size=max_size, shuffle=shuffle, flip=flip, scale_jitter=scale_jitter,
             max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
             cache_images=cache_images, min_visible_fraction=min_visible_fraction,
-            start_batch=int(start_batch))
+            start_batch=int(start_batch), ssd_augmentation=ssd_augmentation)
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -261,7 +264,7 @@ def make_dataset(
             example["image"], example["boxes"], example["classes"], example["is_crowd"],
             image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
-            min_visible_fraction=min_visible_fraction)
+            min_visible_fraction=min_visible_fraction, ssd_augmentation=ssd_augmentation)
         image.set_shape([image_size[0], image_size[1], 3])
         labels = {
             "boxes": boxes,
@@ -280,7 +283,7 @@ def make_dataset(
 
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
                     scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
-                    min_visible_fraction, start_batch):
+                    min_visible_fraction, start_batch, ssd_augmentation=False):
     """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
 
     Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
@@ -292,7 +295,7 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
     seed = int(seed)
-    random_aug = flip or scale_jitter is not None
+    random_aug = flip or scale_jitter is not None or ssd_augmentation
     start = int(start_batch) * int(batch_size)
     first_epoch = start // n
 
@@ -338,7 +341,7 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
             example["image"], example["boxes"], example["classes"], example["is_crowd"],
             image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
-            min_visible_fraction=min_visible_fraction)
+            min_visible_fraction=min_visible_fraction, ssd_augmentation=ssd_augmentation)
         image.set_shape([image_size[0], image_size[1], 3])
         labels = {
             "boxes": boxes_,

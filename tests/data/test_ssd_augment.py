@@ -96,3 +96,27 @@ def test_full_chain_in_tf_data_keeps_labels_consistent():
             y0, x0, y1, x1 = np.round(box).astype(int)
             patch = out.numpy()[y0:y1, x0:x1, cls]
             assert patch.size and (patch > 200).mean() > 0.95  # the box still frames its paint
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_make_dataset_with_ssd_augmentation_is_seeded_and_boxes_stay_valid(digits_set, repeat):
+    from kerasdet.data.coco import load_coco
+    from kerasdet.data.pipeline import make_dataset
+
+    source = load_coco(digits_set["train_annotations"], digits_set["train_images"])
+
+    def first_batches(seed):
+        ds = make_dataset(source, batch_size=4, image_size=(64, 64), training=True, flip=False, seed=seed,
+                          ssd_augmentation=True, repeat=repeat)
+        return [(x.numpy(), y["boxes"].numpy(), y["classes"].numpy()) for x, y in ds.take(3)]
+
+    a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    for (xa, ba, ca), (xb, bb, cb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ba, bb)
+    assert any(not np.array_equal(xa, xc) for (xa, _, _), (xc, _, _) in zip(a, c))
+    for x, boxes, classes in a:
+        assert x.shape == (4, 64, 64, 3) and x.min() >= 0 and x.max() <= 255
+        real = classes >= 0
+        assert real.any()
+        assert (boxes[real][:, 2] > boxes[real][:, 0]).all() and (boxes[real] <= 64).all() and (boxes[real] >= 0).all()
