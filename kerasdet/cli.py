@@ -95,6 +95,7 @@ def make_datasets(config, train_source, val_source, *, seed=0, repeat=False, sta
         training=True,
         flip=inp.get("flip", True),
         scale_jitter=inp.get("scale_jitter"),
+        ssd_augmentation=inp.get("ssd_augmentation", False),
         seed=seed,
         cache_images=inp.get("cache_images", False),
         repeat=repeat,
