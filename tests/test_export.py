@@ -13,14 +13,21 @@ import pytest
 from kerasdet.data.coco import load_coco
 from kerasdet.data.pipeline import make_dataset
 from kerasdet.export import export_saved_model
+from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.retinanet import RetinaNet
 from kerasdet.backbones import small_backbone
 
 CATEGORY_IDS = [3, 7, 11]
 
 
-def _model():
+def _model(kind="retinanet"):
     keras.utils.set_random_seed(3)
+    if kind == "faster_rcnn":
+        return FasterRCNN(
+            backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0), levels=("C2", "C3", "C4", "C5")),
+            num_classes=3, fpn_channels=16, rpn_channels=16, anchor_size=4.0, canonical_size=112.0,
+            rpn_pre_nms_topk_test=100, rpn_post_nms_topk_test=50, num_rois=32, fc_dim=32, max_detections=20,
+        )
     return RetinaNet(
         backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0)),
         num_classes=3, min_level=3, max_level=5, fpn_channels=16, head_convs=1, head_channels=16,
@@ -28,9 +35,9 @@ def _model():
     )
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module", params=["retinanet", "faster_rcnn"])
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
     rng = np.random.RandomState(0)
     images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
     os.makedirs(root / "img")
@@ -40,7 +47,7 @@ def exported(tmp_path_factory):
         coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
     with open(root / "ann.json", "w") as f:
         json.dump(coco, f)
-    model = _model()
+    model = _model(request.param)
     path = str(root / "saved_model")
     export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
     np.save(root / "batch.npy", np.stack(images))

@@ -1,0 +1,451 @@
+"""Faster R-CNN with FPN (thesis ch. 4, §4.4) and the single-level C4 Faster R-CNN.
+
+Two architectures share one model class (``architecture=``):
+
+* ``"fpn"`` (default, thesis §4.4): backbone C2..C5 -> FPN P2..P6 (P6 = stride-2
+  subsampling of P5, used only by the RPN) -> shared RPN head on P2..P6 with one anchor
+  size per level (32²..512², ratios 1:2, 1:1, 2:1) -> proposals -> RoIAlign 7x7 on P2..P5
+  with the level of Eq. 4.1 -> 2 x fc1024 (+ReLU) -> (K+1)-way softmax and class-specific
+  box regression.
+* ``"c4"`` (the original single-map Faster R-CNN, the SMN baseline, spec 000 §1.1): the
+  RPN and the RoI op run on one backbone map (``feature_name``, e.g. VGG16
+  ``block5_conv3``, stride 16), RoIs by tf-faster-rcnn's crop-and-resize 14x14 + 2x2
+  max-pool (``roi_pooler="crop_pool"``), fc6/fc7-style head (``num_fc=2, fc_dim=4096``,
+  optional dropout).
+
+Training is approximate joint training (one ``model.fit``; proposals and sampled RoIs are
+constants for the gradient). Four loss terms, each a local sum divided by a normalizer
+summed over replicas (:func:`kerasdet.losses.global_normalizer`, see models/base.py), so
+the update is the same on 1 or N replicas:
+
+* ``rpn_cls_loss``: sigmoid cross-entropy over the sampled anchors / #sampled anchors;
+* ``rpn_box_loss``: smooth-L1 (beta 1/9, Detectron) on positive anchors / #sampled
+  anchors (Detectron2's normalization: both RPN terms per sampled anchor);
+* ``cls_loss``: softmax cross-entropy over the sampled RoIs / #sampled RoIs;
+* ``box_loss``: smooth-L1 (beta 1, Fast R-CNN) of the ground-truth class's deltas on
+  foreground RoIs / #sampled RoIs (Fast R-CNN / Detectron2).
+
+Choices where the thesis is silent (it defers to [92] and Detectron):
+
+* the classifier is (K+1)-way softmax with background at index 0 and the box regressor
+  predicts 4 deltas for each of the K+1 classes (Detectron / torchvision layout; the
+  background slot is never trained);
+* fc layers use Detectron's XavierFill (``lecun_uniform``), the classifier N(0, 0.01) and
+  the box regressor N(0, 0.001), zero biases;
+* inference: softmax scores, class-specific decoding with weights (10, 10, 5, 5), clip,
+  per-class NMS 0.5, score > 0.05, 100 detections per image (Detectron; spec
+  ambiguities 2, 3). The output dict is RetinaNet's (``boxes/scores/classes/
+  num_detections``, classes -1 padding), so evaluation, CLI and export work unchanged.
+
+XLA: ``crop_and_resize`` and ``combined_non_max_suppression`` do not compile with XLA.
+When the model is compiled with ``jit_compile=True`` it switches to the gather RoIAlign
+backend and ``non_max_suppression_padded`` (``roi_method``/``nms_method`` ``"auto"``).
+``roi_pooler="crop_pool"`` has no XLA path.
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet import boxes as box_ops
+from kerasdet import losses as loss_ops
+from kerasdet.anchors import AnchorGenerator
+from kerasdet.layers.fpn import FeaturePyramid
+from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
+from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
+from kerasdet.matching import ArgMaxMatcher
+from kerasdet.models.base import Detector
+from kerasdet.sampling import sample_rois
+
+ARCHITECTURES = ("fpn", "c4")
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class BoxHead(keras.layers.Layer):
+    """Fast R-CNN head: flatten -> ``num_fc`` x (Dense(fc_dim) + ReLU [+ dropout]) ->
+    ``(class_logits [.., K+1], box_deltas [.., K+1, 4])``. Input ``[B, R, P, P, C]``."""
+
+    def __init__(self, *, num_classes, num_fc=2, fc_dim=1024, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.num_fc = int(num_fc)
+        self.fc_dim = int(fc_dim)
+        self.dropout = float(dropout)
+        self.fcs = [
+            keras.layers.Dense(self.fc_dim, activation="relu", kernel_initializer="lecun_uniform",
+                               dtype=self.dtype_policy, name=f"fc{i + 1}")
+            for i in range(self.num_fc)
+        ]
+        self.drop = keras.layers.Dropout(self.dropout) if self.dropout else None
+        self.cls = keras.layers.Dense(self.num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(
+            stddev=0.01), dtype=self.dtype_policy, name="class_logits")
+        self.box = keras.layers.Dense(4 * (self.num_classes + 1), kernel_initializer=keras.initializers.RandomNormal(
+            stddev=0.001), dtype=self.dtype_policy, name="box_deltas")
+
+    def build(self, input_shape):
+        flat = 1
+        for d in input_shape[2:]:
+            flat *= int(d)
+        shape = (None, flat)
+        for fc in self.fcs:
+            fc.build(shape)
+            shape = (None, self.fc_dim)
+        self.cls.build(shape)
+        self.box.build(shape)
+        self.built = True
+
+    def call(self, roi_features, training=False):
+        shape = tf.shape(roi_features)
+        flat = 1
+        for d in roi_features.shape[2:]:
+            flat *= int(d)
+        x = tf.reshape(roi_features, [-1, flat])
+        for fc in self.fcs:
+            x = fc(x)
+            if self.drop is not None:
+                x = self.drop(x, training=training)
+        logits = tf.reshape(self.cls(x), [shape[0], shape[1], self.num_classes + 1])
+        deltas = tf.reshape(self.box(x), [shape[0], shape[1], self.num_classes + 1, 4])
+        return logits, deltas
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_classes": self.num_classes, "num_fc": self.num_fc, "fc_dim": self.fc_dim,
+                       "dropout": self.dropout})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class FasterRCNN(Detector):
+    """Two-stage detector (see the module docstring).
+
+    Input: float images ``[B, H, W, 3]``, RGB 0..255 (the backbone normalizes). Targets:
+    ``{"boxes": [B, N, 4] yxyx network px, "classes": [B, N] int32 (-1 padding), optional
+    "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
+
+    All arguments are keyword-only:
+        backbone: ``keras.Model`` returning a dict of maps (``"C2".."C5"`` for ``fpn``).
+        num_classes: K object classes (the classifier has K + 1 outputs).
+        architecture: ``"fpn"`` or ``"c4"``.
+        feature_name, feature_level: ``c4`` only: the backbone output used and its level
+            (stride ``2**feature_level``). Defaults: ``block5_conv3`` or ``C4``; level 4.
+        min_level, max_level: RPN levels (P2..P6). backbone_max_level: 5.
+        fpn_channels: d = 256.
+        roi_min_level, roi_max_level: RoI levels (P2..P5; P6 is RPN-only, §4.4.1).
+        canonical_size, canonical_level: Eq. 4.1 (224, 4).
+        rpn_channels: RPN 3x3 conv width. Default 256.
+        anchor_size, scales, aspect_ratios: anchors; default 8 x stride (32 px on P2 ..
+            512 px on P6), one scale, ratios (0.5, 1, 2).
+        rpn_positive_threshold, rpn_negative_threshold: 0.7 / 0.3.
+        rpn_batch_size, rpn_positive_fraction: 256 anchors per image, <= 50% positive.
+        rpn_pre_nms_topk_train/_test, rpn_post_nms_topk_train/_test: 2000/2000, 1000/1000.
+        rpn_nms_iou_threshold: 0.7. rpn_min_size: 0. rpn_smooth_l1_beta: 1/9.
+        num_rois, foreground_fraction, foreground_iou, background_iou_high,
+            background_iou_low: RoI sampling (512, 0.25, 0.5, 0.5, 0.0).
+        roi_pooler: ``"align"`` (RoIAlign) or ``"crop_pool"`` (tf-faster-rcnn).
+        roi_output_size, sampling_ratio, aligned, roi_method: RoIAlign (7, 2, True, auto).
+        crop_size: crop-pool size before the 2x2 max-pool (14).
+        num_fc, fc_dim, dropout: head (2, 1024, 0.0).
+        box_weights: second-stage box coder (10, 10, 5, 5). smooth_l1_beta: 1.0.
+        score_threshold, nms_iou_threshold, max_detections: 0.05 / 0.5 / 100.
+        detections_pre_nms_topk: (RoI, class) candidates before the padded (XLA) NMS.
+        nms_method: ``"auto"``, ``"combined"`` or ``"padded"``.
+        weight_decay: coupled L2 on kernels. Default 1e-4.
+    """
+
+    LOSS_NAMES = ("rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss")
+
+    def __init__(
+        self,
+        *,
+        backbone,
+        num_classes,
+        architecture="fpn",
+        feature_name=None,
+        feature_level=4,
+        min_level=2,
+        max_level=6,
+        backbone_max_level=5,
+        fpn_channels=256,
+        roi_min_level=2,
+        roi_max_level=5,
+        canonical_size=224.0,
+        canonical_level=4,
+        rpn_channels=256,
+        anchor_size=8.0,
+        scales=(1.0,),
+        aspect_ratios=(0.5, 1.0, 2.0),
+        rpn_positive_threshold=0.7,
+        rpn_negative_threshold=0.3,
+        rpn_batch_size=256,
+        rpn_positive_fraction=0.5,
+        rpn_pre_nms_topk_train=2000,
+        rpn_post_nms_topk_train=2000,
+        rpn_pre_nms_topk_test=1000,
+        rpn_post_nms_topk_test=1000,
+        rpn_nms_iou_threshold=0.7,
+        rpn_min_size=0.0,
+        rpn_smooth_l1_beta=1.0 / 9.0,
+        num_rois=512,
+        foreground_fraction=0.25,
+        foreground_iou=0.5,
+        background_iou_high=0.5,
+        background_iou_low=0.0,
+        roi_pooler="align",
+        roi_output_size=7,
+        sampling_ratio=2,
+        aligned=True,
+        roi_method="auto",
+        crop_size=14,
+        num_fc=2,
+        fc_dim=1024,
+        dropout=0.0,
+        box_weights=(10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta=1.0,
+        score_threshold=0.05,
+        nms_iou_threshold=0.5,
+        max_detections=100,
+        detections_pre_nms_topk=1000,
+        nms_method="auto",
+        weight_decay=1e-4,
+        **kwargs,
+    ):
+        super().__init__(weight_decay=weight_decay, **kwargs)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
+        if roi_pooler not in ("align", "crop_pool"):
+            raise ValueError(f"roi_pooler must be 'align' or 'crop_pool', got {roi_pooler!r}.")
+        if nms_method not in ("auto", "combined", "padded"):
+            raise ValueError(f"nms_method must be 'auto', 'combined' or 'padded', got {nms_method!r}.")
+        if isinstance(backbone, dict):
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.architecture = architecture
+        if architecture == "c4":
+            if feature_name is None:
+                names = list(backbone.output.keys()) if isinstance(backbone.output, dict) else []
+                feature_name = "block5_conv3" if "block5_conv3" in names else "C4"
+            min_level = max_level = roi_min_level = roi_max_level = int(feature_level)
+        self.feature_name = feature_name
+        self.min_level, self.max_level = int(min_level), int(max_level)
+        self.roi_min_level, self.roi_max_level = int(roi_min_level), int(roi_max_level)
+        if not (self.min_level <= self.roi_min_level <= self.roi_max_level <= self.max_level):
+            raise ValueError("RoI levels must lie inside the RPN levels.")
+        self.box_weights = tuple(float(w) for w in box_weights)
+        self.rpn_batch_size = int(rpn_batch_size)
+        self.rpn_positive_fraction = float(rpn_positive_fraction)
+        self.rpn_smooth_l1_beta = float(rpn_smooth_l1_beta)
+        self.num_rois = int(num_rois)
+        self.foreground_fraction = float(foreground_fraction)
+        self.foreground_iou = float(foreground_iou)
+        self.background_iou_high = float(background_iou_high)
+        self.background_iou_low = float(background_iou_low)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+        self.score_threshold = float(score_threshold)
+        self.nms_iou_threshold = float(nms_iou_threshold)
+        self.max_detections = int(max_detections)
+        self.detections_pre_nms_topk = int(detections_pre_nms_topk)
+        self.nms_method = nms_method
+
+        self.anchor_generator = AnchorGenerator(
+            min_level=self.min_level, max_level=self.max_level, anchor_size=anchor_size, scales=scales,
+            aspect_ratios=aspect_ratios,
+        )
+        self.rpn_matcher = ArgMaxMatcher(
+            positive_threshold=rpn_positive_threshold, negative_threshold=rpn_negative_threshold,
+            allow_low_quality_matches=True,
+        )
+        self.fpn = None
+        if architecture == "fpn":
+            self.fpn = FeaturePyramid(
+                min_level=self.min_level, max_level=self.max_level, backbone_max_level=backbone_max_level,
+                num_channels=fpn_channels, extra_levels="subsample_p5", name="fpn",
+            )
+        self.rpn_head = RPNHead(num_anchors=self.anchor_generator.num_anchors_per_location, channels=rpn_channels,
+                                name="rpn_head")
+        self.proposal_generator = ProposalGenerator(
+            pre_nms_topk_train=rpn_pre_nms_topk_train, post_nms_topk_train=rpn_post_nms_topk_train,
+            pre_nms_topk_test=rpn_pre_nms_topk_test, post_nms_topk_test=rpn_post_nms_topk_test,
+            nms_iou_threshold=rpn_nms_iou_threshold, min_size=rpn_min_size, name="proposals",
+        )
+        level_args = dict(min_level=self.roi_min_level, max_level=self.roi_max_level,
+                          canonical_size=canonical_size, canonical_level=canonical_level)
+        if roi_pooler == "align":
+            self.roi_layer = RoIAlign(output_size=roi_output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+                                      method=roi_method, name="roi_align", **level_args)
+        else:
+            self.roi_layer = RoICropAndPool(crop_size=crop_size, pool_size=2, name="roi_crop_pool", **level_args)
+        self.box_head = BoxHead(num_classes=self.num_classes, num_fc=num_fc, fc_dim=fc_dim, dropout=dropout,
+                                name="box_head")
+        self._config = dict(
+            num_classes=self.num_classes, architecture=architecture, feature_name=feature_name,
+            feature_level=int(feature_level), min_level=self.min_level, max_level=self.max_level,
+            backbone_max_level=int(backbone_max_level), fpn_channels=int(fpn_channels),
+            roi_min_level=self.roi_min_level, roi_max_level=self.roi_max_level,
+            canonical_size=float(canonical_size), canonical_level=int(canonical_level),
+            rpn_channels=int(rpn_channels), anchor_size=float(anchor_size), scales=[float(s) for s in scales],
+            aspect_ratios=[float(r) for r in aspect_ratios], rpn_positive_threshold=float(rpn_positive_threshold),
+            rpn_negative_threshold=float(rpn_negative_threshold), rpn_batch_size=self.rpn_batch_size,
+            rpn_positive_fraction=self.rpn_positive_fraction, rpn_pre_nms_topk_train=int(rpn_pre_nms_topk_train),
+            rpn_post_nms_topk_train=int(rpn_post_nms_topk_train), rpn_pre_nms_topk_test=int(rpn_pre_nms_topk_test),
+            rpn_post_nms_topk_test=int(rpn_post_nms_topk_test), rpn_nms_iou_threshold=float(rpn_nms_iou_threshold),
+            rpn_min_size=float(rpn_min_size), rpn_smooth_l1_beta=self.rpn_smooth_l1_beta, num_rois=self.num_rois,
+            foreground_fraction=self.foreground_fraction, foreground_iou=self.foreground_iou,
+            background_iou_high=self.background_iou_high, background_iou_low=self.background_iou_low,
+            roi_pooler=roi_pooler, roi_output_size=int(roi_output_size), sampling_ratio=int(sampling_ratio),
+            aligned=bool(aligned), roi_method=roi_method, crop_size=int(crop_size), num_fc=int(num_fc),
+            fc_dim=int(fc_dim), dropout=float(dropout), box_weights=list(self.box_weights),
+            smooth_l1_beta=self.smooth_l1_beta, score_threshold=self.score_threshold,
+            nms_iou_threshold=self.nms_iou_threshold, max_detections=self.max_detections,
+            detections_pre_nms_topk=self.detections_pre_nms_topk, nms_method=nms_method,
+        )
+
+    # --- forward ------------------------------------------------------------------------
+    def build(self, input_shape=None):
+        """Creates every weight by running one small forward pass (eagerly)."""
+        if self.built:
+            return
+        size = max(2 ** self.max_level, 32)
+        self.detect(tf.zeros((1, size, size, 3), tf.float32))
+        self.built = True
+
+    def _xla(self):
+        return self.jit_compile is True
+
+    def features(self, images, training=False):
+        """RPN feature maps (finest first) for levels ``min_level..max_level``."""
+        c_feats = self.backbone(images, training=training)
+        if self.fpn is None:
+            return [c_feats[self.feature_name]]
+        p_feats = self.fpn(c_feats, training=training)
+        return [p_feats[f"P{lvl}"] for lvl in range(self.min_level, self.max_level + 1)]
+
+    def rpn(self, feats):
+        """``(objectness, deltas, anchors)`` per RPN level."""
+        logits, deltas = self.rpn_head(feats)
+        anchors = [
+            self.anchor_generator.level_anchors(lvl, tf.shape(f)[1], tf.shape(f)[2])
+            for lvl, f in zip(self.anchor_generator.levels, feats)
+        ]
+        return logits, deltas, anchors
+
+    def proposals(self, logits, deltas, anchors, image_shape, training=False):
+        method = self.proposal_generator.nms_method
+        if self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()):
+            method = "padded"
+        return self.proposal_generator(logits, deltas, anchors, image_shape=image_shape, training=training,
+                                       nms_method=method)
+
+    def roi_heads(self, feats, rois, training=False):
+        """Class logits ``[B, R, K+1]`` and deltas ``[B, R, K+1, 4]`` for ``rois``."""
+        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
+        pooled = self.roi_layer(roi_feats, rois, xla=self._xla())
+        logits, deltas = self.box_head(pooled, training=training)
+        return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
+
+    def call(self, images, training=False):
+        return self.detect(images)
+
+    # --- training -----------------------------------------------------------------------
+    def detection_losses(self, images, labels, training):
+        images = tf.cast(images, tf.float32)
+        shape = tf.shape(images)
+        image_shape = (shape[1], shape[2])
+        gt_boxes = tf.cast(labels["boxes"], tf.float32)
+        gt_classes = tf.cast(labels["classes"], tf.int32)
+        gt_crowd = labels.get("is_crowd")
+
+        feats = self.features(images, training=training)
+        logits, deltas, anchors = self.rpn(feats)
+        all_logits = tf.cast(tf.concat(logits, axis=1), tf.float32)
+        all_deltas = tf.cast(tf.concat(deltas, axis=1), tf.float32)
+        all_anchors = tf.concat(anchors, axis=0)
+        rpn_labels, rpn_box_targets = rpn_targets(
+            all_anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
+            num_samples=self.rpn_batch_size, positive_fraction=self.rpn_positive_fraction,
+        )
+        sampled = tf.cast(rpn_labels >= 0, tf.float32)
+        positive = tf.cast(rpn_labels == 1, tf.float32)
+        rpn_norm = loss_ops.global_normalizer(tf.reduce_sum(sampled))
+        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=all_logits)
+        rpn_cls = tf.reduce_sum(bce * sampled) / rpn_norm
+        rpn_box = loss_ops.smooth_l1_loss(rpn_box_targets, all_deltas, beta=self.rpn_smooth_l1_beta)
+        rpn_box = tf.reduce_sum(tf.reduce_sum(rpn_box, axis=-1) * positive) / rpn_norm
+
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
+        samples = sample_rois(
+            proposals, valid, gt_boxes, gt_classes, num_classes=self.num_classes, gt_crowd=gt_crowd,
+            num_samples=self.num_rois, foreground_fraction=self.foreground_fraction,
+            foreground_iou=self.foreground_iou, background_iou_high=self.background_iou_high,
+            background_iou_low=self.background_iou_low, box_weights=self.box_weights,
+        )
+        class_logits, box_deltas = self.roi_heads(feats, samples["rois"], training=training)
+        weights = samples["weights"]
+        roi_norm = loss_ops.global_normalizer(tf.reduce_sum(weights))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=samples["labels"], logits=class_logits)
+        cls_loss = tf.reduce_sum(ce * weights) / roi_norm
+        own = tf.gather(box_deltas, samples["labels"], batch_dims=2)  # [B, R, 4]
+        box = tf.reduce_sum(loss_ops.smooth_l1_loss(samples["box_targets"], own, beta=self.smooth_l1_beta), -1)
+        box_loss = tf.reduce_sum(box * tf.cast(samples["foreground"], tf.float32)) / roi_norm
+        return {"rpn_cls_loss": rpn_cls, "rpn_box_loss": rpn_box, "cls_loss": cls_loss, "box_loss": box_loss}
+
+    # --- inference ----------------------------------------------------------------------
+    def detect(self, images):
+        """Decoded, per-class-NMS-filtered detections in network-input pixels."""
+        images = tf.cast(images, tf.float32)
+        shape = tf.shape(images)
+        image_shape = (shape[1], shape[2])
+        feats = self.features(images, training=False)
+        logits, deltas, anchors = self.rpn(feats)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=False)
+        class_logits, box_deltas = self.roi_heads(feats, proposals, training=False)
+        probs = tf.nn.softmax(class_logits, axis=-1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, K]
+        boxes = box_ops.decode(box_deltas[:, :, 1:, :], proposals[:, :, None, :], weights=self.box_weights)
+        boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])  # [B, R, K, 4]
+        if self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()):
+            return self._padded_nms(boxes, probs, image_shape)
+        nb, ns, nc, nv = tf.image.combined_non_max_suppression(
+            boxes, probs, max_output_size_per_class=self.max_detections, max_total_size=self.max_detections,
+            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold, clip_boxes=False,
+        )
+        return self._format(nb, ns, tf.cast(nc, tf.int32), nv)
+
+    def _padded_nms(self, boxes, probs, image_shape):
+        batch = tf.shape(boxes)[0]
+        num = boxes.shape[1] * self.num_classes
+        flat_scores = tf.reshape(probs, [batch, num])
+        flat_boxes = tf.reshape(boxes, [batch, num, 4])
+        scores, index = tf.math.top_k(flat_scores, k=min(self.detections_pre_nms_topk, num))
+        cand = tf.gather(flat_boxes, index, batch_dims=1)
+        classes = index % self.num_classes
+        extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
+        offset = tf.cast(classes, tf.float32)[..., None] * extent
+        scores = tf.where(scores > self.score_threshold, scores, 0.0)
+        keep, valid = tf.image.non_max_suppression_padded(
+            cand + offset, scores, max_output_size=self.max_detections, iou_threshold=self.nms_iou_threshold,
+            score_threshold=self.score_threshold, pad_to_max_output_size=True,
+        )
+        return self._format(tf.gather(cand, keep, batch_dims=1), tf.gather(scores, keep, batch_dims=1),
+                            tf.gather(classes, keep, batch_dims=1), valid)
+
+    def _format(self, boxes, scores, classes, valid):
+        valid = tf.cast(valid, tf.int32)
+        keep = tf.range(self.max_detections)[None, :] < valid[:, None]
+        return {
+            "boxes": tf.where(keep[..., None], boxes, 0.0),
+            "scores": tf.where(keep, scores, 0.0),
+            "classes": tf.where(keep, classes, -1),
+            "num_detections": valid,
+        }
+
+    # --- serialization ------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._config)
+        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
