@@ -51,7 +51,8 @@ class NonFiniteLossError(RuntimeError):
     """A training step had a non-finite loss or gradient (its update was not applied).
 
     Attributes:
-      image_ids: dataset image ids of the step's global batch (``-1``: no id given).
+      image_ids: dataset image ids of the step's global batch (empty when the labels
+        carry no ``image_id``; the message then names batch positions).
       suspect_image_ids: those whose ground-truth boxes or pixels are non-finite.
       step: the bad step's number among the training steps of this process (from 1).
     """
@@ -280,7 +281,7 @@ class Detector(keras.Model):
         batch = tf.shape(images)[0]
         ids = labels.get("image_id") if isinstance(labels, dict) else None
         ids = tf.fill([batch], tf.constant(-1, tf.int64)) if ids is None else tf.reshape(tf.cast(ids, tf.int64), [-1])
-        flags = tf.zeros([batch], tf.int32)
+        flags = tf.fill([batch], 4)  # bit 2: a real batch entry (padding is 0)
         if isinstance(labels, dict) and "boxes" in labels:
             box_bad = ~tf.reduce_all(tf.math.is_finite(tf.cast(labels["boxes"], tf.float32)), axis=[1, 2])
             flags = flags + tf.cast(box_bad, tf.int32)
@@ -301,24 +302,29 @@ class Detector(keras.Model):
         if count <= guard.seen:
             return
         new, guard.seen = count - guard.seen, count
-        ids = guard.ids.numpy()
         flags = guard.flags.numpy()
-        keep = ids != -1
-        if not keep.any():
-            keep = flags != 0
-        batch_ids = [int(i) for i in ids[keep]]
-        boxes = [int(i) for i, f in zip(ids, flags) if f & 1]
-        pixels = [int(i) for i, f in zip(ids, flags) if f & 2]
+        present = (flags & 4) != 0
+        ids = guard.ids.numpy()[present]
+        flags = flags[present]
+        known = bool(len(ids)) and bool((ids != -1).all())
+        # Without image ids, images are named by their position in the global batch.
+        names = [int(i) for i in ids] if known else list(range(len(ids)))
+        batch_ids = names if known else []
+        boxes = [n for n, f in zip(names, flags) if f & 1]
+        pixels = [n for n, f in zip(names, flags) if f & 2]
+        what = "Image ids of the batch" if known else (
+            "Image ids unknown (labels carry no image_id), so images are given by their position in the "
+            f"global batch of {len(names)}")
         message = (
             f"non-finite loss or gradient in {new} training step(s), the latest being step "
-            f"{guard.steps} of this process (counted from 1); its update was NOT applied. Image ids of "
-            f"the batch: {batch_ids or 'unknown (labels carry no image_id)'}; with non-finite "
-            f"boxes: {boxes}; with non-finite pixels: {pixels}."
+            f"{guard.steps} of this process (counted from 1); its update was NOT applied. {what}: "
+            f"{names}; with non-finite boxes: {boxes}; with non-finite pixels: {pixels}."
         )
         if self.nan_policy == "raise":
             raise NonFiniteLossError(
                 message + " (nan_policy='raise'; use nan_policy='skip' to skip such batches)",
-                image_ids=batch_ids, suspect_image_ids=sorted(set(boxes + pixels)), step=guard.steps,
+                image_ids=batch_ids, suspect_image_ids=sorted(set(boxes + pixels)) if known else [],
+                step=guard.steps,
             )
         logger.warning("%s Skipped (nan_policy='skip'); %d step(s) skipped so far.", message, count)
 
