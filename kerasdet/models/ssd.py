@@ -5,8 +5,9 @@ One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (spec ``00
 * sources: the backbone taps (``C3, C4, C5`` of a ResNet: conv3_x..conv5_x) then the extra
   blocks conv6..conv9 (each ``1x1 conv -> BN -> ReLU -> 3x3 conv (stride 2 or valid) ->
   BN -> ReLU``, with biases, as the authors' code);
-* ``fusion=True``: :class:`~kerasdet.layers.fusion.SemanticFusion` of C3 with upsampled C4
-  and C5 replaces the C3 *source* (the backbone keeps running from the raw C3);
+* ``fusion=True``: :class:`~kerasdet.layers.fusion.SemanticFusion` of the first source with
+  the next two, upsampled (C3 with C4 and C5 on ResNet; conv4_3 with fc7 and conv8_2 on
+  VGG), replaces the first *source* (the network keeps running from the raw maps);
 * ``attention=True``: one :class:`~kerasdet.layers.attention.SelfAttention` per source
   (weights not shared), between the source and its head;
 * heads: per source a 3x3 conv to ``A * (K + 1)`` softmax logits (background at index 0)
@@ -26,6 +27,16 @@ One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (spec ``00
   shared :class:`~kerasdet.layers.postprocess.DetectionPostProcessor` (its per-source
   ``pre_nms_topk`` candidate cut replaces the authors' top-200-per-class pre-NMS cut).
 
+VGG16 variants (ASSD300 / ASSD512, which the paper names but never describes; spec
+ambiguity 7): SSD300/512's VGG16 layout -- conv4_3 (L2-normalized, scale 20) and fc7
+(pool5 3x3/s1, dilated fc6, fc7) as the first two sources, SSD's extras -- plus one
+attention unit on every source AND the fusion of conv4_3 with fc7 and conv8_2. The spec
+suggests no fusion, but the paper's parameter counts settle it: SSD300 + attention is
+28.50M and + fusion (920,320) 29.42M = the paper's "ASSD300 29.4M"; likewise ASSD512
+29.26M + 0.92M = 30.18M = "30.2M" (pinned by tests). L2Norm is applied to conv4_3 before
+it enters the fusion. Use a 304 input for SSD300's 38/19/10/5/3/1 maps (Keras' VGG
+pooling floors where Caffe's rounds up).
+
 Where we chose: input images are resized by the kerasdet pipeline (aspect kept, padded),
 not squashed to a square as SSD does — identical for square inputs.
 """
@@ -39,6 +50,7 @@ from kerasdet import losses as loss_ops
 from kerasdet.anchors import SSDAnchorGenerator
 from kerasdet.layers.attention import SelfAttention
 from kerasdet.layers.fusion import SemanticFusion
+from kerasdet.layers.l2norm import L2Normalization
 from kerasdet.layers.postprocess import DetectionPostProcessor
 from kerasdet.matching import ArgMaxMatcher
 from kerasdet.models.base import Detector
@@ -48,6 +60,17 @@ ASSD513_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "
 #: ASSD321's: conv9 is a stride-2 'same' conv (a valid 3x3 on conv8's 2x2 map is impossible;
 #: spec ambiguity 5), giving maps 41/21/11/6/3/2/1 and 10,386 boxes.
 ASSD321_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 2, "same"))
+#: SSD300's VGG extras conv8..conv11 after fc7 (19 -> 10 -> 5 -> 3 -> 1 at a 304 input).
+SSD300_VGG_EXTRAS = ((256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 1, "valid"), (128, 256, 1, "valid"))
+#: SSD512's VGG extras conv8..conv12 (32 -> 16 -> 8 -> 4 -> 2 -> 1); conv12 is a 3x3 stride-2
+#: conv where Caffe used a 4x4 kernel with padding 1 (same map size).
+SSD512_VGG_EXTRAS = ((256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 2, "same"), (128, 256, 2, "same"),
+                     (128, 256, 2, "same"))
+#: Default boxes of SSD300 / SSD512 (Liu et al.; fractions of the image).
+SSD300_BOXES = dict(min_sizes=(0.1, 0.2, 0.37, 0.54, 0.71, 0.88), max_sizes=(0.2, 0.37, 0.54, 0.71, 0.88, 1.05),
+                    aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)))
+SSD512_BOXES = dict(min_sizes=(0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9), max_sizes=(0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05),
+                    aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)))
 
 
 def _conv_bn_relu(filters, kernel, stride, padding, name, dtype):
@@ -73,6 +96,12 @@ class SSD(Detector):
             ``("C3", "C4", "C5")`` (ResNet conv3_x..conv5_x).
         extra_layers: extra blocks after the last source, each ``(mid, out, stride,
             padding)``. Default :data:`ASSD513_EXTRAS`.
+        fc7_from: VGG variants (ASSD300/512): the backbone output (``"block5_conv3"``) on
+            which SSD's pool5 (3x3, stride 1) + fc6 (3x3, dilation 6, 1024) + fc7 (1x1, 1024),
+            with ReLUs, are built; fc7 becomes a source after ``source_levels`` and the
+            extras continue from it. Default None (ResNet variants).
+        l2norm_scale: L2-normalize the first source with a learned per-channel scale
+            initialised to this (SSD's conv4_3: 20). Default None (off).
         attention: one self-attention unit per source (ASSD). Default False (SSD).
         attention_block_size: the unit's ``query_block_size`` on the first (largest) source.
             Default None (dense).
@@ -100,6 +129,8 @@ class SSD(Detector):
         num_classes,
         source_levels=("C3", "C4", "C5"),
         extra_layers=ASSD513_EXTRAS,
+        fc7_from=None,
+        l2norm_scale=None,
         attention=False,
         attention_block_size=None,
         fusion=False,
@@ -128,9 +159,10 @@ class SSD(Detector):
         self.num_classes = int(num_classes)
         self.source_levels = tuple(source_levels)
         self.extra_layers = tuple(tuple(e) for e in extra_layers)
-        num_sources = len(self.source_levels) + len(self.extra_layers)
-        if fusion and len(self.source_levels) < 3:
-            raise ValueError("fusion=True fuses the first three backbone sources; give at least three source_levels.")
+        self.fc7_from = fc7_from
+        num_sources = len(self.source_levels) + (1 if fc7_from else 0) + len(self.extra_layers)
+        if fusion and num_sources < 3:
+            raise ValueError(f"fusion=True fuses the first three sources; this configuration has {num_sources}.")
         self.anchor_generator = SSDAnchorGenerator(
             min_sizes=min_sizes, max_sizes=max_sizes, aspect_ratios=aspect_ratios, legacy_steps=legacy_steps
         )
@@ -147,6 +179,16 @@ class SSD(Detector):
         self.min_negatives = int(min_negatives)
         self.smooth_l1_beta = float(smooth_l1_beta)
         dtype = self.dtype_policy
+        self.fc7 = (
+            [
+                keras.layers.MaxPooling2D(3, strides=1, padding="same", dtype=dtype, name="pool5"),
+                keras.layers.Conv2D(1024, 3, padding="same", dilation_rate=6, activation="relu", dtype=dtype, name="fc6"),
+                keras.layers.Conv2D(1024, 1, activation="relu", dtype=dtype, name="fc7"),
+            ]
+            if fc7_from
+            else None
+        )
+        self.l2norm = L2Normalization(scale=l2norm_scale, dtype=dtype, name="l2norm") if l2norm_scale else None
         self.extras = [
             _conv_bn_relu(mid, 1, 1, "same", f"extra{i}_a", dtype) + _conv_bn_relu(out, 3, stride, padding, f"extra{i}_b", dtype)
             for i, (mid, out, stride, padding) in enumerate(self.extra_layers)
@@ -180,6 +222,8 @@ class SSD(Detector):
             num_classes=self.num_classes,
             source_levels=list(self.source_levels),
             extra_layers=[list(e) for e in self.extra_layers],
+            fc7_from=fc7_from,
+            l2norm_scale=l2norm_scale,
             attention=bool(attention),
             attention_block_size=attention_block_size,
             fusion=bool(fusion),
@@ -210,14 +254,21 @@ class SSD(Detector):
         feats = self.backbone(images, training=training)
         taps = [feats[level] for level in self.source_levels]
         x = taps[-1]
+        if self.fc7 is not None:
+            x = feats[self.fc7_from]
+            for layer in self.fc7:
+                x = layer(x)
+            taps.append(x)
         extras = []
         for block in self.extras:
             for layer in block:
                 x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
             extras.append(x)
         sources = list(taps) + extras
+        if self.l2norm is not None:
+            sources[0] = self.l2norm(sources[0])
         if self.fusion is not None:
-            sources[0] = self.fusion(taps[:3], training=training)
+            sources[0] = self.fusion(sources[:3], training=training)
         if self.attention is not None:
             sources = [unit(s) for unit, s in zip(self.attention, sources)]
         return sources

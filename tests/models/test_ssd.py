@@ -58,6 +58,9 @@ def test_assd513_parameters_and_boxes_match_the_paper():
     fusion = _torch_layout_count(model.fusion)
     assert attention == 8_683_520 and fusion == 1_313_536
     assert total - resnet_conv_biases - attention - fusion == 57_549_764  # "SSD513 57.5M"
+    # ASSD321 (derived, spec ambiguity 5): the same layers, conv9 stride 2 'same' instead of
+    # 'valid', so the same 67,546,820 parameters; the paper's "66.7M" is not reproducible.
+    assert [e[:2] for e in ASSD321_EXTRAS] == [e[:2] for e in ASSD513_EXTRAS]
     print(f"ASSD513 (VOC): {total - resnet_conv_biases:,} parameters (torchvision layout), "
           f"{model.count_params():,} in Keras (conv biases + BN statistics)")
 
@@ -116,6 +119,23 @@ def test_config_round_trip_and_bad_arguments():
     np.testing.assert_allclose(clone(x)["class_logits"], model(x)["class_logits"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="default boxes have"):
         tiny_ssd(min_sizes=(0.1, 0.2), aspect_ratios=((2.0,), (2.0,)))
-    with pytest.raises(ValueError, match="three source_levels"):
-        tiny_ssd(source_levels=("C4", "C5"), fusion=True, min_sizes=(0.2, 0.4, 0.6, 0.8),
-                 aspect_ratios=((2.0,),) * 4)
+    with pytest.raises(ValueError, match="first three sources"):
+        tiny_ssd(source_levels=("C5",), extra_layers=((8, 8, 2, "same"),), fusion=True, min_sizes=(0.2, 0.4),
+                 aspect_ratios=((2.0,),) * 2)
+
+
+@pytest.mark.parametrize("size,count,params", [(304, 8_732, 29_421_486), (512, 24_564, 30_177_988)])
+def test_vgg_assd300_assd512_match_the_paper(size, count, params):
+    from kerasdet.backbones import vgg16_backbone
+    from kerasdet.models.ssd import SSD300_BOXES, SSD300_VGG_EXTRAS, SSD512_BOXES, SSD512_VGG_EXTRAS
+
+    extras, boxes = (SSD300_VGG_EXTRAS, SSD300_BOXES) if size == 304 else (SSD512_VGG_EXTRAS, SSD512_BOXES)
+    model = SSD(backbone=vgg16_backbone(), num_classes=20, source_levels=("block4_conv3",), fc7_from="block5_conv3",
+                l2norm_scale=20.0, extra_layers=extras, attention=True, fusion=True, **boxes)
+    assert model(tf.zeros((1, size, size, 3)))["class_logits"].shape == (1, count, 21)  # SSD300 8,732 / SSD512 24,564
+    total = _torch_layout_count(model)
+    extra_bn = sum(int(np.prod(v.shape)) for v in model.weights if "extra" in v.path and v.path.endswith(("gamma", "beta")))
+    assert total == params  # paper Table 2: ASSD300 29.4M, ASSD512 30.2M
+    attention, fusion = sum(_torch_layout_count(a) for a in model.attention), _torch_layout_count(model.fusion)
+    if size == 304:  # without attention, fusion and our extras' BN: Caffe SSD300 (VOC) exactly
+        assert total - attention - fusion - extra_bn == 26_285_486
