@@ -104,6 +104,30 @@ class ArgMaxMatcher:
         return matched, tf.cast(labels, tf.int32)
 
 
+def match_labels(matcher, anchors, labels):
+    """Runs ``matcher`` on a padded ground-truth ``labels`` dict (the kerasdet convention).
+
+    ``labels``: ``{"boxes" [B, N, 4], "classes" [B, N] (-1 padding), optional "is_crowd"
+    [B, N]}``; crowd regions are not matched (they only turn would-be negatives into
+    ignored anchors, see :class:`ArgMaxMatcher`).
+
+    Returns:
+        ``(matched_boxes [B, A, 4], matched_classes [B, A], match_labels [B, A])``: each
+        anchor's arg-max ground truth and its label in {1, 0, -1}.
+    """
+    gt_boxes = tf.cast(labels["boxes"], tf.float32)
+    gt_classes = tf.cast(labels["classes"], tf.int32)
+    valid = gt_classes >= 0
+    gt_crowd = labels.get("is_crowd")
+    if gt_crowd is not None:
+        gt_crowd = tf.cast(gt_crowd, tf.bool) & valid
+        valid = valid & ~gt_crowd
+    matched, match_labels_ = matcher(anchors, gt_boxes, valid, gt_crowd)
+    matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
+    matched_classes = tf.gather(gt_classes, matched, batch_dims=1)
+    return matched_boxes, matched_classes, match_labels_
+
+
 def hungarian_match(cost):
     """Optimal one-to-one assignment for a batch of cost matrices (scipy).
 

@@ -61,3 +61,18 @@ def test_hungarian_against_brute_force():
         np.testing.assert_array_equal(got[b], best)
     rect = hungarian_match(rng.uniform(size=(1, 3, 2)).astype("float32")).numpy()
     assert sorted(rect[0].tolist()).count(-1) == 1
+
+
+def test_match_labels_gathers_matched_ground_truth_and_skips_crowds():
+    from kerasdet.matching import ArgMaxMatcher, match_labels
+
+    anchors = tf.constant([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], tf.float32)
+    labels = {
+        "boxes": tf.constant([[[0, 0, 10, 11], [19, 19, 31, 31], [48, 48, 62, 62]]], tf.float32),
+        "classes": tf.constant([[4, 7, 2]]),
+        "is_crowd": tf.constant([[False, False, True]]),
+    }
+    boxes, classes, lab = match_labels(ArgMaxMatcher(), anchors, labels)
+    assert lab.numpy().tolist() == [[1, 1, -1]]  # the crowd region is ignored, never matched
+    assert classes.numpy()[0, :2].tolist() == [4, 7]
+    np.testing.assert_allclose(boxes.numpy()[0, :2], labels["boxes"].numpy()[0, :2])

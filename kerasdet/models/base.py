@@ -35,6 +35,7 @@ Limitation: the forward pass of a skipped step has already run, so a batch with
 non-finite *pixels* can still move the moving statistics of a trainable BatchNorm (frozen
 BN, the ResNet default, is unaffected; uint8 pipeline images cannot be non-finite).
 """
+import copy
 import logging
 
 import keras
@@ -370,4 +371,17 @@ class Detector(keras.Model):
             self._symbolic_build(data_batch=data_batch)
 
     def get_config(self):
-        return {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
+        """Base fields, the subclass's constructor arguments (``self._config``) and the
+        serialized ``backbone`` (when the model has one)."""
+        config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
+        config.update(getattr(self, "_config", {}))
+        if getattr(self, "backbone", None) is not None:
+            config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
+        if isinstance(config.get("backbone"), dict):
+            config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)

@@ -8,7 +8,7 @@ from kerasdet import boxes as box_ops
 from kerasdet.layers.anchor_head import AnchorHead
 from kerasdet.layers.fpn import FeaturePyramid
 from kerasdet.layers.postprocess import DetectionPostProcessor
-from kerasdet.matching import ArgMaxMatcher
+from kerasdet.matching import ArgMaxMatcher, match_labels as match_ground_truth
 from kerasdet.models.base import Detector
 
 
@@ -211,16 +211,7 @@ class RetinaNet(Detector):
         Returns ``(class_targets [B, A] int32 (-1 ignore, 0..K-1 positive class, K
         background), box_targets [B, A, 4], labels [B, A])``.
         """
-        gt_boxes = tf.cast(labels["boxes"], tf.float32)
-        gt_classes = tf.cast(labels["classes"], tf.int32)
-        gt_crowd = labels.get("is_crowd")
-        valid = gt_classes >= 0
-        if gt_crowd is not None:
-            gt_crowd = tf.cast(gt_crowd, tf.bool) & valid
-            valid = valid & ~gt_crowd
-        matched, match_labels = self.matcher(anchors, gt_boxes, valid, gt_crowd)
-        matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
-        matched_classes = tf.gather(gt_classes, matched, batch_dims=1)
+        matched_boxes, matched_classes, match_labels = match_ground_truth(self.matcher, anchors, labels)
         box_targets = box_ops.encode(matched_boxes, anchors[None], weights=self.box_weights)
         class_targets = tf.where(
             match_labels == 1, matched_classes, tf.where(match_labels == 0, self.num_classes, -1)
@@ -262,16 +253,3 @@ class RetinaNet(Detector):
         shape = tf.shape(images)
         post = postprocessor or self._postprocessor()
         return post(class_logits, box_deltas, anchors, image_shape=(shape[1], shape[2]))
-
-    # --- serialization ------------------------------------------------------------------
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._config)
-        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)

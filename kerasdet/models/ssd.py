@@ -40,8 +40,6 @@ pooling floors where Caffe's rounds up).
 Where we chose: input images are resized by the kerasdet pipeline (aspect kept, padded),
 not squashed to a square as SSD does — identical for square inputs.
 """
-import copy
-
 import keras
 import tensorflow as tf
 
@@ -52,7 +50,7 @@ from kerasdet.layers.attention import SelfAttention
 from kerasdet.layers.fusion import SemanticFusion
 from kerasdet.layers.l2norm import L2Normalization
 from kerasdet.layers.postprocess import DetectionPostProcessor
-from kerasdet.matching import ArgMaxMatcher
+from kerasdet.matching import ArgMaxMatcher, match_labels as match_ground_truth
 from kerasdet.models.base import Detector
 
 #: ASSD513's extra blocks conv6..conv9: ``(1x1 channels, 3x3 channels, stride, padding)``.
@@ -293,16 +291,7 @@ class SSD(Detector):
     # --- loss ---------------------------------------------------------------------------
     def compute_targets(self, anchors, labels):
         """``(class_targets [B, A] (0 background, 1..K, -1 ignored), box_targets [B, A, 4])``."""
-        gt_boxes = tf.cast(labels["boxes"], tf.float32)
-        gt_classes = tf.cast(labels["classes"], tf.int32)
-        valid = gt_classes >= 0
-        gt_crowd = labels.get("is_crowd")
-        if gt_crowd is not None:
-            gt_crowd = tf.cast(gt_crowd, tf.bool) & valid
-            valid = valid & ~gt_crowd
-        matched, match_labels = self.matcher(anchors, gt_boxes, valid, gt_crowd)
-        matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)
-        matched_classes = tf.gather(gt_classes, matched, batch_dims=1)
+        matched_boxes, matched_classes, match_labels = match_ground_truth(self.matcher, anchors, labels)
         class_targets = tf.where(match_labels == 1, matched_classes + 1, tf.where(match_labels == 0, 0, -1))
         box_targets = box_ops.encode(matched_boxes, anchors[None], weights=self.box_weights)
         return class_targets, box_targets
@@ -325,16 +314,3 @@ class SSD(Detector):
         class_logits, box_deltas, anchors = self.forward(images, training=False)
         shape = tf.shape(images)
         return (postprocessor or self.postprocess)(class_logits, box_deltas, anchors, image_shape=(shape[1], shape[2]))
-
-    # --- serialization ------------------------------------------------------------------
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._config)
-        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = copy.deepcopy(config)  # deserialization consumes nested dicts
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
