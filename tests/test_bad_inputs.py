@@ -76,14 +76,18 @@ MATRIX = [
      "load_coco returns an empty source; make_dataset raises ValueError 'has no images'",
      [f"{HERE}::test_no_images_is_a_clear_error_in_make_dataset"]),
     ("huge image (48 megapixels)",
-     "read and resized onto the canvas like any other image, boxes scaled with it (OpenCV refuses images "
-     "over 2^30 pixels: ValueError naming the file)",
+     "read and resized onto the canvas like any other image, boxes scaled with it (untested: OpenCV's "
+     "CV_IO_MAX_IMAGE_PIXELS limit, 2^30 px by default, makes larger files an 'OpenCV could not decode' "
+     "ValueError naming the file)",
      [f"{HERE}::test_huge_image_is_resized_onto_the_canvas"]),
     ("non-finite box that reaches training anyway (bypassing the loader)",
-     "Detector(nan_policy='raise'): the update is not applied and NonFiniteLossError names the batch's "
-     "image ids; 'skip': skipped with a warning naming them",
+     "an infinite coordinate makes the loss NaN: Detector(nan_policy='raise', the default) does not apply "
+     "the update and raises NonFiniteLossError naming the batch's image ids and the suspect one; "
+     "'skip': skips the update with a warning naming them (a NaN coordinate is never matched by the IoU "
+     "matcher, so it is ignored and the loss stays finite)",
      [f"{REL}::test_raise_policy_stops_before_the_bad_update_and_names_the_images",
-      f"{REL}::test_skip_policy_equals_training_without_the_bad_batch"]),
+      f"{REL}::test_skip_policy_equals_training_without_the_bad_batch",
+      f"{REL}::test_nan_box_is_never_matched_so_the_loss_stays_finite_but_an_inf_box_is_caught"]),
 ]
 
 

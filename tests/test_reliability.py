@@ -27,7 +27,7 @@ from test_distribute import GLOBAL_BATCH, _free_ports, fixed_data, tiny_retinane
 
 BAD_IMAGE = 6  # in the second global batch (images 4..7), in replica 1's half (6, 7)
 IDS = np.arange(100, 112, dtype=np.int64)  # dataset image ids of the 12 fixed images
-WORKER_TIMEOUT_S = 120
+WORKER_TIMEOUT_S = 300  # generous: 2 shared cores; startup alone took 50 s at load 10
 
 
 def _labels_with_ids(corrupt=True):
@@ -124,6 +124,20 @@ def test_off_policy_lets_nan_reach_the_weights_which_is_what_the_guard_prevents(
         RetinaNet(backbone=None, num_classes=1, nan_policy="ignore")
 
 
+def test_nan_box_is_never_matched_so_the_loss_stays_finite_but_an_inf_box_is_caught():
+    import tensorflow as tf
+
+    images, labels = _labels_with_ids(corrupt=False)
+    model = _model("raise")
+    batch = {k: v[4:8].copy() for k, v in labels.items()}
+    batch["classes"][2, 0] = 1
+    losses = {}
+    for name, box in (("nan", [np.nan, 0, 20, 20]), ("inf", [0, 0, np.inf, np.inf])):
+        batch["boxes"][2, 0] = box
+        losses[name] = float(model._total_loss(tf.constant(images[4:8]), batch, training=False)[0])
+    assert np.isfinite(losses["nan"]) and np.isnan(losses["inf"])
+
+
 def test_labels_without_image_ids_are_still_reported():
     from kerasdet.models.base import NonFiniteLossError
 
@@ -183,17 +197,20 @@ def _multiworker_worker(args):
         ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
         return ds.skip(start_batch * GLOBAL_BATCH).batch(GLOBAL_BATCH, drop_remainder=True).with_options(options)
 
+    def iterations():
+        return int(model.optimizer.iterations.value.numpy())  # a MirroredVariable under MWMS
+
     class Progress(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             with open(args.out + ".progress", "a") as f:
-                f.write(f"{int(self.model.optimizer.iterations)}\n")
+                f.write(f"{iterations()}\n")
             time.sleep(args.sleep)
 
     _, backup = fit_resumable(model, data, epochs=2, steps_per_epoch=3, backup_dir=args.backup, save_freq=1,
                               callbacks=[Progress()], verbose=0)
     np.savez(args.out + ".npz", *[np.asarray(w) for w in model.get_weights()])
     with open(args.out + ".json", "w") as f:
-        json.dump({"restored_step": backup.restored_step, "iterations": int(model.optimizer.iterations)}, f)
+        json.dump({"restored_step": backup.restored_step, "iterations": iterations()}, f)
 
 
 def _main(argv=None):
