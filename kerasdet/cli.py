@@ -386,6 +386,32 @@ def build_parser():
     return p
 
 
+def build_detector(model_cls, config, num_classes, *, default_weight_decay=1e-4):
+    """``model_cls(backbone=get_backbone(**config["backbone"]), num_classes, weight_decay,
+    **config["model"])``: the ``build_model`` of a recipe whose config follows the house
+    layout."""
+    from kerasdet.backbones import get_backbone
+
+    backbone_args = dict(config["backbone"])
+    name = backbone_args.pop("name")
+    return model_cls(
+        backbone=get_backbone(name, **backbone_args),
+        num_classes=num_classes,
+        weight_decay=config["train"].get("weight_decay", default_weight_decay),
+        **config["model"],
+    )
+
+
+def recipe_main(recipe_file, argv=None):
+    """``python recipes/<name>.py [train|evaluate|export|predict] ...``: without a command,
+    ``train --recipe <this file>`` (so ``python recipes/retinanet.py --preset digits`` is
+    ``kerasdet train --recipe retinanet --preset digits``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "evaluate", "export", "predict"):
+        argv = ["train", "--recipe", os.path.abspath(recipe_file)] + argv
+    return main(argv)
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -87,24 +87,14 @@ PRESETS = {
 
 def build_model(config, num_classes):
     """FasterRCNN for a preset config."""
-    from kerasdet.backbones import get_backbone
+    from kerasdet.cli import build_detector
     from kerasdet.models.faster_rcnn import FasterRCNN
 
-    backbone_args = dict(config["backbone"])
-    name = backbone_args.pop("name")
-    return FasterRCNN(
-        backbone=get_backbone(name, **backbone_args),
-        num_classes=num_classes,
-        weight_decay=config["train"].get("weight_decay", 1e-4),
-        **config["model"],
-    )
+    return build_detector(FasterRCNN, config, num_classes, default_weight_decay=1e-4)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kerasdet.cli import main
+    from kerasdet.cli import recipe_main
 
-    argv = sys.argv[1:]
-    if not argv or argv[0] not in ("train", "evaluate", "export", "predict"):
-        argv = ["train", "--recipe", os.path.abspath(__file__)] + argv
-    main(argv)
+    recipe_main(__file__)

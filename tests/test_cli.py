@@ -52,3 +52,16 @@ def test_train_evaluate_export_predict(tmp_path):
     image = os.path.join(data, "images", "val", sorted(os.listdir(os.path.join(data, "images", "val")))[0])
     cli.main(["predict", "--saved-model", export_dir, "--output-dir", str(tmp_path / "pred"), image])
     assert len(os.listdir(tmp_path / "pred")) == 1
+
+
+def test_recipe_main_defaults_to_train_and_build_detector(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv))
+    cli.recipe_main("/x/recipes/foo.py", ["--preset", "digits"])
+    cli.recipe_main("/x/recipes/foo.py", ["export", "--weights", "w"])
+    assert calls == [["train", "--recipe", "/x/recipes/foo.py", "--preset", "digits"], ["export", "--weights", "w"]]
+    recipe = cli.load_recipe("retinanet")
+    config = cli.get_config(recipe, "digits", {"backbone.widths": [8, 16, 16, 16], "backbone.blocks": [0, 0, 0, 0]})
+    model = recipe.build_model(config, 4)
+    assert type(model).__name__ == "RetinaNet" and model.num_classes == 4
+    assert model.weight_decay == config["train"]["weight_decay"] and model.fpn.num_channels == config["model"]["fpn_channels"]
