@@ -160,6 +160,11 @@ class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
             with open(self.state_path) as f:
                 self.best = float(json.load(f)["best"])
 
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.monitor not in logs:
+            return  # e.g. CocoEvalCallback's every_n_epochs: not evaluated, nothing to compare
+        super().on_epoch_end(epoch, logs)
+
     def _save_model(self, epoch, batch, logs):
         if not _is_writer(self.model):
             return

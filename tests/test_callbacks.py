@@ -271,3 +271,52 @@ def test_cli_train_killed_and_rerun_resumes_to_the_same_weights(tmp_path):
     diff = max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b))
     print(f"\nCLI resume after SIGKILL at step {committed}: max |weight diff| {diff:.3g}")
     assert diff <= RESUME_ATOL
+
+
+def test_best_checkpoint_keeps_its_best_across_restarts(tmp_path):
+    import keras
+
+    from kerasdet.callbacks import BestModelCheckpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    path = str(tmp_path / "best.weights.h5")
+    cb = BestModelCheckpoint(path, monitor="val_AP", mode="max")
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"loss": 1.0})  # not evaluated: skipped silently
+    assert not os.path.exists(path)
+    cb.on_epoch_end(1, {"val_AP": 0.5})
+    assert os.path.isfile(path)
+    with open(path + ".json") as f:
+        assert json.load(f) == {"best": 0.5, "epoch": 2, "monitor": "val_AP"}
+    mtime = os.path.getmtime(path)
+    restarted = BestModelCheckpoint(path, monitor="val_AP", mode="max")  # a new process
+    restarted.set_model(model)
+    assert restarted.best == 0.5
+    restarted.on_epoch_end(2, {"val_AP": 0.4})  # worse than before the restart: kept
+    assert os.path.getmtime(path) == mtime
+    restarted.on_epoch_end(3, {"val_AP": 0.7})
+    with open(path + ".json") as f:
+        assert json.load(f)["best"] == 0.7
+
+
+def test_step_backup_rejects_a_plain_keras_backup_and_commits_atomically(tmp_path):
+    import keras
+
+    from kerasdet.callbacks import StepBackupAndRestore
+
+    backup = str(tmp_path / "b")
+    os.makedirs(backup)
+    with open(os.path.join(backup, "training_metadata.json"), "w") as f:
+        json.dump({"epoch": 1, "batch": 0}, f)  # what keras.callbacks.BackupAndRestore writes
+    with pytest.raises(ValueError, match="not a StepBackupAndRestore backup"):
+        StepBackupAndRestore.read_state(backup)
+    shutil.rmtree(backup)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    cb = StepBackupAndRestore(backup, save_freq=2)
+    cb.set_model(model)
+    for step in range(5):
+        cb.on_train_batch_begin(step)
+        cb.on_train_batch_end(step)
+    state = StepBackupAndRestore.read_state(backup)
+    assert state["step"] == 4 and sorted(os.listdir(backup)) == ["ckpt-4.weights.h5", "training_metadata.json"]
