@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from kerasdet.backbones import resnet_backbone, small_backbone
 from kerasdet.models.ssd import ASSD321_EXTRAS, ASSD513_EXTRAS, SSD
+from model_testutils import tiny_batch
 
 TINY_EXTRAS = ((8, 16, 2, "same"), (8, 16, 2, "same"))
 
@@ -21,21 +22,6 @@ def tiny_ssd(**kwargs):
     )
     args.update(kwargs)
     return SSD(**args)
-
-
-def tiny_batch(batch=4, size=64, seed=0):
-    rng = np.random.RandomState(seed)
-    images = rng.uniform(0, 40, (batch, size, size, 3)).astype("float32")
-    boxes = np.zeros((batch, 3, 4), "float32")
-    classes = np.full((batch, 3), -1, "int32")
-    for b in range(batch - 1):  # last image: no objects at all
-        for j in range(2):
-            y, x = rng.randint(0, size - 24, 2)
-            s = rng.randint(12, 24)
-            boxes[b, j] = [y, x, y + s, x + s]
-            classes[b, j] = rng.randint(0, 3)
-            images[b, y : y + s, x : x + s, classes[b, j]] = 255.0
-    return images, {"boxes": boxes, "classes": classes}
 
 
 def _torch_layout_count(model):
