@@ -18,6 +18,11 @@ Presets:
   2 x fc256 head, no flip (a mirrored digit is another glyph), Adam with warm-up and step
   decays.
 
+Measured (``digits``, 8 epochs, 500 validation images, pycocotools): AP 0.804, AP50 0.977,
+AP75 0.946 (AP50 was already 0.967 at the epoch-4 evaluation); 42.3 min of training, 43.3
+min end to end, on the 2 CPU cores shared with other jobs (load average 5-10; the process
+got 0.75 core on average, 33 CPU-minutes in all), so about 16-20 min on 2 idle cores.
+
 Run: ``python recipes/faster_rcnn_fpn.py --preset digits`` (same as
 ``kerasdet train --recipe faster_rcnn_fpn --preset digits``).
 """
