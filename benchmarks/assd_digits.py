@@ -5,7 +5,7 @@ other through the shared CLI (same data, seed, epochs, optimizer: the presets di
 ``attention``/``fusion``), scores each with pycocotools on the validation split and prints
 AP / AP50 / AP75, parameters and wall time as a table.
 
-Usage: ``python benchmarks/assd_digits.py [--epochs 12] [--work-dir runs/assd_bench]``
+Usage: ``python benchmarks/assd_digits.py [--epochs 12] [--work-dir runs/assd_bench] [--presets ...]``
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ def run(preset, epochs, work_dir, data_dir, seed):
     out = os.path.join(work_dir, preset)
     cmd = [
         sys.executable, os.path.join(ROOT, "recipes", "assd.py"), "--preset", preset, "--epochs", str(epochs),
-        "--work-dir", out, "--export-dir", os.path.join(out, "saved_model"), "--seed", str(seed), "--verbose", "2",
+        "--work-dir", out, "--export-dir", os.path.join(out, "saved_model"), "--seed", str(seed), "--verbose", "2", "--no-export",
     ]
     if data_dir:
         cmd += ["--data-dir", data_dir]
@@ -39,8 +39,9 @@ def main():
     parser.add_argument("--work-dir", default=os.path.join("runs", "assd_bench"))
     parser.add_argument("--data-dir", default=None, help="digits data folder (default: the preset's data/digits)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--presets", nargs="+", default=["ssd_digits", "assd_digits"])
     args = parser.parse_args()
-    rows = [(p, run(p, args.epochs, args.work_dir, args.data_dir, args.seed)) for p in ("ssd_digits", "assd_digits")]
+    rows = [(p, run(p, args.epochs, args.work_dir, args.data_dir, args.seed)) for p in args.presets]
     print(f"\n| preset | epochs | AP | AP50 | AP75 | train min | wall min |")
     print("|---|---|---|---|---|---|---|")
     for preset, s in rows:
