@@ -15,6 +15,7 @@ from kerasdet.data.pipeline import make_dataset
 from kerasdet.export import export_saved_model
 from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.retinanet import RetinaNet
+from kerasdet.models.ssd import SSD
 from kerasdet.backbones import small_backbone
 
 CATEGORY_IDS = [3, 7, 11]
@@ -28,6 +29,12 @@ def _model(kind="retinanet"):
             num_classes=3, fpn_channels=16, rpn_channels=16, anchor_size=4.0, canonical_size=112.0,
             rpn_pre_nms_topk_test=100, rpn_post_nms_topk_test=50, num_rois=32, fc_dim=32, max_detections=20,
         )
+    if kind == "assd":
+        return SSD(
+            backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0)),
+            num_classes=3, extra_layers=((8, 16, 2, "same"),), min_sizes=(0.15, 0.3, 0.5, 0.75),
+            aspect_ratios=((2.0,),) * 4, attention=True, fusion=True, fusion_channels=8, max_detections=20,
+        )
     return RetinaNet(
         backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0)),
         num_classes=3, min_level=3, max_level=5, fpn_channels=16, head_convs=1, head_channels=16,
@@ -35,7 +42,7 @@ def _model(kind="retinanet"):
     )
 
 
-@pytest.fixture(scope="module", params=["retinanet", "faster_rcnn"])
+@pytest.fixture(scope="module", params=["retinanet", "faster_rcnn", "assd"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     rng = np.random.RandomState(0)
