@@ -18,10 +18,13 @@ Presets:
   2 x fc256 head, no flip (a mirrored digit is another glyph), Adam with warm-up and step
   decays.
 
-Measured (``digits``, 8 epochs, 500 validation images, pycocotools): AP 0.804, AP50 0.977,
-AP75 0.946 (AP50 was already 0.967 at the epoch-4 evaluation); 42.3 min of training, 43.3
-min end to end, on the 2 CPU cores shared with other jobs (load average 5-10; the process
-got 0.75 core on average, 33 CPU-minutes in all), so about 16-20 min on 2 idle cores.
+Measured (``digits``, 500 validation images, pycocotools, 2 CPU cores shared with other
+jobs, so wall times vary with their load):
+
+* 5 epochs (the preset): AP 0.779, AP50 0.974, AP75 0.924; 16.8 min of training, 17.3 min
+  end to end (epochs 1-3 ran at ~2.4 min each on a quiet machine, 4-5 under load);
+* 8 epochs (``--set train.epochs=8``): AP 0.804, AP50 0.977, AP75 0.946; 42.3 min of
+  training under heavy load (the process got 0.75 core on average; 33 CPU-minutes).
 
 Run: ``python recipes/faster_rcnn_fpn.py --preset digits`` (same as
 ``kerasdet train --recipe faster_rcnn_fpn --preset digits``).
@@ -81,7 +84,7 @@ PRESETS = {
             "lr": 2e-3,
             "optimizer": "adam",
             "weight_decay": 1e-5,
-            "epochs": 8,
+            "epochs": 5,
             "decay_at": (0.75, 0.92),
             "warmup_steps": 100,
         },
