@@ -25,5 +25,5 @@ setup(
         "test": ["pytest>=7", "scikit-learn>=1.3"],
         "bench": ["keras-hub>=0.20"],
     },
-    entry_points={"console_scripts": ["kerasdet=kerasdet.cli:main"]},
+    entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},
 )

@@ -419,6 +419,12 @@ def main(argv=None):
     return args.func(args)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The ``kerasdet`` console script: runs :func:`main` and exits 0 on success (``main``
+    returns the command's result, e.g. the training summary, for Python callers)."""
     main()
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

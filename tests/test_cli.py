@@ -65,3 +65,8 @@ def test_recipe_main_defaults_to_train_and_build_detector(monkeypatch):
     model = recipe.build_model(config, 4)
     assert type(model).__name__ == "RetinaNet" and model.num_classes == 4
     assert model.weight_decay == config["train"]["weight_decay"] and model.fpn.num_channels == config["model"]["fpn_channels"]
+
+
+def test_console_script_exits_zero_on_success(monkeypatch):
+    monkeypatch.setattr(cli, "main", lambda argv=None: {"stats": {"AP": 0.5}})
+    assert cli.console_main() == 0
