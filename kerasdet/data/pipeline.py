@@ -260,25 +260,32 @@ def make_dataset(
 
     def prepare(example, rand):
         element_seed = tf.stack([rand, tf.constant(0x5EED, tf.int64)]) if random_aug else None
-        image, boxes, classes, is_crowd, scale = preprocess_example(
-            example["image"], example["boxes"], example["classes"], example["is_crowd"],
-            image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
-            scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
-            min_visible_fraction=min_visible_fraction, ssd_augmentation=ssd_augmentation)
-        image.set_shape([image_size[0], image_size[1], 3])
-        labels = {
-            "boxes": boxes,
-            "classes": classes,
-            "is_crowd": is_crowd,
-            "image_id": example["image_id"],
-            "image_scale": tf.cast(scale, tf.float32),
-            "original_size": example["size"],
-        }
-        return image, labels
+        return _prepare_example(
+            example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
+            scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
+            ssd_augmentation=ssd_augmentation)
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _prepare_example(example, seed, *, image_size, **preprocess_args):
+    """``(image, labels)`` of one decoded example: :func:`preprocess_example` plus the label
+    dict every model reads (``image_id``, ``image_scale``, ``original_size`` ride along)."""
+    image, boxes, classes, is_crowd, scale = preprocess_example(
+        example["image"], example["boxes"], example["classes"], example["is_crowd"],
+        image_size=image_size, seed=seed, **preprocess_args)
+    image.set_shape([image_size[0], image_size[1], 3])
+    labels = {
+        "boxes": boxes,
+        "classes": classes,
+        "is_crowd": is_crowd,
+        "image_id": example["image_id"],
+        "image_scale": tf.cast(scale, tf.float32),
+        "original_size": example["size"],
+    }
+    return image, labels
 
 
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
@@ -337,21 +344,10 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     def prepare(example, position):
         element_seed = (tf.stack([tf.constant(aug_seed, tf.int64), position])
                         if random_aug else None)
-        image, boxes_, classes_, is_crowd_, scale = preprocess_example(
-            example["image"], example["boxes"], example["classes"], example["is_crowd"],
-            image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
-            scale_jitter=scale_jitter, seed=element_seed, max_boxes=max_boxes,
-            min_visible_fraction=min_visible_fraction, ssd_augmentation=ssd_augmentation)
-        image.set_shape([image_size[0], image_size[1], 3])
-        labels = {
-            "boxes": boxes_,
-            "classes": classes_,
-            "is_crowd": is_crowd_,
-            "image_id": example["image_id"],
-            "image_scale": tf.cast(scale, tf.float32),
-            "original_size": example["size"],
-        }
-        return image, labels
+        return _prepare_example(
+            example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
+            scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
+            ssd_augmentation=ssd_augmentation)
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
     ds = ds.batch(batch_size, drop_remainder=True)
