@@ -12,6 +12,19 @@ NMS_METHODS = ("combined", "padded")
 SCORE_ACTIVATIONS = ("sigmoid", "softmax")
 
 
+def format_detections(boxes, scores, classes, valid, max_detections):
+    """The kerasdet detection dict from ``max_detections`` NMS rows of which the first
+    ``valid`` are real: padding rows get zero boxes/scores and class -1."""
+    valid = tf.cast(valid, tf.int32)
+    keep = tf.range(max_detections)[None, :] < valid[:, None]
+    return {
+        "boxes": tf.where(keep[..., None], boxes, 0.0),
+        "scores": tf.where(keep, scores, 0.0),
+        "classes": tf.where(keep, classes, -1),
+        "num_detections": valid,
+    }
+
+
 @keras.saving.register_keras_serializable(package="kerasdet")
 class DetectionPostProcessor(keras.layers.Layer):
     """Turns per-level sigmoid logits and box deltas into final detections (§5.4).
@@ -141,14 +154,7 @@ class DetectionPostProcessor(keras.layers.Layer):
         return self._format(out_boxes, out_scores, out_classes, valid)
 
     def _format(self, boxes, scores, classes, valid):
-        valid = tf.cast(valid, tf.int32)
-        keep = tf.range(self.max_detections)[None, :] < valid[:, None]
-        return {
-            "boxes": tf.where(keep[..., None], boxes, 0.0),
-            "scores": tf.where(keep, scores, 0.0),
-            "classes": tf.where(keep, classes, -1),
-            "num_detections": valid,
-        }
+        return format_detections(boxes, scores, classes, valid, self.max_detections)
 
     def get_config(self):
         config = super().get_config()

@@ -49,6 +49,7 @@ from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
 from kerasdet.anchors import AnchorGenerator
 from kerasdet.layers.fpn import FeaturePyramid
+from kerasdet.layers.postprocess import format_detections
 from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
 from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
 from kerasdet.matching import ArgMaxMatcher
@@ -428,24 +429,4 @@ class FasterRCNN(Detector):
                             tf.gather(classes, keep, batch_dims=1), valid)
 
     def _format(self, boxes, scores, classes, valid):
-        valid = tf.cast(valid, tf.int32)
-        keep = tf.range(self.max_detections)[None, :] < valid[:, None]
-        return {
-            "boxes": tf.where(keep[..., None], boxes, 0.0),
-            "scores": tf.where(keep, scores, 0.0),
-            "classes": tf.where(keep, classes, -1),
-            "num_detections": valid,
-        }
-
-    # --- serialization ------------------------------------------------------------------
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._config)
-        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
+        return format_detections(boxes, scores, classes, valid, self.max_detections)
