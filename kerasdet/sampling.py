@@ -170,3 +170,30 @@ def sample_rois(
         "max_iou": tf.gather(max_iou, index, batch_dims=1),
     }
     return {k: tf.stop_gradient(v) for k, v in out.items()}
+
+
+def ohem_select(losses, valid, *, num_keep):
+    """Online hard example mining (Shrivastava et al. 2016; R-FCN's ``BoxAnnotatorOHEM``).
+
+    Per image, the ``num_keep`` valid RoIs of highest loss, by ``tf.math.top_k`` over the
+    stop-gradient losses (the selection is a constant for the gradient; only the kept RoIs
+    are back-propagated). Ties go to the lower index (``top_k``'s rule). Images with fewer
+    than ``num_keep`` valid RoIs keep all of them. No NMS among the RoIs (as the Caffe
+    layer).
+
+    Args:
+        losses: ``[B, N]`` per-RoI loss (e.g. classification + box regression).
+        valid: ``[B, N]`` bool, RoIs that may be selected (sampled, not padding).
+        num_keep: RoIs kept per image (R-FCN: 128).
+
+    Returns:
+        ``[B, N]`` bool mask with exactly ``min(num_keep, #valid)`` True per image.
+    """
+    losses = tf.stop_gradient(tf.cast(losses, tf.float32))
+    valid = tf.convert_to_tensor(valid, tf.bool)
+    n = losses.shape[1] if losses.shape[1] is not None else tf.shape(losses)[1]
+    k = min(int(num_keep), n) if isinstance(n, int) else tf.minimum(int(num_keep), n)
+    scores = tf.where(valid, losses, float("-inf"))
+    _, index = tf.math.top_k(scores, k=k, sorted=False)  # [B, k]
+    chosen = tf.reduce_max(tf.one_hot(index, n, dtype=tf.float32), axis=1) > 0.0  # [B, N]
+    return tf.stop_gradient(chosen & valid)
