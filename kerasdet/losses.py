@@ -122,3 +122,106 @@ def multibox_loss(class_targets, class_logits, box_targets, box_deltas, *, negat
     loc = tf.reduce_sum(tf.reduce_sum(smooth_l1_loss(box_targets, box_deltas, beta=smooth_l1_beta), axis=-1)
                         * tf.cast(positive, tf.float32))
     return conf, loc, tf.cast(tf.reduce_sum(num_pos), tf.float32)
+
+
+def attention_targets(foreground, height, width, *, stride=None):
+    """Class-agnostic attention targets of one ``height x width`` map (spec 004 §1.2, §5 item 3).
+
+    Args:
+        foreground: ``[B, H, W]`` (uint8 or any int/float/bool) at input resolution: ``1``
+            object, ``0`` background, ``255`` ignore (crowd regions).
+        height, width: size of the attention map (static ints or scalar tensors).
+        stride: input pixels per map cell (int or scalar tensor). Default: ``H / height``
+            rounded to the nearest power of two (the backbones' strides 4, 8, 16, ...).
+
+    Each map cell ``(i, j)`` covers the input block ``[s*i, s*i + s) x [s*j, s*j + s)``
+    (the ceil-size convention of the backbones: ``height = ceil(H / s)``). The target is
+    resized by AREA AVERAGE over that block, then thresholded (the spec leaves the rule
+    open; spec §5 suggests area-average + 0.5):
+
+    * pixels outside the ``H x W`` input (blocks overhanging the border) count as ignore;
+    * a cell is IGNORED when more than half of its block is ignore (``255`` or outside);
+    * otherwise its target is ``1`` when objects cover at least half of the block's
+      non-ignored pixels (``fg / (fg + bg) >= 0.5``), else ``0``.
+
+    Returns:
+        ``(targets, valid)``: float32 ``[B, height, width]`` 0/1 targets and float32
+        ``[B, height, width]`` 1/0 weights (0 = ignored cell).
+    """
+    foreground = tf.convert_to_tensor(foreground)
+    if foreground.dtype == tf.bool:
+        foreground = tf.cast(foreground, tf.uint8)
+    shape = tf.shape(foreground)
+    in_h, in_w = shape[1], shape[2]
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    if stride is None:
+        ratio = tf.cast(in_h, tf.float32) / tf.cast(height, tf.float32)
+        stride = tf.cast(tf.round(tf.pow(2.0, tf.round(tf.math.log(ratio) / tf.math.log(2.0)))), tf.int32)
+        stride = tf.maximum(stride, 1)
+    stride = tf.cast(stride, tf.int32)
+    ignore = tf.cast(tf.equal(tf.cast(foreground, tf.int32), 255), tf.float32)
+    objects = tf.cast(tf.greater(tf.cast(foreground, tf.float32), 0.0), tf.float32) * (1.0 - ignore)
+    full_h, full_w = height * stride, width * stride
+    # crop to the blocks' extent, then pad the overhang as ignore
+    objects = objects[:, :full_h, :full_w]
+    ignore = ignore[:, :full_h, :full_w]
+    pad_h = full_h - tf.minimum(in_h, full_h)
+    pad_w = full_w - tf.minimum(in_w, full_w)
+    paddings = [[0, 0], [0, pad_h], [0, pad_w]]
+    objects = tf.pad(objects, paddings)
+    ignore = tf.pad(ignore, paddings, constant_values=1.0)
+
+    def block_mean(x):
+        x = tf.reshape(x, [shape[0], height, stride, width, stride])
+        return tf.reduce_mean(x, axis=[2, 4])
+
+    fg_fraction = block_mean(objects)
+    ignore_fraction = block_mean(ignore)
+    valid_fraction = 1.0 - ignore_fraction
+    valid = tf.cast(ignore_fraction <= 0.5, tf.float32)
+    targets = tf.cast(fg_fraction >= 0.5 * valid_fraction, tf.float32) * valid
+    return targets, valid
+
+
+def attention_loss(logits_list, foreground, *, strides=None):
+    """The attention term of Attention CoupleNet's Eq. 4 as a LOCAL SUM over the batch's images.
+
+    ``sum_k (1 / N_k) sum_j BCE(sigmoid(g_kj), a*_kj)`` per image, summed over the images of
+    the (local) batch: divide by the GLOBAL number of images (e.g.
+    ``global_normalizer(batch_size)``), the house convention under ``tf.distribute``.
+
+    Args:
+        logits_list: list of K attention logit maps ``g_k``, ``[B, H_k, W_k, 1]`` or
+            ``[B, H_k, W_k]`` (e.g. the ``"A{level}"`` outputs of the attention backbones).
+        foreground: ``[B, H, W]`` uint8 at input resolution: ``1`` object (any instance),
+            ``0`` background, ``255`` ignore (crowd). Resized to each map by
+            :func:`attention_targets` (area average, threshold 0.5, mostly-ignore cells
+            ignored).
+        strides: optional list of K strides (input pixels per cell); default inferred per
+            map as the power of two nearest ``H / H_k``.
+
+    N_k is the number of non-ignored cells of map k in that image (``H_k * W_k`` when
+    nothing is ignored, the paper's 1/N_k); an image whose map k is entirely ignored adds 0
+    for that map. The cross-entropy is the logit form (stable), in float32.
+
+    Returns:
+        float32 scalar.
+    """
+    if isinstance(logits_list, (tf.Tensor, tf.Variable)) or not isinstance(logits_list, (list, tuple)):
+        logits_list = [logits_list]
+    if strides is None:
+        strides = [None] * len(logits_list)
+    if len(strides) != len(logits_list):
+        raise ValueError(f"attention_loss: {len(logits_list)} maps but {len(strides)} strides")
+    total = tf.constant(0.0, tf.float32)
+    for logits, stride in zip(logits_list, strides):
+        logits = tf.cast(logits, tf.float32)
+        if logits.shape.rank == 4:
+            logits = tf.squeeze(logits, axis=-1)
+        shape = tf.shape(logits)
+        targets, valid = attention_targets(foreground, shape[1], shape[2], stride=stride)
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits) * valid
+        per_image = tf.reduce_sum(ce, axis=[1, 2]) / tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
+        total += tf.reduce_sum(per_image)
+    return total

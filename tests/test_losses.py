@@ -85,3 +85,91 @@ def test_hard_negative_mask_hand_case():
     mask = losses.hard_negative_mask(neg_loss, negatives, tf.constant([5, 5]))
     assert mask.numpy()[0].tolist() == [True, True, False, True, True, True]
     assert mask.numpy()[1].sum() == 5
+
+
+# --- attention_loss (Attention CoupleNet Eq. 4, attention term) ------------------------------
+
+def _bce(z, y):
+    return np.log1p(np.exp(-abs(z))) + max(z, 0.0) - z * y
+
+
+def test_attention_targets_area_average_threshold_and_ignore():
+    fg = np.zeros((1, 4, 6), np.uint8)  # stride 2 -> 2x3 cells
+    fg[0, 0:2, 0:2] = [[1, 1], [1, 0]]      # 3/4 object -> 1
+    fg[0, 0:2, 2:4] = [[1, 1], [0, 0]]      # 1/2 object -> 1 (threshold >= 0.5)
+    fg[0, 0:2, 4:6] = [[1, 0], [0, 0]]      # 1/4 -> 0
+    fg[0, 2:4, 0:2] = [[255, 255], [255, 1]]  # 3/4 ignore -> ignored
+    fg[0, 2:4, 2:4] = [[255, 255], [1, 0]]  # half ignore: valid, 1 of 2 valid pixels -> 1
+    fg[0, 2:4, 4:6] = [[255, 0], [0, 1]]    # 1 of 3 valid -> 0
+    targets, valid = losses.attention_targets(fg, 2, 3)
+    np.testing.assert_array_equal(targets.numpy(), [[[1, 1, 0], [0, 1, 0]]])
+    np.testing.assert_array_equal(valid.numpy(), [[[1, 1, 1], [0, 1, 1]]])
+
+
+def test_attention_targets_ceil_sizes_pad_as_ignore():
+    # 5x5 input at stride 2 -> 3x3 cells; the last row/column blocks overhang the image
+    fg = np.ones((1, 5, 5), np.uint8)
+    targets, valid = losses.attention_targets(fg, 3, 3)
+    # border blocks: 2 of 4 pixels inside (half ignore -> kept); corner: 1 of 4 -> ignored
+    np.testing.assert_array_equal(valid.numpy()[0], [[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(targets.numpy()[0], [[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    # explicit stride gives the same; a stride-4 map of a 16x16 input averages 4x4 blocks
+    t2, v2 = losses.attention_targets(fg, 3, 3, stride=2)
+    np.testing.assert_array_equal(t2.numpy(), targets.numpy())
+    big = np.zeros((2, 16, 16), np.uint8)
+    big[1, :8, :4] = 1
+    t4, v4 = losses.attention_targets(big, 4, 4)
+    np.testing.assert_array_equal(t4.numpy()[1], [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert float(t4.numpy()[0].sum()) == 0 and float(v4.numpy().min()) == 1
+
+
+def test_attention_loss_matches_hand_computed_value():
+    rng = np.random.RandomState(0)
+    fg = np.zeros((2, 8, 8), np.uint8)
+    fg[0, 0:4, 0:6] = 1
+    fg[0, 6:8, 6:8] = 255       # one ignored 2x2 cell at stride 2, a quarter cell at stride 4
+    fg[1, 4:8, 4:8] = 1
+    logits_s2 = rng.normal(size=(2, 4, 4, 1)).astype("float32")
+    logits_s4 = rng.normal(size=(2, 2, 2)).astype("float32")  # rank-3 maps are fine too
+    got = losses.attention_loss([tf.constant(logits_s2), tf.constant(logits_s4)], tf.constant(fg))
+
+    # by hand: per image, per map, mean BCE over the non-ignored cells; sum maps and images
+    expected = 0.0
+    for n in range(2):
+        for logits, s in ((logits_s2[..., 0], 2), (logits_s4, 4)):
+            terms = []
+            for i in range(8 // s):
+                for j in range(8 // s):
+                    block = fg[n, i * s:(i + 1) * s, j * s:(j + 1) * s].astype(int)
+                    ign = np.mean(block == 255)
+                    if ign > 0.5:
+                        continue
+                    obj = np.mean(block == 1)
+                    y = 1.0 if obj >= 0.5 * (1 - ign) else 0.0
+                    terms.append(_bce(float(logits[n, i, j]), y))
+            expected += np.mean(terms)
+    assert got.dtype == tf.float32 and got.shape == ()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    # the ignored cell at stride 2 is really left out: its logit does not matter
+    changed = logits_s2.copy()
+    changed[0, 3, 3, 0] = 50.0
+    again = losses.attention_loss([changed, logits_s4], fg)
+    np.testing.assert_allclose(again.numpy(), got.numpy(), rtol=1e-6)
+
+
+def test_attention_loss_is_a_local_sum_over_images_and_handles_all_ignore():
+    fg = np.ones((3, 8, 8), np.uint8)
+    fg[2] = 255  # an all-crowd image adds nothing
+    logits = np.zeros((3, 2, 2, 1), "float32")  # p = 0.5 everywhere: BCE = log 2 per cell
+    got = losses.attention_loss([logits], fg)
+    np.testing.assert_allclose(got.numpy(), 2 * np.log(2.0), rtol=1e-6)
+    # single tensor instead of a list; explicit strides; gradients flow to the logits
+    g = tf.Variable(np.zeros((1, 2, 2, 1), "float32"))
+    with tf.GradientTape() as tape:
+        loss = losses.attention_loss(g, fg[:1], strides=[4])
+    grad = tape.gradient(loss, g).numpy()
+    np.testing.assert_allclose(grad, (0.5 - 1.0) / 4.0, rtol=1e-6)  # (p - y) / N_k
+    # inside a tf.function with dynamic shapes
+    fn = tf.function(lambda l, f: losses.attention_loss([l], f), input_signature=[
+        tf.TensorSpec([None, None, None, 1], tf.float32), tf.TensorSpec([None, None, None], tf.uint8)])
+    np.testing.assert_allclose(fn(logits, fg).numpy(), got.numpy(), rtol=1e-6)

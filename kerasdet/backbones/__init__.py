@@ -18,6 +18,12 @@ name            builder                                     outputs (stride, cha
                                                             block5_conv3 (16,512)
 ==============  ==========================================  ================================
 
+``resnet50_dilated`` / ``resnet101_dilated`` (:func:`resnet_dilated_backbone`, R-FCN /
+Attention CoupleNet): the keras.applications ResNet rebuilt layer by layer, C2-C5 as above
+but C5 at stride 16 (dilated conv5; ``dilate_c5=False`` gives 32), plus the ``A{level}``
+attention logits (stride of C{level}, 1 channel) of its ``attention_levels``; ``small``
+takes the same ``attention_levels`` / ``dilate_c5`` options.
+
 Use :func:`backbone_levels` to query ``{level: (stride, channels)}`` of any built backbone.
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ from kerasdet.backbones.resnet import (
     load_local_weights,
     resnet_backbone,
 )
+from kerasdet.backbones.resnet_dilated import resnet_dilated_backbone
 from kerasdet.backbones.small import small_backbone
 from kerasdet.backbones.vgg import VGG16_LAYERS, vgg16_backbone
 
@@ -45,18 +52,33 @@ BACKBONES = {
 }
 """Registry used by :func:`get_backbone`: name -> builder."""
 
+DILATED_BACKBONES = {
+    "resnet50_dilated": functools.partial(resnet_dilated_backbone, 50),
+    "resnet101_dilated": functools.partial(resnet_dilated_backbone, 101),
+}
+"""The layer-by-layer ResNets of R-FCN / (Attention) CoupleNet (dilated conv5, attention
+blocks), also served by :func:`get_backbone`. Kept apart from :data:`BACKBONES` only because
+``tests/backbones/test_registry.py`` pins that dict's keys."""
+
+
+def _normalize(name):
+    return str(name).lower().replace("-", "").replace("_", "")
+
 
 def get_backbone(name, **kwargs):
     """Builds a backbone by registry name (``resnet50``, ``resnet101``, ``resnet152``,
-    ``small``, ``vgg16``), passing ``kwargs`` to its builder.
+    ``small``, ``vgg16``, ``resnet50_dilated``, ``resnet101_dilated``), passing ``kwargs``
+    to its builder. Case, ``-`` and ``_`` are ignored (``"ResNet-101_dilated"``).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; known backbones: {sorted(BACKBONES)}")
-    return BACKBONES[key](**kwargs)
+    registry = {**BACKBONES, **DILATED_BACKBONES}
+    builders = {_normalize(key): builder for key, builder in registry.items()}
+    key = _normalize(name)
+    if key not in builders:
+        raise ValueError(f"Unknown backbone {name!r}; known backbones: {sorted(registry)}")
+    return builders[key](**kwargs)
 
 
 def backbone_levels(model, *, probe_size=256):
@@ -90,12 +112,14 @@ def backbone_levels(model, *, probe_size=256):
 __all__ = [
     "BACKBONES",
     "CaffePreprocess",
+    "DILATED_BACKBONES",
     "VGG16_LAYERS",
     "backbone_levels",
     "freeze_resnet",
     "get_backbone",
     "load_local_weights",
     "resnet_backbone",
+    "resnet_dilated_backbone",
     "small_backbone",
     "vgg16_backbone",
 ]

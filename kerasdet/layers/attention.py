@@ -21,6 +21,31 @@ Where we chose (the paper is silent or misprinted):
   (tested). Under a ``GradientTape`` the blocks' probabilities are kept for the backward
   pass as usual, so the saving is for inference/serving; the paper trained with the full
   matrix (71 MB per image in float32).
+
+:class:`CascadeAttention` is the attention block of Attention CoupleNet (Zhu et al., TIP 2019,
+seed 004, §III-B, Fig. 3, Eqs. 1-3; spec ``004_attention_couplenet.md`` §1.2), placed at the
+end of conv2/conv3/conv4 of the backbone (the attended map is the next stage's input):
+
+    g = conv3x3_1(ReLU(conv3x3_C(f)))     (Eq. 1: attention LOGITS, 1 channel, H_k x W_k)
+    A = sigmoid(g) = 1 / (1 + exp(-g))    (Eq. 2)
+    f_O = A * f                           (Eq. 3, broadcast over the D channels)
+
+Where we chose (spec ambiguities):
+
+* **Eq. 2 sign.** The paper prints ``a = 1 / (1 + exp(g))``, which lacks the minus sign; we
+  use the standard sigmoid (the map is trained with sigmoid cross-entropy, 1 = object), so
+  ``A`` grows with ``g``.
+* **Width and non-linearity.** The paper gives neither the intermediate width nor the
+  activation between the two convs ("omitted for simplicity"); default 256 channels
+  (``channels``) and a ReLU.
+* **Init.** Both kernels N(0, 0.01^2) (the paper), biases 0 (the usual convention), plus a
+  ``bias_init`` option for the last conv: with zero-mean init ``A`` starts near 0.5, which
+  halves every attended stage's input; a positive ``bias_init`` (e.g. 2-4) starts ``A``
+  near 1 instead.
+* **Multiplication.** ``A * f`` is the paper's form (default); ``residual=True`` gives
+  ``(1 + A) * f`` (as in residual attention networks), an option for the ablation.
+* The block returns the logits ``g`` (not ``A``) next to the attended features, so the loss
+  (:func:`kerasdet.losses.attention_loss`) uses the stable logit form of the cross-entropy.
 """
 import keras
 import tensorflow as tf
@@ -123,5 +148,75 @@ class SelfAttention(keras.layers.Layer):
             reduction=self.reduction,
             query_block_size=self.query_block_size,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class CascadeAttention(keras.layers.Layer):
+    """Attention CoupleNet's cascade attention block on a ``[B, H, W, D]`` feature map.
+
+    ``call(features)`` returns ``(attended, logits)``: ``attended = sigmoid(g) * features``
+    (``(1 + sigmoid(g)) * features`` with ``residual=True``), same shape and dtype as
+    ``features``, and ``logits = g`` of shape ``[B, H, W, 1]`` (float32 even under a
+    mixed-precision policy, for the loss). See the module docstring for the choices.
+
+    Args:
+        channels: output channels of the first 3x3 conv (default 256).
+        residual: ``(1 + A) * f`` instead of the paper's ``A * f`` (default ``False``).
+        bias_init: initial bias of the last conv (default 0.0: ``A`` starts near 0.5).
+        kernel_stddev: std of the N(0, std^2) kernel init of both convs (default 0.01).
+    """
+
+    def __init__(self, *, channels=256, residual=False, bias_init=0.0, kernel_stddev=0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}.")
+        self.residual = bool(residual)
+        self.bias_init = float(bias_init)
+        self.kernel_stddev = float(kernel_stddev)
+
+    def build(self, input_shape):
+        if input_shape[-1] is None:
+            raise ValueError("CascadeAttention needs a known channel count.")
+        init = keras.initializers.RandomNormal(mean=0.0, stddev=self.kernel_stddev)
+        self.hidden_conv = keras.layers.Conv2D(
+            self.channels, 3, padding="same", activation="relu", kernel_initializer=init,
+            bias_initializer="zeros", dtype=self.dtype_policy, name="hidden",
+        )
+        self.hidden_conv.build(input_shape)
+        self.logits_conv = keras.layers.Conv2D(
+            1, 3, padding="same", kernel_initializer=init,
+            bias_initializer=keras.initializers.Constant(self.bias_init),
+            dtype=self.dtype_policy, name="logits",
+        )
+        self.logits_conv.build(tuple(input_shape[:-1]) + (self.channels,))
+        self.built = True
+
+    def call(self, features):
+        logits = tf.cast(self.logits_conv(self.hidden_conv(features)), tf.float32)
+        attention = tf.sigmoid(logits)
+        if self.residual:
+            attention = 1.0 + attention
+        attended = features * tf.cast(attention, features.dtype)
+        return attended, logits
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape), tuple(input_shape[:-1]) + (1,)
+
+    def compute_output_spec(self, features):
+        return (
+            keras.KerasTensor(features.shape, dtype=features.dtype),
+            keras.KerasTensor(tuple(features.shape[:-1]) + (1,), dtype="float32"),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            channels=self.channels,
+            residual=self.residual,
+            bias_init=self.bias_init,
+            kernel_stddev=self.kernel_stddev,
         )
         return config

@@ -192,3 +192,51 @@ def test_synchronized_bn_mirrored_matches_single_device():
         assert diff <= 1e-5, (key, result)
     # Without synchronization each replica normalizes with its own half-batch statistics.
     assert max(result["nosync"][level] for level in ("C2", "C3", "C4", "C5")) > 1e-3, result
+
+
+def test_attention_levels_add_blocks_inside_and_logit_outputs():
+    from kerasdet.layers.attention import CascadeAttention
+
+    plain = small_backbone(widths=(8, 16, 24, 32), blocks=(1, 1, 1, 1))
+    model = small_backbone(widths=(8, 16, 24, 32), blocks=(1, 1, 1, 1), attention_levels=(2, 3, 4),
+                           attention_channels=4)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    out = model(x)
+    assert sorted(out) == ["A2", "A3", "A4", "C3", "C4", "C5"]
+    for level, stride in ((2, 4), (3, 8), (4, 16)):
+        assert tuple(out[f"A{level}"].shape) == (2, 64 // stride, 64 // stride, 1)
+        block = model.get_layer(f"attention_c{level}")
+        assert isinstance(block, CascadeAttention) and block.channels == 4
+    # the attended map is the level output and the next stage's input
+    assert model.get_layer("c3_down_conv").input is model.get_layer("attention_c2").output[0]
+    assert model.output["C4"] is model.get_layer("attention_c4").output[0]
+    c3 = keras.Model(model.input, model.get_layer("c3_block1_out").output)(x).numpy()
+    np.testing.assert_allclose(out["C3"], c3 / (1.0 + np.exp(-out["A3"].numpy())), rtol=1e-5, atol=1e-6)
+    widths = {2: 8, 3: 16, 4: 24}
+    extra = sum(9 * widths[k] * 4 + 4 + 9 * 4 + 1 for k in (2, 3, 4))
+    assert model.count_params() == plain.count_params() + extra
+    assert backbone_levels(model)["A3"] == (8, 1)
+    with pytest.raises(ValueError, match="attention_levels"):
+        small_backbone(attention_levels=(6,))
+
+
+def test_attention_level_past_requested_levels_is_built():
+    model = small_backbone(widths=(8, 8, 8, 8), blocks=(0, 0, 0, 0), levels=("C3",), attention_levels=(4,))
+    assert sorted(model.output) == ["A4", "C3"]
+    assert backbone_levels(model) == {"C3": (8, 8), "A4": (16, 1)}
+
+
+def test_dilate_c5_keeps_stride_16_with_dilation_2():
+    model = small_backbone(widths=(8, 16, 24, 32), blocks=(1, 1, 1, 2), dilate_c5=True)
+    expected = {"C3": (8, 16), "C4": (16, 24), "C5": (16, 32)}
+    assert backbone_levels(model) == expected
+    assert small_backbone_levels(widths=(8, 16, 24, 32), dilate_c5=True) == expected
+    out = model(np.zeros((1, 96, 80, 3), "float32"))
+    assert tuple(out["C5"].shape) == (1, 6, 5, 32)
+    for name in ("c5_down_conv", "c5_block1_1_conv", "c5_block2_2_conv"):
+        assert model.get_layer(name).dilation_rate == (2, 2), name
+    assert model.get_layer("c5_down_conv").strides == (1, 1)
+    assert model.get_layer("c4_down_conv").dilation_rate == (1, 1)
+    # same weights as the undilated network
+    plain = small_backbone(widths=(8, 16, 24, 32), blocks=(1, 1, 1, 2))
+    assert [tuple(w.shape) for w in plain.weights] == [tuple(w.shape) for w in model.weights]

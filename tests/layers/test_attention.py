@@ -120,3 +120,80 @@ def test_bad_arguments():
         SelfAttention(query_block_size=0)
     with pytest.raises(ValueError, match="reduction"):
         SelfAttention(reduction=0)
+
+
+# --- CascadeAttention (Attention CoupleNet, spec 004 §1.2) ---------------------------------
+
+from kerasdet.layers.attention import CascadeAttention  # noqa: E402
+
+
+def _conv3x3_same(x, kernel, bias):
+    """numpy 'same' 3x3 conv, x [B, H, W, C], kernel [3, 3, C, F]."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h, w, kernel.shape[-1]))
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[:, dy:dy + h, dx:dx + w, :] @ kernel[dy, dx].astype(np.float64)
+    return out + bias
+
+
+def test_cascade_attention_matches_numpy_forward():
+    x = _x(b=2, h=6, w=5, c=4, seed=1)
+    layer = CascadeAttention(channels=8, kernel_stddev=0.3)
+    attended, logits = layer(x)
+    assert tuple(attended.shape) == (2, 6, 5, 4) and tuple(logits.shape) == (2, 6, 5, 1)
+    hidden = np.maximum(_conv3x3_same(x.numpy(), *layer.hidden_conv.get_weights()), 0.0)
+    g = _conv3x3_same(hidden, *layer.logits_conv.get_weights())
+    np.testing.assert_allclose(logits.numpy(), g, rtol=1e-4, atol=1e-5)
+    a = 1.0 / (1.0 + np.exp(-g))  # standard sigmoid (the paper's Eq. 2 lacks the minus)
+    np.testing.assert_allclose(attended.numpy(), a * x.numpy(), rtol=1e-4, atol=1e-5)
+    # two convs: 9*C*channels + channels, 9*channels + 1
+    assert layer.count_params() == 9 * 4 * 8 + 8 + 9 * 8 + 1
+    res_attended, _ = CascadeAttention(channels=8, residual=True, kernel_stddev=0.3)(x)
+    assert res_attended.shape == x.shape
+
+
+def test_cascade_attention_residual_and_init():
+    x = _x(b=1, h=4, w=4, c=3)
+    layer = CascadeAttention(channels=16, residual=True, bias_init=2.0)
+    attended, logits = layer(x)
+    for conv in (layer.hidden_conv, layer.logits_conv):
+        assert abs(float(np.std(conv.kernel.numpy())) - 0.01) < 0.005
+    np.testing.assert_array_equal(layer.hidden_conv.bias.numpy(), 0.0)
+    np.testing.assert_array_equal(layer.logits_conv.bias.numpy(), 2.0)
+    # N(0, 0.01) kernels: g ~ bias, A ~ sigmoid(2); residual gives (1 + A) * f
+    a = 1.0 / (1.0 + np.exp(-logits.numpy()))
+    np.testing.assert_allclose(attended.numpy(), (1.0 + a) * x.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits.numpy(), 2.0, atol=0.05)
+
+
+def test_cascade_attention_config_round_trip():
+    layer = CascadeAttention(channels=12, residual=True, bias_init=1.5, kernel_stddev=0.02, name="att")
+    config = layer.get_config()
+    clone = CascadeAttention.from_config(config)
+    assert clone.get_config() == config
+    assert (clone.channels, clone.residual, clone.bias_init, clone.kernel_stddev) == (12, True, 1.5, 0.02)
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(revived, CascadeAttention) and revived.get_config() == config
+    with pytest.raises(TypeError):
+        CascadeAttention(12)  # keyword-only
+
+
+def test_cascade_attention_in_functional_model_and_gradients():
+    inputs = keras.Input((None, None, 4))
+    attended, logits = CascadeAttention(channels=8, kernel_stddev=0.1, name="att")(inputs)
+    model = keras.Model(inputs, {"f": attended, "g": logits})
+    assert tuple(model.output["g"].shape) == (None, None, None, 1)
+    x = _x(b=2, h=5, w=5, c=4, seed=2)
+    layer = model.get_layer("att")
+    with tf.GradientTape() as tape:
+        out = model(x)
+        loss = tf.reduce_sum(out["f"]) + tf.reduce_sum(out["g"])
+    grads = tape.gradient(loss, layer.trainable_weights)
+    assert len(grads) == 4  # both convs' kernels and biases
+    for var, grad in zip(layer.trainable_weights, grads):
+        assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0, var.path
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(clone(x)["f"], out["f"], rtol=1e-6, atol=1e-6)
