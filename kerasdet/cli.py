@@ -89,6 +89,7 @@ def make_datasets(config, train_source, val_source, *, seed=0, repeat=False, sta
 
     inp = config["input"]
     common = dict(image_size=inp["image_size"], min_size=inp.get("min_size"), max_size=inp.get("max_size"))
+    common["masks"] = inp.get("masks")  # None / "union" / "instances" (make_dataset)
     train_ds = make_dataset(
         train_source,
         batch_size=config["train"]["batch_size"],

@@ -20,6 +20,15 @@ Order of operations in :func:`preprocess_example` (and why):
 5. Boxes are shifted, clipped to the visible image region and dropped when less than
    ``min_visible_fraction`` of their area remains; kept boxes are compacted to the front
    (non-crowd first) and padded to ``max_boxes`` with class ``-1``.
+
+Optional masks (``preprocess_example(masks=...)``): a uint8 ``[h, w, k]`` stack on the
+original image's pixel grid follows the image through steps 2-4 with *the same* size,
+flip decision and crop offset. They are resized with **nearest neighbour** (TF2's
+``half_pixel_centers`` sampling, the same pixel-centre mapping as the image's bilinear
+resize), so label values (0/1, or 255 = "ignore") survive unchanged and a union of
+masks commutes with the resize (nearest neighbour only selects source pixels). With
+``mask_rows=True`` the ``k`` channels are per-object masks that are compacted, dropped
+and padded row-for-row with the boxes in step 5.
 """
 from __future__ import annotations
 
@@ -78,6 +87,24 @@ def resize_image_and_boxes(image, boxes, new_height, new_width):
     ])
     boxes = tf.reshape(boxes, [-1, 4]) * tf.tile(ratio, [2])
     return image, boxes
+
+
+def resize_masks(masks, new_height, new_width):
+    """Nearest-neighbour resize of uint8 ``masks`` [h, w, k] to ``(new_height,
+    new_width)`` (values kept exactly; skipped when the size is unchanged or ``k == 0``,
+    which TF's resize op rejects)."""
+    shape = tf.shape(masks)
+    same = tf.logical_and(tf.equal(shape[0], new_height), tf.equal(shape[1], new_width))
+    empty = tf.equal(shape[2], 0)
+    masks = tf.cond(empty, lambda: tf.zeros(tf.stack([new_height, new_width, 0]), masks.dtype),
+                    lambda: masks)
+    same = tf.logical_or(same, empty)
+    return tf.cond(
+        same,
+        lambda: masks,
+        lambda: tf.image.resize(masks, tf.stack([new_height, new_width]),
+                                method="nearest"),
+    )
 
 
 def flip_boxes_horizontal(boxes, width):
@@ -148,13 +175,19 @@ def clip_boxes_to_region(boxes, region_hw, min_visible_fraction: float = MIN_VIS
     return clipped, keep
 
 
+def compaction_order(is_crowd, keep, max_boxes: int):
+    """Indices of the rows :func:`compact_and_pad` keeps, in output order: kept rows,
+    non-crowd before crowd (otherwise stable), at most ``max_boxes``."""
+    priority = tf.where(keep, tf.cast(is_crowd, tf.int32), 2)
+    count = tf.minimum(tf.reduce_sum(tf.cast(keep, tf.int32)), max_boxes)
+    return tf.argsort(priority, stable=True)[:count]
+
+
 def compact_and_pad(boxes, classes, is_crowd, keep, max_boxes: int):
     """Move kept boxes to the front (non-crowd before crowd, otherwise stable), truncate
     to ``max_boxes`` and pad: boxes with 0, classes with -1, is_crowd with False."""
-    priority = tf.where(keep, tf.cast(is_crowd, tf.int32), 2)
-    count = tf.minimum(tf.reduce_sum(tf.cast(keep, tf.int32)), max_boxes)
-    order = tf.argsort(priority, stable=True)[:count]
-    pad = max_boxes - count
+    order = compaction_order(is_crowd, keep, max_boxes)
+    pad = max_boxes - tf.shape(order)[0]
     boxes = tf.pad(tf.gather(boxes, order), [[0, pad], [0, 0]])
     classes = tf.pad(tf.gather(classes, order), [[0, pad]], constant_values=-1)
     is_crowd = tf.pad(tf.gather(is_crowd, order), [[0, pad]], constant_values=False)
@@ -179,6 +212,8 @@ def preprocess_example(
     max_boxes: int = 100,
     min_visible_fraction: float = MIN_VISIBLE_FRACTION,
     ssd_augmentation: bool = False,
+    masks=None,
+    mask_rows: bool = False,
 ):
     """Resize (+ optional random flip / scale jitter), crop/pad to the canvas, pad labels.
 
@@ -196,14 +231,24 @@ def preprocess_example(
       ssd_augmentation: first apply SSD's photometric distortion, expand and IoU crop
         (:func:`kerasdet.data.ssd_augment.ssd_augment`; its flip is this function's
         ``flip``). Needs ``seed``.
+      masks: optional uint8 ``[h, w, k]`` on ``image``'s pixel grid, transformed exactly
+        like the image (nearest-neighbour resize, same flip and crop offset, zero pad).
+        Not supported with ``ssd_augmentation``.
+      mask_rows: ``masks`` holds one channel per box (``k == n``): return them as
+        ``[max_boxes, H, W]`` compacted/dropped/padded (zeros) like the boxes; otherwise
+        the canvas ``[H, W, k]`` is returned as is.
 
     Returns:
       ``(image float32 [H, W, 3], boxes [max_boxes, 4], classes [max_boxes],
-      is_crowd [max_boxes], scale float32 scalar)``.
+      is_crowd [max_boxes], scale float32 scalar)``, plus the transformed ``masks`` as a
+      sixth item when ``masks`` is given.
     """
     random = flip or scale_jitter is not None or ssd_augmentation
     if random and seed is None:
         raise ValueError("preprocess_example: a seed is required for flip/scale_jitter/ssd_augmentation")
+    if masks is not None and ssd_augmentation:
+        raise ValueError("preprocess_example: masks are not supported with ssd_augmentation "
+                         "(its expand/crop does not transform masks)")
     if random:
         flip_seed, scale_seed, crop_seed, ssd_seed = tf.unstack(
             tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4))
@@ -218,14 +263,28 @@ def preprocess_example(
         scale = scale * random_scale_factor(scale_seed, scale_jitter)
     new_h, new_w = resized_shape(shape[0], shape[1], scale)
     image, boxes = resize_image_and_boxes(image, boxes, new_h, new_w)
+    if masks is not None:
+        masks = resize_masks(masks, new_h, new_w)
     if flip:
-        image, boxes, _ = random_horizontal_flip(image, boxes, flip_seed)
+        image, boxes, flipped = random_horizontal_flip(image, boxes, flip_seed)
+        if masks is not None:
+            masks = tf.cond(flipped, lambda: tf.reverse(masks, axis=[1]), lambda: masks)
     if scale_jitter is not None:
         offset = random_crop_offset(new_h, new_w, image_size, crop_seed)
     else:
         offset = tf.zeros([2], tf.int32)
     image, boxes, visible = crop_and_pad(image, boxes, offset, image_size)
     boxes, keep = clip_boxes_to_region(boxes, visible, min_visible_fraction)
+    is_crowd = tf.cast(is_crowd, tf.bool)
+    if masks is not None:
+        masks, _, _ = crop_and_pad(masks, tf.zeros([0, 4], tf.float32), offset, image_size)
+        if mask_rows:
+            order = compaction_order(is_crowd, keep, max_boxes)
+            masks = tf.gather(tf.transpose(masks, [2, 0, 1]), order)
+            masks = tf.pad(masks, [[0, max_boxes - tf.shape(order)[0]], [0, 0], [0, 0]])
+            masks.set_shape([max_boxes, int(image_size[0]), int(image_size[1])])
     boxes, classes, is_crowd = compact_and_pad(
-        boxes, tf.cast(classes, tf.int32), tf.cast(is_crowd, tf.bool), keep, max_boxes)
+        boxes, tf.cast(classes, tf.int32), is_crowd, keep, max_boxes)
+    if masks is not None:
+        return image, boxes, classes, is_crowd, scale, masks
     return image, boxes, classes, is_crowd, scale
