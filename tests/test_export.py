@@ -145,3 +145,42 @@ def test_export_metadata(exported):
     with open(os.path.join(path, "kerasdet_export.json")) as f:
         meta = json.load(f)
     assert meta["category_ids"] == CATEGORY_IDS and meta["image_size"] == [64, 64]
+
+
+# --- R-FCN / CoupleNet / Attention CoupleNet (issue 8) ----------------------------------------
+def _rfcn_model(kind):
+    from kerasdet.models.rfcn import RFCN
+
+    keras.utils.set_random_seed(3)
+    backbone = small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0), levels=("C4", "C5"), dilate_c5=True,
+                              attention_levels=(2, 3, 4) if kind == "acouplenet" else (), attention_channels=8)
+    return RFCN(
+        backbone=backbone, num_classes=3, global_branch=kind != "rfcn", conv_new_channels=16, group_size=3,
+        global_pool_size=3, global_channels=16, rpn_channels=16, anchor_size=1.0, scales=(1.0, 2.0),
+        rpn_pre_nms_topk_test=100, rpn_post_nms_topk_test=32, rpn_min_size=0.0, max_detections=20,
+    )
+
+
+@pytest.fixture(scope="module", params=["rfcn", "couplenet", "acouplenet"])
+def exported_rfcn(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
+    os.makedirs(root / "img")
+    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
+    for i, im in enumerate(images):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+        coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
+    with open(root / "ann.json", "w") as f:
+        json.dump(coco, f)
+    model = _rfcn_model(request.param)
+    path = str(root / "saved_model")
+    export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
+    np.save(root / "batch.npy", np.stack(images))
+    return model, path, root, np.stack(images)
+
+
+def test_rfcn_variants_load_without_kerasdet_and_match_predict(exported_rfcn):
+    """The TF-only SavedModel load test (fresh process, kerasdet blocked) for each variant."""
+    test_fresh_process_without_kerasdet_matches_in_process_predict(exported_rfcn)
+    test_export_metadata(exported_rfcn)
