@@ -88,7 +88,8 @@ def make_datasets(config, train_source, val_source, *, seed=0, repeat=False, sta
     from kerasdet.data.pipeline import make_dataset
 
     inp = config["input"]
-    common = dict(image_size=inp["image_size"], min_size=inp.get("min_size"), max_size=inp.get("max_size"))
+    common = dict(image_size=inp["image_size"], min_size=inp.get("min_size"), max_size=inp.get("max_size"),
+                  max_boxes=inp.get("max_boxes", 100))
     common["masks"] = inp.get("masks")  # None / "union" / "instances" (make_dataset)
     train_ds = make_dataset(
         train_source,

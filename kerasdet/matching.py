@@ -98,9 +98,14 @@ class ArgMaxMatcher:
             labels = tf.where(tf.reduce_any(is_best, axis=2), POSITIVE, labels)
         if gt_crowd is not None:
             gt_crowd = tf.convert_to_tensor(gt_crowd, tf.bool)
-            crowd_ioa = tf.where(gt_crowd[:, None, :], box_ops.ioa(anchors, gt_boxes), 0.0)
-            in_crowd = tf.reduce_max(crowd_ioa, axis=2) >= self.crowd_ioa_threshold
-            labels = tf.where(in_crowd & (labels == NEGATIVE), IGNORE, labels)
+
+            def with_crowd():
+                crowd_ioa = tf.where(gt_crowd[:, None, :], box_ops.ioa(anchors, gt_boxes), 0.0)
+                in_crowd = tf.reduce_max(crowd_ioa, axis=2) >= self.crowd_ioa_threshold
+                return tf.where(in_crowd & (labels == NEGATIVE), IGNORE, labels)
+
+            # The [B, A, N] IoA costs as much as the IoU: skip it for batches without crowds.
+            labels = tf.cond(tf.reduce_any(gt_crowd), with_crowd, lambda: tf.identity(labels))
         return matched, tf.cast(labels, tf.int32)
 
 

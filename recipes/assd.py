@@ -90,7 +90,7 @@ PRESETS = {
     "assd513": _paper(513, 64, 140, (80, 130)),
     "ssd_digits": {
         "data": _DIGITS_DATA,
-        "input": {"image_size": (128, 128), "flip": False, "cache_images": True},
+        "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 16},
         "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (1, 1, 2, 1)},
         "model": dict(_DIGITS_MODEL, attention=False, fusion=False),
         "train": _DIGITS_TRAIN,
@@ -98,7 +98,7 @@ PRESETS = {
     },
     "assd_digits": {
         "data": _DIGITS_DATA,
-        "input": {"image_size": (128, 128), "flip": False, "cache_images": True},
+        "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 16},
         "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (1, 1, 2, 1)},
         "model": dict(_DIGITS_MODEL, attention=True, fusion=True),
         "train": _DIGITS_TRAIN,

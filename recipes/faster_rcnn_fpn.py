@@ -64,7 +64,7 @@ PRESETS = {
             "dir": os.path.join("data", "digits"),
             "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
         },
-        "input": {"image_size": (128, 128), "flip": False, "cache_images": True},
+        "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 16},
         "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (1, 1, 2, 1),
                      "levels": ("C2", "C3", "C4", "C5")},
         "model": {

@@ -70,3 +70,17 @@ def test_recipe_main_defaults_to_train_and_build_detector(monkeypatch):
 def test_console_script_exits_zero_on_success(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda argv=None: {"stats": {"AP": 0.5}})
     assert cli.console_main() == 0
+
+
+def test_make_datasets_pads_labels_to_input_max_boxes(tmp_path):
+    recipe = cli.load_recipe("retinanet")
+    config = cli.get_config(recipe, "digits", {"data.generate.num_train": 8, "data.generate.num_val": 4,
+                                               "train.batch_size": 4, "eval.batch_size": 4})
+    assert config["input"]["max_boxes"] == 16  # the digits preset: at most 4 digits per image
+    train_source, val_source = cli.prepare_sources(config, str(tmp_path / "data"))
+    train_ds, val_ds = cli.make_datasets(config, train_source, val_source, repeat=True)
+    for ds in (train_ds, val_ds):
+        _, labels = next(iter(ds))
+        assert labels["boxes"].shape == (4, 16, 4) and labels["classes"].shape == (4, 16)
+        # every object of the batch survived the padding
+        assert int((labels["classes"].numpy() >= 0).sum()) > 0
