@@ -197,3 +197,25 @@ def ohem_select(losses, valid, *, num_keep):
     _, index = tf.math.top_k(scores, k=k, sorted=False)  # [B, k]
     chosen = tf.reduce_max(tf.one_hot(index, n, dtype=tf.float32), axis=1) > 0.0  # [B, N]
     return tf.stop_gradient(chosen & valid)
+
+
+def ohem_indices(losses, valid, *, num_keep):
+    """:func:`ohem_select` as indices, for heads that re-run only on the kept RoIs.
+
+    R-FCN's OHEM runs the RoI heads twice: a read-only forward pass over every RoI scores
+    them, then the hardest ``num_keep`` per image go through a second forward pass that is
+    back-propagated; gathering them by index makes that second pass (and its backward)
+    ``num_keep`` RoIs wide instead of all of them.
+
+    Returns:
+        ``(index [B, k] int32, kept [B, k] bool)`` with ``k = min(num_keep, N)``: the same
+        RoIs as ``ohem_select`` (same ``top_k``), hardest first; ``kept`` is False for slots
+        that fell on invalid RoIs (an image with fewer than ``k`` valid RoIs).
+    """
+    losses = tf.stop_gradient(tf.cast(losses, tf.float32))
+    valid = tf.convert_to_tensor(valid, tf.bool)
+    n = losses.shape[1] if losses.shape[1] is not None else tf.shape(losses)[1]
+    k = min(int(num_keep), n) if isinstance(n, int) else tf.minimum(int(num_keep), n)
+    scores = tf.where(valid, losses, float("-inf"))
+    _, index = tf.math.top_k(scores, k=k, sorted=True)
+    return tf.stop_gradient(index), tf.stop_gradient(tf.gather(valid, index, batch_dims=1))

@@ -61,7 +61,9 @@ proposals plus the ground truth (``BATCH_SIZE: -1``), foreground at IoU >= 0.5, 
 [0, 0.5); targets encoded with weights (10, 10, 5, 5) (= stds 0.1/0.2); per-RoI loss
 (softmax cross-entropy on the coupled logits + smooth-L1 sigma 1 on foreground deltas);
 OHEM keeps the ``ohem_rois`` [128] highest-loss RoIs per image
-(:func:`kerasdet.sampling.ohem_select`, ``top_k`` on stop-gradient losses) and both head
+(``top_k`` on the losses of a read-only forward pass over all RoIs, then a second,
+back-propagated pass over only the kept ones, as R-FCN's Caffe OHEM;
+:func:`kerasdet.sampling.ohem_indices`, same selection as ``ohem_select``) and both head
 terms are divided by the FIXED ``ohem_rois x images`` (spec §2.1: "normalized by a fixed
 128"), summed over replicas. Only the coupled output is supervised (no per-branch
 losses). The attention term (Eq. 4, weight ``attention_weight`` [1]) is
@@ -92,7 +94,7 @@ from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
 from kerasdet.matching import ArgMaxMatcher
 from kerasdet.models.base import Detector
-from kerasdet.sampling import ohem_select, sample_rois
+from kerasdet.sampling import ohem_indices, sample_rois
 
 COUPLING_NORMS = ("conv", "none", "l2")
 COUPLING_OPS = ("sum", "product", "max")
@@ -446,12 +448,18 @@ class RFCN(Detector):
         return self.proposal_generator([logits], [deltas], [anchors], image_shape=image_shape, training=training,
                                        nms_method=method)
 
-    def heads(self, feature, rois, image_shape, training=False):
-        """Coupled class logits ``[B, R, C+1]`` and class-agnostic deltas ``[B, R, 4]``."""
+    def head_maps(self, feature):
+        """``(conv_new_1, class score maps, box maps)`` of the head feature map."""
         x = self.conv_new(feature)
+        return x, self.cls_maps(x), self.box_maps(x)
+
+    def roi_heads(self, maps, rois, image_shape):
+        """Coupled class logits ``[B, R, C+1]`` and class-agnostic deltas ``[B, R, 4]`` of
+        ``rois`` from :meth:`head_maps`' output."""
+        x, cls_maps, box_maps = maps
         rois = tf.stop_gradient(tf.cast(rois, tf.float32))
-        local_cls = tf.cast(self.psroi_cls(self.cls_maps(x), rois), tf.float32)
-        local_box = tf.cast(self.psroi_box(self.box_maps(x), rois), tf.float32)
+        local_cls = tf.cast(self.psroi_cls(cls_maps, rois), tf.float32)
+        local_box = tf.cast(self.psroi_box(box_maps, rois), tf.float32)
         if not self.global_branch:
             return local_cls, local_box
         pooled = self.roi_pool(x, rois)
@@ -461,6 +469,16 @@ class RFCN(Detector):
         global_cls, global_box = self.global_head(pooled)
         cls = self.coupling(local_cls, tf.cast(global_cls, tf.float32))
         return tf.cast(cls, tf.float32), local_box + tf.cast(global_box, tf.float32)
+
+    def heads(self, feature, rois, image_shape, training=False):
+        """Coupled class logits ``[B, R, C+1]`` and class-agnostic deltas ``[B, R, 4]``."""
+        return self.roi_heads(self.head_maps(feature), rois, image_shape)
+
+    def _roi_losses(self, logits, deltas, samples):
+        """Per-RoI softmax CE and foreground smooth-L1 (summed over the 4 deltas), ``[B, R]``."""
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=samples["labels"], logits=logits)
+        box = tf.reduce_sum(loss_ops.smooth_l1_loss(samples["box_targets"], deltas, beta=self.smooth_l1_beta), -1)
+        return ce, box * tf.cast(samples["foreground"], tf.float32)
 
     def call(self, images, training=False):
         return self.detect(images)
@@ -497,17 +515,23 @@ class RFCN(Detector):
             num_samples=num_candidates, foreground_fraction=1.0, foreground_iou=self.foreground_iou,
             background_iou_high=self.foreground_iou, background_iou_low=0.0, box_weights=self.box_weights,
         )
-        class_logits, box_deltas = self.heads(feats[self.head_feature], samples["rois"], image_shape,
-                                              training=training)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=samples["labels"], logits=class_logits)
-        box = tf.reduce_sum(loss_ops.smooth_l1_loss(samples["box_targets"], box_deltas, beta=self.smooth_l1_beta), -1)
-        box = box * tf.cast(samples["foreground"], tf.float32)
+        maps = self.head_maps(feats[self.head_feature])
         sampled_rois = samples["weights"] > 0
-        if self.ohem_rois:
-            keep = tf.cast(ohem_select(ce + box, sampled_rois, num_keep=self.ohem_rois), tf.float32)
-            roi_norm = loss_ops.global_normalizer(tf.cast(tf.shape(images)[0] * self.ohem_rois, tf.float32))
+        num_rois = samples["rois"].shape[1]
+        if self.ohem_rois and self.ohem_rois < num_rois:
+            # R-FCN's OHEM: a read-only pass scores every RoI (no gradient path: only the
+            # top-k indices leave it), then the hardest are re-run and back-propagated.
+            readonly = self._roi_losses(*self.roi_heads([tf.stop_gradient(m) for m in maps], samples["rois"],
+                                                        image_shape), samples)
+            index, kept = ohem_indices(readonly[0] + readonly[1], sampled_rois, num_keep=self.ohem_rois)
+            samples = {k: tf.gather(v, index, batch_dims=1) for k, v in samples.items()}
+            keep = tf.cast(kept, tf.float32)
         else:
             keep = tf.cast(sampled_rois, tf.float32)
+        ce, box = self._roi_losses(*self.roi_heads(maps, samples["rois"], image_shape), samples)
+        if self.ohem_rois:  # fixed normalizer: ohem_rois per image (spec §2.1)
+            roi_norm = loss_ops.global_normalizer(tf.cast(tf.shape(images)[0] * self.ohem_rois, tf.float32))
+        else:
             roi_norm = loss_ops.global_normalizer(tf.reduce_sum(keep))
         terms = {
             "rpn_cls_loss": rpn_cls,

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from kerasdet.backbones import get_backbone, small_backbone
 from kerasdet.models.rfcn import COUPLING_NORMS, COUPLING_OPS, RFCN, Coupling, context_boxes
-from kerasdet.sampling import ohem_select
+from kerasdet.sampling import ohem_indices, ohem_select, sample_rois
 from model_testutils import tiny_batch
 
 VARIANTS = {
@@ -168,6 +168,32 @@ def test_ohem_normalizer_is_fixed_per_image():
     # the 24 hardest are a subset of the 48 hardest: a's mean CE is at least b's
     assert float(la["cls_loss"]) * 24 <= float(lb["cls_loss"]) * 48 + 1e-4
     assert float(la["cls_loss"]) >= float(lb["cls_loss"]) - 1e-5
+
+
+def test_two_pass_ohem_equals_masked_loss_over_all_rois():
+    """The model's read-only pass + re-run of the kept RoIs gives the same head losses as
+    scoring all RoIs once and masking with ohem_select (sum over the kept / (k x images))."""
+    keras.utils.set_random_seed(6)
+    images, labels = tiny_batch(batch=2)
+    model = tiny_model("couplenet", ohem_rois=16)
+    model.build((None, 64, 64, 3))
+    x = tf.constant(images)
+    terms = model.detection_losses(x, labels, training=True)
+    feats = model.backbone(x, training=True)
+    logits, deltas, anchors = model.rpn(feats["C4"])
+    proposals, _, valid = model.proposals(logits, deltas, anchors, (64, 64), training=True)
+    samples = sample_rois(proposals, valid, labels["boxes"], labels["classes"], num_classes=3,
+                          num_samples=proposals.shape[1] + 3, foreground_fraction=1.0, box_weights=(10, 10, 5, 5))
+    ce, box = model._roi_losses(*model.heads(feats["C5"], samples["rois"], (64, 64)), samples)
+    keep = tf.cast(ohem_select(ce + box, samples["weights"] > 0, num_keep=16), tf.float32)
+    assert keep.numpy().sum() == 2 * 16
+    np.testing.assert_allclose(float(terms["cls_loss"]), float(tf.reduce_sum(ce * keep)) / 32, rtol=1e-4)
+    np.testing.assert_allclose(float(terms["box_loss"]), float(tf.reduce_sum(box * keep)) / 32, rtol=1e-4, atol=1e-6)
+    index, kept = ohem_indices(ce + box, samples["weights"] > 0, num_keep=16)
+    assert kept.numpy().all()
+    chosen = np.zeros(keep.shape, bool)
+    np.put_along_axis(chosen, index.numpy(), True, axis=1)
+    np.testing.assert_array_equal(chosen, keep.numpy() > 0)
 
 
 @pytest.mark.parametrize("norm,op", [("none", "sum"), ("l2", "product"), ("conv", "max")])
