@@ -279,6 +279,7 @@ class Detector(keras.Model):
 
     def _record_nonfinite(self, bad, images, labels):
         guard = self._guard
+        images = tf.convert_to_tensor(images)  # numpy under run_eagerly=True
         batch = tf.shape(images)[0]
         ids = labels.get("image_id") if isinstance(labels, dict) else None
         ids = tf.fill([batch], tf.constant(-1, tf.int64)) if ids is None else tf.reshape(tf.cast(ids, tf.int64), [-1])

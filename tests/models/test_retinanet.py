@@ -41,6 +41,20 @@ def test_fit_loss_decreases_and_empty_images_stay_finite():
     assert np.isfinite(logs["loss"]) and logs["box_loss"] == 0.0
 
 
+def test_run_eagerly_with_numpy_batches_matches_graph_mode():
+    # Keras hands numpy arrays to train_step under run_eagerly=True; the non-finite guard
+    # must accept them, and one eager step must equal one compiled step.
+    images, labels = tiny_batch()
+    logs = []
+    for eager in (True, False):
+        keras.utils.set_random_seed(0)
+        model = tiny_model()
+        model.compile(optimizer=keras.optimizers.SGD(1e-2), run_eagerly=eager)
+        logs.append(model.train_on_batch(images, labels, return_dict=True))
+        assert model.nonfinite_steps == 0
+    np.testing.assert_allclose(logs[0]["loss"], logs[1]["loss"], rtol=1e-5)
+
+
 def test_loss_normalized_by_positive_count():
     keras.utils.set_random_seed(0)
     model = tiny_model(weight_decay=0.0)
