@@ -177,6 +177,31 @@ class BestModelCheckpoint(keras.callbacks.ModelCheckpoint):
             os.replace(tmp, self.state_path)
 
 
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` with columns declared up front.
+
+    Keras fixes the columns at the first epoch's logs, so a metric that only some epochs
+    log (``CocoEvalCallback``'s ``val_AP`` every N epochs) never reaches the file. Here
+    ``keys`` are columns from the first row on, written ``NA`` where an epoch has no value.
+    The logs other callbacks see are not changed. Place it after the callbacks that add
+    ``keys`` to the logs.
+
+    Args:
+      filename, separator, append: as in ``keras.callbacks.CSVLogger``.
+      keys: extra column names (default none: Keras' behaviour).
+    """
+
+    def __init__(self, filename, separator=",", append=False, *, keys=()):
+        super().__init__(filename, separator=separator, append=append)
+        self.extra_keys = tuple(keys)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        for key in self.extra_keys:
+            logs.setdefault(key, "NA")
+        super().on_epoch_end(epoch, logs)
+
+
 def fit_resumable(model, make_train_data, *, epochs, steps_per_epoch, backup_dir, save_freq="epoch",
                   callbacks=(), delete_checkpoint=True, **fit_kwargs):
     """``model.fit`` that resumes an interrupted run exactly, at the step it stopped.

@@ -158,10 +158,10 @@ def train(args):
     import keras
     import tensorflow as tf
 
-    from kerasdet.callbacks import BestModelCheckpoint, fit_resumable
+    from kerasdet.callbacks import BestModelCheckpoint, CSVLogger, fit_resumable
     from kerasdet.distribute import get_strategy
     from kerasdet.evaluation.callback import CocoEvalCallback, evaluate_model
-    from kerasdet.evaluation.coco_eval import format_table
+    from kerasdet.evaluation.coco_eval import STAT_KEYS, format_table
 
     t0 = time.time()
     recipe = load_recipe(args.recipe)
@@ -200,7 +200,7 @@ def train(args):
         # After CocoEvalCallback, which puts val_AP into the epoch logs.
         BestModelCheckpoint(os.path.join(work_dir, "best.weights.h5"), monitor="val_AP", mode="max"),
         keras.callbacks.TensorBoard(os.path.join(work_dir, "logs"), write_graph=False, profile_batch=0),
-        keras.callbacks.CSVLogger(os.path.join(work_dir, "history.csv"), append=True),
+        CSVLogger(os.path.join(work_dir, "history.csv"), append=True, keys=["val_" + k for k in STAT_KEYS]),
     ]
     t1 = time.time()
     # Exact resume: a run killed at any step and started again with the same command

@@ -320,3 +320,27 @@ def test_step_backup_rejects_a_plain_keras_backup_and_commits_atomically(tmp_pat
         cb.on_train_batch_end(step)
     state = StepBackupAndRestore.read_state(backup)
     assert state["step"] == 4 and sorted(os.listdir(backup)) == ["ckpt-4.weights.h5", "training_metadata.json"]
+
+
+def test_csv_logger_keeps_columns_of_metrics_logged_only_some_epochs(tmp_path):
+    import csv
+
+    import keras
+
+    from kerasdet.callbacks import CSVLogger
+
+    path = str(tmp_path / "history.csv")
+    logger = CSVLogger(path, keys=["val_AP", "val_AP50"])
+    logger.set_model(keras.Sequential([keras.layers.Dense(1)]))
+    logger.on_train_begin()
+    epochs = [{"loss": 1.0}, {"loss": 0.5, "val_AP": 0.25, "val_AP50": 0.75}]
+    for epoch, logs in enumerate(epochs):
+        seen = dict(logs)
+        logger.on_epoch_end(epoch, seen)
+        assert seen == logs  # other callbacks' view is untouched
+    logger.on_train_end()
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["val_AP"] for r in rows] == ["NA", "0.25"] and [r["val_AP50"] for r in rows] == ["NA", "0.75"]
+    assert [float(r["loss"]) for r in rows] == [1.0, 0.5]
+    assert "val_loss" not in rows[0]  # no spurious val_* columns of the training keys
