@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet import boxes as box_ops
+from kerasdet import losses as loss_ops
 from kerasdet.sampling import sample_balanced
 
 NMS_METHODS = ("combined", "padded")
@@ -128,6 +129,41 @@ def rpn_targets(
     targets = box_ops.encode(matched_boxes, tf.cast(anchors, tf.float32)[None], weights=box_weights)
     targets = tf.where(pos[..., None], targets, 0.0)
     return tf.stop_gradient(labels), tf.stop_gradient(targets)
+
+
+def rpn_losses(
+    logits, deltas, anchors, gt_boxes, gt_classes, *, matcher, gt_crowd=None, num_samples=256,
+    positive_fraction=0.5, smooth_l1_beta=1.0 / 9.0,
+):
+    """The two RPN loss terms of every two-stage model (Faster R-CNN, R-FCN, CoupleNet).
+
+    Sigmoid cross-entropy over the sampled anchors and smooth-L1 on the positives' deltas,
+    both divided by the number of sampled anchors summed over replicas (Detectron2's
+    normalization; :func:`kerasdet.losses.global_normalizer`).
+
+    Args:
+        logits: ``[B, A]`` objectness logits; deltas: ``[B, A, 4]`` (all levels concatenated).
+        anchors: ``[A, 4]``. gt_boxes, gt_classes, gt_crowd, matcher, num_samples,
+            positive_fraction: as in :func:`rpn_targets`.
+        smooth_l1_beta: Default 1/9 (Detectron; sigma 3 in the Caffe codes).
+
+    Returns:
+        ``(rpn_cls_loss, rpn_box_loss)`` float32 scalars.
+    """
+    logits = tf.cast(logits, tf.float32)
+    deltas = tf.cast(deltas, tf.float32)
+    labels, box_targets = rpn_targets(
+        anchors, gt_boxes, gt_classes, matcher=matcher, gt_crowd=gt_crowd, num_samples=num_samples,
+        positive_fraction=positive_fraction,
+    )
+    sampled = tf.cast(labels >= 0, tf.float32)
+    positive = tf.cast(labels == 1, tf.float32)
+    norm = loss_ops.global_normalizer(tf.reduce_sum(sampled))
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=logits)
+    cls_loss = tf.reduce_sum(bce * sampled) / norm
+    box = loss_ops.smooth_l1_loss(box_targets, deltas, beta=smooth_l1_beta)
+    box_loss = tf.reduce_sum(tf.reduce_sum(box, axis=-1) * positive) / norm
+    return cls_loss, box_loss
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")

@@ -51,7 +51,7 @@ from kerasdet.anchors import AnchorGenerator
 from kerasdet.layers.fpn import FeaturePyramid
 from kerasdet.layers.postprocess import format_detections
 from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
-from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
+from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
 from kerasdet.matching import ArgMaxMatcher
 from kerasdet.models.base import Detector
 from kerasdet.sampling import sample_rois
@@ -357,20 +357,11 @@ class FasterRCNN(Detector):
 
         feats = self.features(images, training=training)
         logits, deltas, anchors = self.rpn(feats)
-        all_logits = tf.cast(tf.concat(logits, axis=1), tf.float32)
-        all_deltas = tf.cast(tf.concat(deltas, axis=1), tf.float32)
-        all_anchors = tf.concat(anchors, axis=0)
-        rpn_labels, rpn_box_targets = rpn_targets(
-            all_anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
-            num_samples=self.rpn_batch_size, positive_fraction=self.rpn_positive_fraction,
+        rpn_cls, rpn_box = rpn_losses(
+            tf.concat(logits, axis=1), tf.concat(deltas, axis=1), tf.concat(anchors, axis=0), gt_boxes, gt_classes,
+            matcher=self.rpn_matcher, gt_crowd=gt_crowd, num_samples=self.rpn_batch_size,
+            positive_fraction=self.rpn_positive_fraction, smooth_l1_beta=self.rpn_smooth_l1_beta,
         )
-        sampled = tf.cast(rpn_labels >= 0, tf.float32)
-        positive = tf.cast(rpn_labels == 1, tf.float32)
-        rpn_norm = loss_ops.global_normalizer(tf.reduce_sum(sampled))
-        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=all_logits)
-        rpn_cls = tf.reduce_sum(bce * sampled) / rpn_norm
-        rpn_box = loss_ops.smooth_l1_loss(rpn_box_targets, all_deltas, beta=self.rpn_smooth_l1_beta)
-        rpn_box = tf.reduce_sum(tf.reduce_sum(rpn_box, axis=-1) * positive) / rpn_norm
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
         samples = sample_rois(

@@ -91,7 +91,7 @@ from kerasdet.anchors import AnchorGenerator
 from kerasdet.layers.postprocess import format_detections
 from kerasdet.layers.psroi import PSRoIPooling
 from kerasdet.layers.roi_align import RoICropAndPool
-from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
+from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
 from kerasdet.matching import ArgMaxMatcher
 from kerasdet.models.base import Detector
 from kerasdet.sampling import ohem_indices, sample_rois
@@ -495,17 +495,11 @@ class RFCN(Detector):
         feats = self.backbone(images, training=training)
         logits, deltas, anchors = self.rpn(feats[self.rpn_feature])
         logits, deltas = tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
-        rpn_labels, rpn_box_targets = rpn_targets(
-            anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
+        rpn_cls, rpn_box = rpn_losses(
+            logits, deltas, anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
             num_samples=self.rpn_batch_size, positive_fraction=self.rpn_positive_fraction,
+            smooth_l1_beta=self.rpn_smooth_l1_beta,
         )
-        sampled = tf.cast(rpn_labels >= 0, tf.float32)
-        positive = tf.cast(rpn_labels == 1, tf.float32)
-        rpn_norm = loss_ops.global_normalizer(tf.reduce_sum(sampled))
-        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=logits)
-        rpn_cls = tf.reduce_sum(bce * sampled) / rpn_norm
-        rpn_box = loss_ops.smooth_l1_loss(rpn_box_targets, deltas, beta=self.rpn_smooth_l1_beta)
-        rpn_box = tf.reduce_sum(tf.reduce_sum(rpn_box, axis=-1) * positive) / rpn_norm
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
         # Every proposal plus every ground truth (Caffe BATCH_SIZE -1): the quota covers them all.

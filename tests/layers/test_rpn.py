@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.anchors import AnchorGenerator
-from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_targets
+from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses, rpn_targets
 from kerasdet.matching import ArgMaxMatcher
 
 
@@ -31,6 +31,29 @@ def test_fpn_anchor_sizes_32_to_512():
         hw = gen.base_shapes(level).numpy()
         np.testing.assert_allclose(np.sqrt(hw[:, 0] * hw[:, 1]), size, rtol=1e-5)
     assert gen.num_anchors_per_location == 3
+
+
+def test_rpn_losses_hand_computed():
+    # Image 0: anchors 0, 1 positive (IoU 1 and 0.83), 4, 5 negative; image 1 (no objects):
+    # its 6 anchors all negative. num_samples=6 keeps every labelled anchor: 4 + 6 sampled.
+    anchors = np.array([[0, 0, 10, 10], [0, 0, 10, 12], [0, 0, 10, 16], [0, 5, 10, 15],
+                        [50, 50, 60, 60], [40, 40, 70, 70]], "float32")
+    gt = np.array([[[0, 0, 10, 10]], [[0, 0, 0, 0]]], "float32")
+    cls = np.array([[1], [-1]], "int32")
+    logits = np.array([[2.0, -1.0, 5.0, 5.0, 0.5, -3.0], [0.0, 1.0, -1.0, 2.0, 0.0, 0.0]], "float32")
+    deltas = np.zeros((2, 6, 4), "float32")
+    deltas[0, 0] = [0.5, 0.0, 0.0, 0.0]  # anchor 0 = the gt: target 0, |d| = 0.5
+    matcher = ArgMaxMatcher(positive_threshold=0.7, negative_threshold=0.3)
+    cls_loss, box_loss = rpn_losses(logits, deltas, anchors, gt, cls, matcher=matcher, num_samples=6,
+                                     positive_fraction=1.0, smooth_l1_beta=1.0)
+    bce = lambda x, y: np.log1p(np.exp(-x)) if y else np.log1p(np.exp(x))  # noqa: E731
+    expected_cls = (bce(2.0, 1) + bce(-1.0, 1) + bce(0.5, 0) + bce(-3.0, 0)
+                    + sum(bce(x, 0) for x in logits[1])) / 10.0
+    # anchor 1 [0,0,10,12] vs gt [0,0,10,10]: dx = (5 - 6) / 12, dw = log(10 / 12); smooth L1 beta 1
+    dx, dw = -1.0 / 12.0, np.log(10.0 / 12.0)
+    expected_box = (0.5 * 0.5**2 + 0.5 * dx**2 + 0.5 * dw**2) / 10.0
+    np.testing.assert_allclose(cls_loss.numpy(), expected_cls, rtol=1e-5)
+    np.testing.assert_allclose(box_loss.numpy(), expected_box, rtol=1e-5)
 
 
 def test_rpn_targets_thresholds_and_sampling():
