@@ -25,6 +25,49 @@ def format_detections(boxes, scores, classes, valid, max_detections):
     }
 
 
+def per_class_nms(boxes, probs, image_shape, *, padded, max_detections, iou_threshold, score_threshold,
+                  pre_nms_topk=1000):
+    """Per-class NMS of two-stage detections (Faster R-CNN, R-FCN, CoupleNet).
+
+    Args:
+        boxes: ``[B, R, K, 4]`` class-specific or ``[B, R, 1, 4]`` class-agnostic decoded,
+            clipped boxes (network-input px).
+        probs: ``[B, R, K]`` class scores (background column removed).
+        image_shape: ``(height, width)`` of the network input.
+        padded: ``False``: ``tf.image.combined_non_max_suppression`` (fast C++ kernel, no
+            XLA); ``True``: the top ``pre_nms_topk`` (RoI, class) pairs, shifted apart by
+            class (the class-offset trick) through ``non_max_suppression_padded`` (XLA).
+        max_detections, iou_threshold, score_threshold: NMS settings.
+
+    Returns:
+        The detection dict of :func:`format_detections`.
+    """
+    if not padded:
+        nb, ns, nc, nv = tf.image.combined_non_max_suppression(
+            boxes, probs, max_output_size_per_class=max_detections, max_total_size=max_detections,
+            iou_threshold=iou_threshold, score_threshold=score_threshold, clip_boxes=False,
+        )
+        return format_detections(nb, ns, tf.cast(nc, tf.int32), nv, max_detections)
+    batch = tf.shape(boxes)[0]
+    num_classes = probs.shape[-1]
+    num = probs.shape[1] * num_classes
+    scores, index = tf.math.top_k(tf.reshape(probs, [batch, num]), k=min(pre_nms_topk, num))
+    if boxes.shape[2] == 1:  # class-agnostic: one box per RoI
+        cand = tf.gather(boxes[:, :, 0, :], index // num_classes, batch_dims=1)
+    else:
+        cand = tf.gather(tf.reshape(boxes, [batch, num, 4]), index, batch_dims=1)
+    classes = index % num_classes
+    extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
+    offset = tf.cast(classes, tf.float32)[..., None] * extent
+    scores = tf.where(scores > score_threshold, scores, 0.0)
+    keep, valid = tf.image.non_max_suppression_padded(
+        cand + offset, scores, max_output_size=max_detections, iou_threshold=iou_threshold,
+        score_threshold=score_threshold, pad_to_max_output_size=True,
+    )
+    return format_detections(tf.gather(cand, keep, batch_dims=1), tf.gather(scores, keep, batch_dims=1),
+                             tf.gather(classes, keep, batch_dims=1), valid, max_detections)
+
+
 @keras.saving.register_keras_serializable(package="kerasdet")
 class DetectionPostProcessor(keras.layers.Layer):
     """Turns per-level sigmoid logits and box deltas into final detections (§5.4).

@@ -49,7 +49,7 @@ from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
 from kerasdet.anchors import AnchorGenerator
 from kerasdet.layers.fpn import FeaturePyramid
-from kerasdet.layers.postprocess import format_detections
+from kerasdet.layers.postprocess import per_class_nms
 from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
 from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
 from kerasdet.matching import ArgMaxMatcher
@@ -393,31 +393,8 @@ class FasterRCNN(Detector):
         probs = tf.nn.softmax(class_logits, axis=-1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, K]
         boxes = box_ops.decode(box_deltas[:, :, 1:, :], proposals[:, :, None, :], weights=self.box_weights)
         boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])  # [B, R, K, 4]
-        if self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()):
-            return self._padded_nms(boxes, probs, image_shape)
-        nb, ns, nc, nv = tf.image.combined_non_max_suppression(
-            boxes, probs, max_output_size_per_class=self.max_detections, max_total_size=self.max_detections,
-            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold, clip_boxes=False,
+        return per_class_nms(
+            boxes, probs, image_shape, padded=self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()),
+            max_detections=self.max_detections, iou_threshold=self.nms_iou_threshold,
+            score_threshold=self.score_threshold, pre_nms_topk=self.detections_pre_nms_topk,
         )
-        return self._format(nb, ns, tf.cast(nc, tf.int32), nv)
-
-    def _padded_nms(self, boxes, probs, image_shape):
-        batch = tf.shape(boxes)[0]
-        num = boxes.shape[1] * self.num_classes
-        flat_scores = tf.reshape(probs, [batch, num])
-        flat_boxes = tf.reshape(boxes, [batch, num, 4])
-        scores, index = tf.math.top_k(flat_scores, k=min(self.detections_pre_nms_topk, num))
-        cand = tf.gather(flat_boxes, index, batch_dims=1)
-        classes = index % self.num_classes
-        extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
-        offset = tf.cast(classes, tf.float32)[..., None] * extent
-        scores = tf.where(scores > self.score_threshold, scores, 0.0)
-        keep, valid = tf.image.non_max_suppression_padded(
-            cand + offset, scores, max_output_size=self.max_detections, iou_threshold=self.nms_iou_threshold,
-            score_threshold=self.score_threshold, pad_to_max_output_size=True,
-        )
-        return self._format(tf.gather(cand, keep, batch_dims=1), tf.gather(scores, keep, batch_dims=1),
-                            tf.gather(classes, keep, batch_dims=1), valid)
-
-    def _format(self, boxes, scores, classes, valid):
-        return format_detections(boxes, scores, classes, valid, self.max_detections)

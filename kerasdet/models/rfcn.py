@@ -74,7 +74,7 @@ pipeline supplies it with ``input.masks = "union"``), divided by the global imag
 Inference: 300 proposals, coupled logits, softmax, class-agnostic decoding of the summed
 deltas (weights 10, 10, 5, 5) on the proposals, clip, per-class NMS 0.3, score > 0.05, 100
 detections (py-R-FCN defaults; spec §3), the FasterRCNN output dict
-(:func:`~kerasdet.layers.postprocess.format_detections`). With ``jit_compile=True`` (or
+(:func:`~kerasdet.layers.postprocess.per_class_nms`). With ``jit_compile=True`` (or
 ``nms_method="padded"``) NMS uses ``non_max_suppression_padded``; the global branch's
 crop-and-resize pooling itself has no XLA kernel.
 
@@ -88,7 +88,7 @@ import tensorflow as tf
 from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
 from kerasdet.anchors import AnchorGenerator
-from kerasdet.layers.postprocess import format_detections
+from kerasdet.layers.postprocess import per_class_nms
 from kerasdet.layers.psroi import PSRoIPooling
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
@@ -557,30 +557,11 @@ class RFCN(Detector):
         probs = tf.nn.softmax(class_logits, axis=-1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, C]
         boxes = box_ops.decode(box_deltas, proposals, weights=self.box_weights)
         boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])  # [B, R, 4], class-agnostic
-        if self._padded():
-            return self._padded_nms(boxes, probs, image_shape)
-        nb, ns, nc, nv = tf.image.combined_non_max_suppression(
-            boxes[:, :, None, :], probs, max_output_size_per_class=self.max_detections,
-            max_total_size=self.max_detections, iou_threshold=self.nms_iou_threshold,
-            score_threshold=self.score_threshold, clip_boxes=False,
+        return per_class_nms(
+            boxes[:, :, None, :], probs, image_shape, padded=self._padded(), max_detections=self.max_detections,
+            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold,
+            pre_nms_topk=self.detections_pre_nms_topk,
         )
-        return format_detections(nb, ns, tf.cast(nc, tf.int32), nv, self.max_detections)
-
-    def _padded_nms(self, boxes, probs, image_shape):
-        batch = tf.shape(boxes)[0]
-        num = boxes.shape[1] * self.num_classes
-        scores, index = tf.math.top_k(tf.reshape(probs, [batch, num]), k=min(self.detections_pre_nms_topk, num))
-        cand = tf.gather(boxes, index // self.num_classes, batch_dims=1)
-        classes = index % self.num_classes
-        extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
-        offset = tf.cast(classes, tf.float32)[..., None] * extent
-        scores = tf.where(scores > self.score_threshold, scores, 0.0)
-        keep, count = tf.image.non_max_suppression_padded(
-            cand + offset, scores, max_output_size=self.max_detections, iou_threshold=self.nms_iou_threshold,
-            score_threshold=self.score_threshold, pad_to_max_output_size=True,
-        )
-        return format_detections(tf.gather(cand, keep, batch_dims=1), tf.gather(scores, keep, batch_dims=1),
-                                 tf.gather(classes, keep, batch_dims=1), count, self.max_detections)
 
 
 def couplenet(**kwargs):

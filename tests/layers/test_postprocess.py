@@ -104,3 +104,25 @@ def test_softmax_scores_drop_background(method):
     np.testing.assert_array_equal(out["classes"][0, :n], [1, 2, 0, 2])
     with pytest.raises(ValueError, match="score_activation"):
         DetectionPostProcessor(score_activation="relu")
+
+
+def test_per_class_nms_hand_checked_padded_equals_combined_agnostic_equals_broadcast():
+    from kerasdet.layers.postprocess import per_class_nms
+
+    # 3 RoIs, 2 classes. RoIs 0 and 1 overlap (IoU 0.81), RoI 2 is apart.
+    boxes = np.array([[[0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30]]], "float32")
+    probs = np.array([[[0.9, 0.1], [0.8, 0.7], [0.02, 0.6]]], "float32")
+    args = dict(max_detections=5, iou_threshold=0.5, score_threshold=0.05)
+    outs = []
+    for padded in (False, True):
+        for agnostic in (True, False):
+            b = boxes[:, :, None, :] if agnostic else np.repeat(boxes[:, :, None, :], 2, axis=2)
+            outs.append(per_class_nms(tf.constant(b), tf.constant(probs), (40, 40), padded=padded, **args))
+    # class 0: RoI 0 (0.9) suppresses RoI 1 (0.8), RoI 2 below threshold; class 1: RoI 1 (0.7),
+    # RoI 2 (0.6), RoI 0 (0.1) suppressed by RoI 1 -> 3 detections in score order.
+    for out in outs:
+        assert int(out["num_detections"][0]) == 3
+        np.testing.assert_allclose(out["scores"][0, :3], [0.9, 0.7, 0.6], rtol=1e-6)
+        assert out["classes"][0].numpy().tolist() == [0, 1, 1, -1, -1]
+        np.testing.assert_allclose(out["boxes"][0, :3], boxes[0, [0, 1, 2]])
+        assert np.all(out["boxes"][0, 3:].numpy() == 0)
