@@ -138,15 +138,33 @@ class DetectionPostProcessor(keras.layers.Layer):
         return tf.sigmoid(logits)
 
     def _level_candidates(self, logits, deltas, anchors):
-        probs = self._scores(logits)
-        num_classes = probs.shape[-1] or tf.shape(probs)[-1]
-        batch = tf.shape(probs)[0]
-        flat = tf.reshape(probs, [batch, -1])
-        static_n = flat.shape[1]
-        k = min(self.pre_nms_topk, static_n) if static_n is not None else tf.minimum(self.pre_nms_topk, tf.shape(flat)[1])
-        scores, index = tf.math.top_k(flat, k=k, sorted=False)
-        anchor_index = index // num_classes
+        """The level's ``pre_nms_topk`` best (anchor, class) pairs, decoded.
+
+        Two-stage exact top-k: a pair ranked in the top k of all ``N x K`` pairs lies on an
+        anchor whose best class is in the top k of the ``N`` per-anchor maxima (fewer than
+        k anchors can beat it), so ``top_k`` runs over the ``N`` anchor maxima and then over
+        the ``k x K`` pairs of the kept anchors instead of over all ``N x K`` pairs (P3 of a
+        512x512 COCO RetinaNet: 2.9M -> 37k + 80k entries). For sigmoid heads the ranking
+        is done on the logits (sigmoid is monotonic) and the sigmoid is evaluated on the k
+        kept pairs only. Equal to the plain top-k up to the order of exactly tied scores.
+        """
+        logits = tf.cast(logits, tf.float32)
+        rank = tf.nn.softmax(logits, axis=-1)[..., 1:] if self.score_activation == "softmax" else logits
+        num_classes = rank.shape[-1] or tf.shape(rank)[-1]
+        batch = tf.shape(rank)[0]
+        num_anchors = rank.shape[1] if rank.shape[1] is not None else tf.shape(rank)[1]
+        k_anchors = tf.minimum(self.pre_nms_topk, num_anchors)
+        if isinstance(num_anchors, int):
+            k_anchors = min(self.pre_nms_topk, num_anchors)
+        _, top_anchors = tf.math.top_k(tf.reduce_max(rank, axis=-1), k=k_anchors, sorted=False)
+        pairs = tf.reshape(tf.gather(rank, top_anchors, batch_dims=1), [batch, -1])
+        num_pairs = pairs.shape[1] if pairs.shape[1] is not None else tf.shape(pairs)[1]
+        k = min(self.pre_nms_topk, num_pairs) if isinstance(num_pairs, int) else tf.minimum(self.pre_nms_topk, num_pairs)
+        scores, index = tf.math.top_k(pairs, k=k, sorted=False)
+        anchor_index = tf.gather(top_anchors, index // num_classes, batch_dims=1)
         classes = index % num_classes
+        if self.score_activation == "sigmoid":
+            scores = tf.sigmoid(scores)
         deltas = tf.gather(tf.cast(deltas, tf.float32), anchor_index, batch_dims=1)
         boxes = box_ops.decode(deltas, tf.gather(anchors, anchor_index), weights=self.box_weights)
         return boxes, scores, classes

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kerasdet import boxes as box_ops
 from kerasdet.layers.postprocess import DetectionPostProcessor
 
 
@@ -126,3 +127,59 @@ def test_per_class_nms_hand_checked_padded_equals_combined_agnostic_equals_broad
         assert out["classes"][0].numpy().tolist() == [0, 1, 1, -1, -1]
         np.testing.assert_allclose(out["boxes"][0, :3], boxes[0, [0, 1, 2]])
         assert np.all(out["boxes"][0, 3:].numpy() == 0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("topk", [7, 50, 5000])
+def test_two_stage_topk_equals_brute_force_over_all_pairs(activation, topk):
+    # _level_candidates ranks anchors by their best class first, then the k best anchors'
+    # pairs; it must select exactly the pairs of a top-k over all N x K pairs (numpy).
+    rng = np.random.RandomState(1)
+    b, n, k_cls = 2, 400, 6 if activation == "softmax" else 5
+    logits = rng.normal(-2, 2, size=(b, n, k_cls)).astype("float32")
+    deltas = rng.normal(0, 0.2, size=(b, n, 4)).astype("float32")
+    c = rng.uniform(0, 100, size=(n, 2))
+    anchors = np.concatenate([c - 8, c + 8], 1).astype("float32")
+    post = DetectionPostProcessor(pre_nms_topk=topk, score_activation=activation)
+    if activation == "sigmoid":
+        probs = 1 / (1 + np.exp(-logits.astype("float64")))
+    else:
+        e = np.exp(logits.astype("float64") - logits.max(-1, keepdims=True))
+        probs = (e / e.sum(-1, keepdims=True))[..., 1:]
+    fn = tf.function(lambda l, d: post._level_candidates(l, d, anchors),
+                     input_signature=[tf.TensorSpec([None, None, k_cls]), tf.TensorSpec([None, None, 4])])
+    for boxes, scores, classes in (post._level_candidates(logits, deltas, anchors), fn(logits, deltas)):
+        kk = min(topk, probs.shape[1] * probs.shape[2])
+        assert scores.shape[1] == kk
+        for i in range(b):
+            flat = probs[i].reshape(-1)
+            want = np.sort(flat)[::-1][:kk]
+            got = np.sort(scores[i].numpy())[::-1]
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+            # each selected (anchor, class) pair carries its own score and decoded box
+            anchor_of = {}
+            for j in range(kk):
+                p = flat[np.argmin(np.abs(flat - scores[i, j].numpy()))]
+                hits = np.argwhere(np.isclose(probs[i], p, rtol=0, atol=0))
+                a_idx, cls = hits[0]
+                assert int(classes[i, j]) == cls
+                anchor_of[j] = a_idx
+            sel = np.array([anchor_of[j] for j in range(kk)])
+            want_boxes = box_ops.decode(tf.constant(deltas[i][sel]), tf.constant(anchors[sel])).numpy()
+            np.testing.assert_allclose(boxes[i].numpy(), want_boxes, atol=1e-4)
+
+
+def test_two_stage_topk_compiles_with_xla_and_matches_eager():
+    rng = np.random.RandomState(2)
+    logits = [rng.normal(-3, 2, size=(1, n, 4)).astype("float32") for n in (900, 100)]
+    deltas = [rng.normal(0, 0.2, size=(1, n, 4)).astype("float32") for n in (900, 100)]
+    anchors = []
+    for n in (900, 100):
+        c = rng.uniform(0, 128, size=(n, 2))
+        anchors.append(np.concatenate([c - 10, c + 10], 1).astype("float32"))
+    post = DetectionPostProcessor(pre_nms_topk=60, nms_method="padded", max_detections=30)
+    eager = post(logits, deltas, anchors, image_shape=(128, 128))
+    xla = tf.function(lambda: post(logits, deltas, anchors, image_shape=(128, 128)), jit_compile=True)()
+    np.testing.assert_array_equal(eager["num_detections"], xla["num_detections"])
+    np.testing.assert_allclose(eager["scores"], xla["scores"], atol=1e-6)
+    np.testing.assert_allclose(eager["boxes"], xla["boxes"], atol=1e-3)
