@@ -237,6 +237,9 @@ class SlidingWindowDetector(Detector):
             nms_method=self.nms_method,
             pre_nms_topk=self.pre_nms_topk,
         )
+        # A small model: create its weights now, so ``save_weights`` / ``load_weights`` work
+        # right after ``fit`` (which never calls the model) or ``from_config``.
+        self.build()
 
     # --- windows ------------------------------------------------------------------------
     @property

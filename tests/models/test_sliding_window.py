@@ -123,19 +123,24 @@ def _squares_batch(batch=4, size=32, seed=0):
     return images, {"boxes": boxes, "classes": classes}
 
 
-def test_fit_loss_decreases_and_empty_image_trains():
+def test_fit_loss_decreases_and_empty_image_trains(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny(weight_decay=0.0)
     images, labels = _squares_batch()
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    hist = model.fit(ds, epochs=4, steps_per_epoch=10, verbose=0).history["cls_loss"]
+    hist = model.fit(ds, epochs=4, steps_per_epoch=8, verbose=0).history["cls_loss"]
     assert np.all(np.isfinite(hist))
-    assert hist[-1] < 0.6 * hist[0], hist  # mean loss of steps 31-40 vs steps 1-10
+    assert hist[-1] < 0.7 * hist[0], hist  # mean loss of steps 25-32 vs steps 1-8
     # A batch of images without objects only (all classes -1): all negatives, finite loss.
-    empty = {"boxes": np.zeros((2, 2, 4), "float32"), "classes": np.full((2, 2), -1, "int32")}
-    out = model.fit(images[:2], empty, batch_size=2, epochs=1, verbose=0)
-    assert np.isfinite(out.history["cls_loss"][0])
+    empty = {"boxes": np.zeros((4, 2, 4), "float32"), "classes": np.full((4, 2), -1, "int32")}
+    out = model.fit(images, empty, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(out.history["cls_loss"][0]) and out.history["cls_loss"][0] > 0
+    # Weights save right after fit (the model builds itself) and reload into a fresh one.
+    model.save_weights(str(tmp_path / "sw.weights.h5"))
+    clone = _tiny(weight_decay=0.0)
+    clone.load_weights(str(tmp_path / "sw.weights.h5"))
+    np.testing.assert_allclose(clone(images)["class_logits"], model(images)["class_logits"], atol=1e-5)
 
 
 def test_detect_shapes_and_nms_removes_duplicate():
@@ -147,19 +152,18 @@ def test_detect_shapes_and_nms_removes_duplicate():
     assert out["boxes"].shape == (2, 50, 4) and out["boxes"].dtype == tf.float32
     assert out["scores"].shape == (2, 50) and out["classes"].dtype == tf.int32
     assert out["num_detections"].shape == (2,)
-    pred = model.predict(images, verbose=0)
-    assert set(pred) == {"boxes", "scores", "classes", "num_detections"}
+    assert set(out) == {"boxes", "scores", "classes", "num_detections"}
 
     # A hand-made classifier: the class-1 logit is 5 x the mean brightness of the patch
     # (0..1), so the window exactly on a bright square scores highest and its shifted
     # copies slightly less; dark windows score 0.5 (below the 0.6 threshold).
-    class Bright(keras.layers.Layer):
-        def call(self, x):
-            return tf.concat([tf.zeros_like(x[:, :1]), -10.0 + 0 * x[:, :1], 5.0 * x[:, :1]], axis=1)
+    class Bright(SlidingWindowDetector):
+        def classify(self, patches, training=False):
+            x = tf.reduce_mean(patches, axis=[1, 2, 3])[:, None]
+            return tf.concat([tf.zeros_like(x), tf.fill(tf.shape(x), -10.0), 5.0 * x], axis=1)
 
-    model = _tiny(image_size=(32, 32), window_sizes=(8.0,), stride=2, score_threshold=0.6, max_detections=50)
-    model.trunk = []
-    model.classifier = Bright()
+    model = Bright(num_classes=2, image_size=(32, 32), window_sizes=(8.0,), stride=2, patch_size=8,
+                   trunk=TINY_TRUNK, score_threshold=0.6, max_detections=50)
     img = np.zeros((1, 32, 32, 3), np.float32)
     img[0, 10:18, 10:18] = 255.0  # exactly the window at (10, 10) of the 2-px grid
     out = model.detect(img)
