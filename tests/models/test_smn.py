@@ -1,0 +1,175 @@
+"""Spatial Memory Network (kerasdet.models.smn): static memory shapes, gradients to the
+memory only, flipped labels and sampling, selection modes, training, MLP control, config."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.backbones import small_backbone
+from kerasdet.models.faster_rcnn import FasterRCNN
+from kerasdet.models.smn import SMN, sample_groups
+
+from model_testutils import tiny_batch
+
+K = 3
+
+
+def _base(seed=0):
+    keras.utils.set_random_seed(seed)
+    base = FasterRCNN(
+        architecture="c4", feature_level=4, num_classes=K, anchor_size=1.0, scales=(1.0, 2.0),
+        backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0), levels=("C4",)),
+        roi_pooler="crop_pool", rpn_channels=8, fc_dim=16, rpn_post_nms_topk_train=16, rpn_post_nms_topk_test=16,
+        num_rois=16, max_detections=20, score_threshold=0.0,
+    )
+    base.build((None, 64, 64, 3))
+    return base
+
+
+def _smn(base=None, **kwargs):
+    args = dict(num_steps=3, num_base_writes=3, num_memory_steps=2, memory_channels=8, crop_size=5,
+                memory_roi_crop=4, memory_roi_pool=1, memory_rpn_channels=8, memory_fc_dim=16, fusion_dim=16,
+                num_rois=12, rpn_batch_size=16, max_detections=20, score_threshold=0.0)
+    args.update(kwargs)
+    model = SMN(base=base or _base(), **args)
+    model.build((None, 64, 64, 3))
+    return model
+
+
+@pytest.fixture(scope="module")
+def smn():
+    return _smn()
+
+
+def test_memory_state_shapes_are_static_across_steps(smn):
+    images, _ = tiny_batch(batch=2)
+    for mode, count in (("steps", 3), ("final", 3 + 2)):  # S_0 + writes
+        smn.configure(inference=mode)
+        fn = tf.function(smn.memory_states, input_signature=[tf.TensorSpec((None, 64, 64, 3), tf.float32)])
+        states = fn.get_concrete_function().structured_outputs
+        assert len(states) == count
+        assert all(s.shape.as_list() == [None, 4, 4, 8] for s in states)  # 64 px / stride 16, D = 8
+        eager = smn.memory_states(tf.constant(images))
+        assert all(s.shape == (2, 4, 4, 8) for s in eager)
+        # every step changed the memory (a write happened) but the prior is the same per image
+        assert all(np.abs((b - a).numpy()).max() > 0 for a, b in zip(eager[:-1], eager[1:]))
+    smn.configure(inference="final")
+
+
+def test_gradients_reach_the_memory_but_not_the_frozen_base(smn):
+    images, labels = tiny_batch(batch=2)
+    base_vars = smn.base.weights
+    assert not smn.base.trainable and not smn.base.trainable_weights
+    assert {id(v) for v in smn.trainable_variables}.isdisjoint({id(v) for v in base_vars})
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([v.value for v in base_vars])
+        terms = smn.detection_losses(tf.constant(images), labels, training=True)
+        total = tf.add_n(list(terms.values()))
+    assert all(np.isfinite(float(v)) for v in terms.values()) and float(terms["recon_cls_loss"]) > 0
+    grads = tape.gradient(total, smn.trainable_variables)
+    names = [v.path for v in smn.trainable_variables]
+    missing = [n for n, g in zip(names, grads) if g is None]
+    assert not missing, missing
+    nonzero = {n for n, g in zip(names, grads) if np.abs(g.numpy()).sum() > 0}
+    for part in ("memory_prior", "conv_gru", "input_module", "context_net", "m_fc6", "fuse_b", "rec_cls",
+                 "rpn_residual", "rec_rpn"):
+        assert any(part in n for n in nonzero), part
+    base_grads = tape.gradient(total, [v.value for v in base_vars])
+    assert all(g is None or not np.abs(g.numpy()).any() for g in base_grads)
+
+
+def test_flipped_labels_and_three_way_sampling():
+    model = SMN.__new__(SMN)  # _labels is pure: no weights needed
+    iou = tf.constant([[[0.8, 0.0], [0.6, 0.55], [0.0, 0.7], [0.3, 0.1], [0.0, 0.0]]])  # [1, R=5, G=2]
+    gt_classes = tf.constant([[4, 1]])
+    valid = tf.constant([[True, True]])
+    covered = tf.constant([[True, False]])
+    pos, flip, neg, label, recon = SMN._labels(model, iou, gt_classes, valid, covered, 0.5, 0.5)
+    # RoI 0 only overlaps the covered GT -> flipped (background); RoI 1 also overlaps the
+    # uncovered GT at 0.55 -> positive of class 1; RoI 2 positive of class 1; 3, 4 negative.
+    np.testing.assert_array_equal(pos.numpy()[0], [False, True, True, False, False])
+    np.testing.assert_array_equal(flip.numpy()[0], [True, False, False, False, False])
+    np.testing.assert_array_equal(neg.numpy()[0], [False, False, False, True, True])
+    np.testing.assert_array_equal(label.numpy()[0], [0, 2, 2, 0, 0])
+    np.testing.assert_array_equal(recon.numpy()[0], [5, 5, 0, 0, 0])  # reconstruction: covered GT's class
+
+    rng = np.random.RandomState(0)
+    groups = rng.randint(0, 3, (4, 200))
+    masks = [tf.constant(groups == g) for g in range(3)]
+    masks[1] = masks[1] & tf.constant(rng.rand(4, 200) < 0.1)  # few flipped
+    sp, sf, sn = sample_groups(masks, [16, 16], 64)
+    for b in range(4):
+        n_pos, n_flip, n_neg = (int(tf.reduce_sum(tf.cast(x[b], tf.int32))) for x in (sp, sf, sn))
+        assert n_pos == 16 and n_flip == min(16, int(tf.reduce_sum(tf.cast(masks[1][b], tf.int32))))
+        assert n_pos + n_flip + n_neg == 64  # negatives fill the missing flipped quota
+        assert not (sp[b] & ~masks[0][b]).numpy().any() and not (sf[b] & ~masks[1][b]).numpy().any()
+
+
+def test_greedy_selection_softmax_and_hardmax(smn):
+    probs = tf.constant([[[0.5, 0.1, 0.3, 0.1], [0.2, 0.1, 0.1, 0.6], [0.0, 0.0, 0.0, 1.0]]])  # [1, 3, K+1]
+    boxes = tf.reshape(tf.range(3 * K * 4, dtype=tf.float32), [1, 3, K, 4])
+    selectable = tf.constant([[True, True, False]])  # RoI 2 is padding
+    box, dist, e_boxes, e_scores, e_classes = smn._select(probs, boxes, selectable)
+    np.testing.assert_array_equal(box.numpy()[0], boxes.numpy()[0, 1, 2])  # RoI 1, class 2 (0.6)
+    np.testing.assert_allclose(dist.numpy()[0], probs.numpy()[0, 1])
+    np.testing.assert_allclose(e_scores.numpy()[0], [0.1, 0.1, 0.6])  # SoftMax: every class of RoI 1
+    np.testing.assert_array_equal(e_classes.numpy()[0], [0, 1, 2])
+    np.testing.assert_array_equal(e_boxes.numpy()[0], boxes.numpy()[0, 1])
+    smn.selection = "hardmax"
+    try:
+        _, _, e_boxes, e_scores, e_classes = smn._select(probs, boxes, selectable)
+    finally:
+        smn.selection = "softmax"
+    assert e_boxes.shape == (1, 1, 4)
+    np.testing.assert_allclose(e_scores.numpy(), [[0.6]])
+    np.testing.assert_array_equal(e_classes.numpy(), [[2]])
+
+
+def test_inference_modes_output_counts(smn):
+    images, _ = tiny_batch(batch=2)
+    for mode, selection, most in (("steps", "softmax", 3 * K), ("steps", "hardmax", 3), ("base_topn", "softmax", 3 * K),
+                                  ("final", "softmax", 3 + 2 * K)):
+        smn.configure(inference=mode, selection=selection)
+        out = smn.predict(images, verbose=0)
+        assert out["boxes"].shape == (2, 20, 4)
+        assert np.all(out["num_detections"] <= most) and np.all(out["num_detections"] > 0)
+        assert np.all(np.diff(out["scores"], axis=1) <= 1e-6)  # ranked
+    smn.configure(inference="final", selection="softmax")
+
+
+def test_training_lowers_the_memory_losses_and_config_round_trip():
+    model = _smn(_base(1), num_steps=2)
+    images, labels = tiny_batch(batch=2)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    before = {v.path: v.numpy().copy() for v in model.base.weights}
+    history = model.fit(images, labels, epochs=12, verbose=0).history
+    assert history["mem_cls_loss"][-1] < history["mem_cls_loss"][0]
+    assert history["recon_cls_loss"][-1] < history["recon_cls_loss"][0]
+    for v in model.base.weights:  # the base stays frozen (weights and BN statistics)
+        np.testing.assert_array_equal(v.numpy(), before[v.path])
+    config = model.get_config()
+    clone = SMN.from_config(config)
+    assert clone.get_config() == config
+    model.configure(num_steps=4)
+    assert model.get_config()["num_steps"] == 4 and model.train_function is None
+
+
+def test_mlp_control_has_no_memory_and_uses_nms():
+    base = _base(2)
+    mlp = _smn(base, context="mlp")
+    assert not hasattr(mlp, "writer") and not hasattr(mlp, "prior")
+    smn = _smn(base)
+    mlp_names = {v.path.split("/")[-2] for v in mlp.trainable_variables}
+    assert not any("gru" in n or "prior" in n for n in mlp_names)
+    assert 0 < mlp.count_params() - base.count_params() < smn.count_params() - base.count_params()
+    images, labels = tiny_batch(batch=2)
+    terms = mlp.detection_losses(tf.constant(images), labels, training=True)
+    assert float(terms["recon_cls_loss"]) == 0.0 and float(terms["mem_cls_loss"]) > 0
+    out = mlp.predict(images, verbose=0)
+    for b in range(2):  # per-class NMS at 0.5: no same-class pair above IoU 0.5
+        n = out["num_detections"][b]
+        bx, cl = out["boxes"][b, :n], out["classes"][b, :n]
+        from kerasdet.boxes import iou
+        ious = iou(bx, bx).numpy()
+        same = (cl[:, None] == cl[None]) & ~np.eye(n, dtype=bool)
+        assert not (ious[same] > 0.5 + 1e-5).any()
