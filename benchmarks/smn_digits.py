@@ -4,10 +4,10 @@ One process, one data set, one seed (``recipes/smn.py``'s ``digits`` preset):
 
 1. the C4 base Faster R-CNN is trained once (the preset's base stage);
 2. SMN trains on the frozen base with the curriculum N = 2 -> 5 -> 10 (the preset's
-   memory stages: 1 + 1 + 1 epochs);
+   memory stages: 100 + 75 + 50 steps);
 3. the MLP control (``context="mlp"``: the same context net on ``conv5_3``, the same output
    modules, no memory) trains on the same frozen base for the same number of memory
-   epochs (3), with the same optimizer and learning rate.
+   steps (225) and images, with the same optimizer and learning rate.
 
 Each is scored with pycocotools on the validation split (AP, AP50), and the *duplicate
 detections* are counted: a detection is a duplicate when a higher-scored detection of the
@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train", type=int, default=0, help="smoke: a generated set of this many train images")
     parser.add_argument("--num-val", type=int, default=32)
-    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every stage's epochs (min 1 step)")
+    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every stage's steps (min 1 step)")
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--base-weights", default=None, help="load a base trained by an earlier run (skips its stage)")
     parser.add_argument("--base-only", action="store_true", help="train and evaluate the base, then stop")
@@ -102,19 +102,11 @@ def main(argv=None):
     train_ds, val_ds = make_datasets(config, train_source, val_source, seed=args.seed, repeat=True)
     steps_per_epoch = len(train_source) // config["train"]["batch_size"]
 
-    def scaled(stages):
-        out = []
-        for s in stages:
-            s = dict(s)
-            total = max(1, round(s["epochs"] * steps_per_epoch * args.epoch_scale))
-            s["epochs"] = 1
-            out.append((s, total))
-        return out
-
     def run_stages(model, stages):
         seconds = 0.0
-        for stage, steps in scaled(stages):
-            _, sec = recipe.fit_stage(model, config, stage, train_ds, steps, verbose=args.verbose)
+        for stage in stages:
+            _, sec = recipe.fit_stage(model, config, stage, train_ds, steps_per_epoch, verbose=args.verbose,
+                                      scale=args.epoch_scale)
             seconds += sec
         return seconds
 

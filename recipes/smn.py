@@ -34,9 +34,11 @@ Presets:
   training / 64 test proposals, crop pool 14 -> 7, 2 x fc256; memory D = 64 (20x20 prior,
   14x14 crop, 64-channel gates), context net 5 x 64, m-fc 2 x 256, fusion 256, 64 RoIs
   and 64 anchors per image and step; N1 = 5 base writes (1-4 digits per image) + N2 = 5
-  memory steps. Adam. Base 4 epochs; memory N = 2 / 5 / 10 for 1 / 1 / 1 epochs. The MLP
-  control (``model.context = "mlp"``) trains one 3-epoch memory stage (the same number of
-  memory-training steps).
+  memory steps. Adam. Base 2 epochs (C4 on an 8x8 map learns
+  slower than the FPN preset; more base epochs did not fit the CPU budget); memory N = 2 / 5 / 10 for 100 / 75 / 50 steps of 16 images
+  (0.9 epoch in all: the unrolled N = 10 step costs ~4 s on the loaded 2-core CPU, and
+  tracing the unrolled graph minutes). The MLP control (``model.context = "mlp"``) trains
+  one 225-step memory stage (the same number of memory-training steps and images).
 
 Run: ``python recipes/smn.py --preset digits [--work-dir runs/smn_digits]``.
 """
@@ -104,11 +106,11 @@ _DIGITS = {
     "train": {"batch_size": 16, "optimizer": "adam", "weight_decay": 1e-5, "warmup_steps": 100},
     "stages": [
         {"kind": "base", "epochs": 2, "lr": 2e-3, "decay_at": (0.75,)},
-        {"kind": "memory", "num_steps": 2, "epochs": 1, "lr": 1e-3, "decay_at": ()},
-        {"kind": "memory", "num_steps": 5, "epochs": 1, "lr": 1e-3, "decay_at": ()},
-        {"kind": "memory", "num_steps": 10, "epochs": 1, "lr": 1e-3, "decay_at": (0.7,)},
+        {"kind": "memory", "num_steps": 2, "steps": 100, "lr": 1e-3, "decay_at": (), "warmup_steps": 20},
+        {"kind": "memory", "num_steps": 5, "steps": 75, "lr": 1e-3, "decay_at": (), "warmup_steps": 0},
+        {"kind": "memory", "num_steps": 10, "steps": 50, "lr": 1e-3, "decay_at": (0.7,), "warmup_steps": 0},
     ],
-    "mlp_stages": [{"kind": "memory", "num_steps": 1, "epochs": 3, "lr": 1e-3, "decay_at": (0.9,)}],
+    "mlp_stages": [{"kind": "memory", "num_steps": 1, "steps": 225, "lr": 1e-3, "decay_at": (0.9,), "warmup_steps": 20}],
     "eval": {"every_n_epochs": 100, "batch_size": 50},
 }
 
@@ -141,28 +143,37 @@ def build_model(config, num_classes):
     return SMN(base=base, weight_decay=config["train"].get("weight_decay", 5e-4), **model_args)
 
 
-def stage_optimizer(config, stage, steps_per_epoch):
-    """The optimizer of one stage (the house ``make_optimizer`` on the stage's schedule)."""
+def stage_steps(stage, steps_per_epoch, scale=1.0):
+    """Training steps of a stage: ``steps``, or ``epochs`` (may be fractional) x the epoch."""
+    steps = stage["steps"] if "steps" in stage else stage["epochs"] * steps_per_epoch
+    return max(1, int(round(steps * scale)))
+
+
+def stage_optimizer(config, stage, total_steps):
+    """The optimizer of one stage (the house ``make_optimizer`` on the stage's schedule:
+    ``decay_steps`` absolute, or ``decay_at`` fractions of ``total_steps``)."""
     from kerasdet.cli import make_optimizer
 
-    train = dict(config["train"], lr=stage["lr"])
-    epochs = stage.get("epochs") or max(1, round(stage["steps"] / steps_per_epoch))
-    train["epochs"] = epochs
+    train = dict(config["train"], lr=stage["lr"], epochs=1)
+    if "warmup_steps" in stage:
+        train["warmup_steps"] = stage["warmup_steps"]
     if "decay_steps" in stage:
         train["decay_steps"] = stage["decay_steps"]
     else:
         train["decay_at"] = stage.get("decay_at", ())
-    return make_optimizer({"train": train}, steps_per_epoch), epochs
+    return make_optimizer({"train": train}, total_steps)
 
 
-def fit_stage(model, config, stage, train_ds, steps_per_epoch, verbose=2):
-    """One ``fit`` of a stage; returns ``(history, seconds)``."""
-    optimizer, epochs = stage_optimizer(config, stage, steps_per_epoch)
+def fit_stage(model, config, stage, train_ds, steps_per_epoch, verbose=2, scale=1.0):
+    """One stage: a fresh optimizer and one ``fit`` over the stage's steps (an infinite
+    ``train_ds``); memory stages first set the unroll length ``num_steps``. Returns
+    ``(history, seconds)``."""
+    total = stage_steps(stage, steps_per_epoch, scale)
     if stage["kind"] == "memory" and hasattr(model, "configure"):
         model.configure(num_steps=stage.get("num_steps", model.num_steps))
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=stage_optimizer(config, stage, total))
     t = time.time()
-    history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose).history
+    history = model.fit(train_ds, epochs=1, steps_per_epoch=total, verbose=verbose).history
     return history, time.time() - t
 
 

@@ -184,3 +184,46 @@ def test_rfcn_variants_load_without_kerasdet_and_match_predict(exported_rfcn):
     """The TF-only SavedModel load test (fresh process, kerasdet blocked) for each variant."""
     test_fresh_process_without_kerasdet_matches_in_process_predict(exported_rfcn)
     test_export_metadata(exported_rfcn)
+
+
+# --- Spatial Memory Network (issue 7) ----------------------------------------------------------
+def _smn_model(kind):
+    from kerasdet.models.smn import SMN
+
+    keras.utils.set_random_seed(3)
+    base = FasterRCNN(
+        architecture="c4", feature_level=4, num_classes=3, anchor_size=1.0, scales=(1.0, 2.0),
+        backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0), levels=("C4",)),
+        roi_pooler="crop_pool", rpn_channels=8, fc_dim=16, rpn_pre_nms_topk_test=100, rpn_post_nms_topk_test=16,
+        max_detections=20, score_threshold=0.0,
+    )
+    base.build((None, 64, 64, 3))
+    return SMN(base=base, context="mlp" if kind == "smn_mlp" else "memory", num_steps=3, num_base_writes=3,
+               num_memory_steps=2, memory_channels=8, crop_size=5, memory_roi_crop=4, memory_roi_pool=1,
+               memory_rpn_channels=8, memory_fc_dim=16, fusion_dim=16, max_detections=20, score_threshold=0.0)
+
+
+@pytest.fixture(scope="module", params=["smn", "smn_mlp"])
+def exported_smn(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
+    os.makedirs(root / "img")
+    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
+    for i, im in enumerate(images):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+        coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
+    with open(root / "ann.json", "w") as f:
+        json.dump(coco, f)
+    model = _smn_model(request.param)
+    path = str(root / "saved_model")
+    export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
+    np.save(root / "batch.npy", np.stack(images))
+    return model, path, root, np.stack(images)
+
+
+def test_smn_loads_without_kerasdet_and_matches_predict(exported_smn):
+    """The TF-only SavedModel load test (fresh process, kerasdet blocked) for SMN (final
+    inference mode: N1 base writes + N2 memory steps, all in the graph) and its MLP control."""
+    test_fresh_process_without_kerasdet_matches_in_process_predict(exported_smn)
+    test_export_metadata(exported_smn)
