@@ -18,6 +18,8 @@ Timed, each model's calls alternating round by round, medians over ``--repeats``
 * one training step (``train_on_batch``, SGD momentum) at ``--train-batch`` in float32;
 * ``--savedmodel``: kerasdet's exported ``serving_default`` (loaded back with
   ``tf.saved_model.load``) vs the same model in-process (``make_serving_function``);
+* ``--fold-bn``: kerasdet with its frozen BatchNorm folded into the convolutions
+  (:func:`kerasdet.precision.fold_detector_batchnorm`), in the same rounds;
 * ``--xla``: kerasdet's predict with the network XLA-compiled (``jit_compile=True``
   predict function; post-processing stays outside XLA) vs plain.
 
@@ -142,10 +144,12 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--savedmodel", action="store_true", help="also time the exported SavedModel")
     parser.add_argument("--xla", action="store_true", help="also time kerasdet with an XLA-compiled network")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="also time kerasdet with its frozen BN folded into the convolutions")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
 
-    from kerasdet.precision import set_compute_dtype
+    from kerasdet.precision import fold_detector_batchnorm, set_compute_dtype
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, CPUs: {os.cpu_count()}, "
           f"load average at start: {os.getloadavg()}")
@@ -165,10 +169,21 @@ def main():
             hub_p = keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
             set_compute_dtype(kd, "bfloat16")
         kd_fn, hub_fn = predict_function(kd), predict_function(hub_p)
+        fold_fn = None
+        if args.fold_bn:
+            folded = fold_detector_batchnorm(kd)
+            set_compute_dtype(folded, precision)
+            fold_fn = predict_function(folded)
         for b in args.batches:
             x = x_by_batch[b]
             fns = {"kd": lambda x=x: _block(kd_fn(x)), "hub": lambda x=x: _block(hub_fn(x))}
-            report(results, f"predict {precision} b{b}", "kd", "hub", alternate(fns, args.repeats))
+            if fold_fn is not None:
+                fns["kd_fold"] = lambda x=x: _block(fold_fn(x))
+            times = alternate(fns, args.repeats)
+            report(results, f"predict {precision} b{b}", "kd", "hub", times)
+            if fold_fn is not None:
+                report(results, f"predict {precision} folded-BN b{b}", "kd_fold", "hub", times)
+                report(results, f"folded-BN / plain {precision} b{b}", "kd_fold", "kd", times)
         if hub_p is not hub:
             del hub_p
     set_compute_dtype(kd, "float32")
@@ -176,7 +191,7 @@ def main():
     pred = {k: v for k, v in results.items() if k.startswith("predict")}
     if pred:
         for b in args.batches:
-            rows = {k: v for k, v in pred.items() if k.endswith(f" b{b}")}
+            rows = {k: v for k, v in pred.items() if k.endswith(f" b{b}") and "/" not in k}
             best = min(rows, key=lambda k: rows[k]["kerasdet_s"])
             hub_fp32 = rows.get(f"predict float32 b{b}", {}).get("keras_hub_s")
             if hub_fp32:

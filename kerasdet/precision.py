@@ -10,8 +10,12 @@ DetectionPostProcessor`: scores, box decoding, NMS) always stays float32.
 Whether a cheaper dtype is faster depends on the device: on CPUs with AVX512_BF16/AMX
 oneDNN runs bfloat16 convolutions natively; on AVX2-only CPUs bfloat16 is emulated and
 slower than float32 (measure with ``benchmarks/vs_keras_hub.py --precisions``).
+
+:func:`fold_batchnorm` / :func:`fold_detector_batchnorm` make an inference copy whose
+frozen BatchNormalization layers are folded into the preceding convolutions.
 """
 import keras
+import numpy as np
 
 from kerasdet.layers.postprocess import DetectionPostProcessor
 
@@ -56,3 +60,80 @@ def compute_dtype(model):
         if not isinstance(layer, DetectionPostProcessor) and layer.weights
     }
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class FoldedBatchNorm(keras.layers.Layer):
+    """Identity standing where a BatchNormalization was folded into its convolution
+    (takes BatchNormalization's call arguments)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fold_batchnorm(backbone):
+    """An inference copy of a functional backbone with every frozen BatchNormalization
+    folded into the convolution that feeds it.
+
+    ``BN(conv(x)) = conv'(x)`` with ``W' = W * s`` and ``b' = (b - mean) * s + beta``,
+    ``s = gamma / sqrt(var + eps)`` per output channel: one pass over each activation map
+    less, twice (TF runs Keras' inference BN as a multiply and an add). Only BN layers that
+    are not trainable (they run on moving statistics even under ``training=True``) and whose
+    input is a ``Conv2D`` output read by nothing else are folded; every other layer is
+    cloned with its weights. Layer names are kept. The result is for inference and export:
+    train the original.
+    """
+    pairs = {}
+    for op in backbone.operations:
+        if not isinstance(op, keras.layers.BatchNormalization) or op.trainable:
+            continue
+        source = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
+        if isinstance(source, keras.layers.Conv2D) and len(source._outbound_nodes) == 1 and op.axis in (-1, 3):
+            pairs[source.name] = op
+    folded_bn = {bn.name for bn in pairs.values()}
+
+    def clone(layer):
+        if layer.name in folded_bn:
+            return FoldedBatchNorm(name=layer.name)
+        config = layer.get_config()
+        if layer.name in pairs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    folded = keras.models.clone_model(backbone, clone_function=clone)
+    for layer in backbone.layers:
+        if layer.name in folded_bn or not layer.weights:
+            continue
+        target = folded.get_layer(layer.name)
+        if layer.name not in pairs:
+            target.set_weights(layer.get_weights())
+            continue
+        bn = pairs[layer.name]
+        kernel = layer.kernel.numpy().astype("float64")
+        bias = layer.bias.numpy().astype("float64") if layer.use_bias else 0.0
+        gamma = bn.gamma.numpy().astype("float64") if bn.scale else 1.0
+        beta = bn.beta.numpy().astype("float64") if bn.center else 0.0
+        scale = gamma / np.sqrt(bn.moving_variance.numpy().astype("float64") + bn.epsilon)
+        target.set_weights([(kernel * scale).astype("float32"),
+                            ((bias - bn.moving_mean.numpy()) * scale + beta).astype("float32")])
+    folded.trainable = False
+    return folded
+
+
+def fold_detector_batchnorm(detector):
+    """A copy of a built kerasdet detector whose ``backbone`` has its frozen BN folded
+    (:func:`fold_batchnorm`); every other weight is copied. For inference/export."""
+    config = detector.get_config()
+    config.pop("backbone")
+    backbone = fold_batchnorm(detector.backbone)
+    copy = detector.__class__(backbone=backbone, **config)
+    copy.build()
+    for source, target in zip(detector.layers, copy.layers):
+        if source.name != target.name:
+            raise ValueError(f"layer order differs: {source.name} vs {target.name}")
+        if source is not detector.backbone:
+            target.set_weights(source.get_weights())
+    return copy

@@ -54,3 +54,55 @@ def test_rejects_unknown_dtype_and_unbuilt_model():
                         max_level=5, fpn_channels=8, head_convs=1, head_channels=8)
     with pytest.raises(ValueError, match="built"):
         set_compute_dtype(unbuilt, "bfloat16")
+
+
+def _randomize_bn(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            rng = np.random.RandomState(len(layer.name))
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), rng.normal(0, 0.2, n),
+                               rng.uniform(0.5, 2.0, n)])
+
+
+def test_fold_batchnorm_equals_conv_then_frozen_bn():
+    from kerasdet.backbones import resnet_backbone
+    from kerasdet.precision import FoldedBatchNorm, fold_batchnorm
+
+    keras.utils.set_random_seed(0)
+    backbone = resnet_backbone(50)
+    _randomize_bn(backbone)
+    folded = fold_batchnorm(backbone)
+    bns = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bns) == 53
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
+    assert sum(isinstance(l, FoldedBatchNorm) for l in folded.layers) == 53
+    # gamma, beta, mean, variance of every BN are gone; the convs already had biases
+    assert folded.count_params() == backbone.count_params() - 4 * sum(l.gamma.shape[0] for l in bns)
+    images = _images()
+    ref, out = backbone(images), folded(images)
+    for level in ("C2", "C3", "C4", "C5"):
+        scale = float(tf.reduce_max(tf.abs(ref[level])))
+        np.testing.assert_allclose(out[level].numpy(), ref[level].numpy(), atol=2e-6 * scale + 1e-5)
+
+
+def test_fold_detector_batchnorm_same_detections_and_trainable_bn_untouched():
+    from kerasdet.backbones import resnet_backbone
+    from kerasdet.precision import fold_batchnorm, fold_detector_batchnorm
+
+    keras.utils.set_random_seed(0)
+    model = RetinaNet(backbone=resnet_backbone(50), num_classes=3, fpn_channels=16, head_convs=1,
+                      head_channels=16, prior_probability=0.3)
+    model.build()
+    _randomize_bn(model.backbone)
+    folded = fold_detector_batchnorm(model)
+    images = _images()
+    ref, out = model.predict_on_batch(images), folded.predict_on_batch(images)
+    np.testing.assert_array_equal(ref["num_detections"], out["num_detections"])
+    np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-5)
+    np.testing.assert_allclose(out["boxes"], ref["boxes"], atol=1e-3)
+    # a trainable BN (small backbone: batch statistics in training) is not folded
+    small = small_backbone(widths=(8, 8, 8, 8), blocks=(0, 0, 0, 0))
+    kept = fold_batchnorm(small)
+    assert sum(isinstance(l, keras.layers.BatchNormalization) for l in kept.layers) == sum(
+        isinstance(l, keras.layers.BatchNormalization) for l in small.layers) > 0
