@@ -14,7 +14,8 @@ detections* are counted: a detection is a duplicate when a higher-scored detecti
 same class in the same image overlaps it with IoU > 0.5 (counted among detections with
 score >= 0.05 and >= 0.3). Rows:
 
-* ``base (NMS)``: the base's own per-class NMS (0.5) output;
+* ``base (NMS)``: the base's own per-class NMS (0.5) output (up to 100 detections);
+* ``base (NMS, top-10)``: the same, at most N = 10 detections (the paper's "Baseline" at N);
 * ``base top-N (no NMS)``: the top N = 10 RoIs by base score, no NMS (what the greedy
   selection outputs without memory: the control for "SMN replaces NMS");
 * ``MLP control``: base + MLP residual logits, per-class NMS;
@@ -82,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--base-weights", default=None, help="load a base trained by an earlier run (skips its stage)")
     parser.add_argument("--base-only", action="store_true", help="train and evaluate the base, then stop")
+    parser.add_argument("--base-continue", type=float, default=0.0, metavar="EPOCHS",
+                        help="with --base-weights: train the loaded base this many more epochs (lr 1e-3, x0.1 at 75%%)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -135,12 +138,22 @@ def main(argv=None):
         base.load_weights(args.base_weights)
         with open(os.path.join(os.path.dirname(args.base_weights), "base_seconds.json")) as f:
             base_seconds = json.load(f)["train_seconds"]
+        if args.base_continue:
+            stage = {"kind": "base", "epochs": args.base_continue, "lr": 1e-3, "decay_at": (0.75,), "warmup_steps": 0}
+            base_seconds += run_stages(base, [stage])
+            base.save_weights(os.path.join(args.work_dir, "base.weights.h5"))
+            with open(os.path.join(args.work_dir, "base_seconds.json"), "w") as f:
+                json.dump({"train_seconds": base_seconds, "continued_epochs": args.base_continue}, f)
     else:
         base_seconds = run_stages(base, base_stages)
         base.save_weights(os.path.join(args.work_dir, "base.weights.h5"))
         with open(os.path.join(args.work_dir, "base_seconds.json"), "w") as f:
             json.dump({"train_seconds": base_seconds}, f)
     evaluate("base (NMS)", base, base_seconds, params=base.count_params())
+    top = config["model"]["num_steps"]
+    base.max_detections, base.predict_function = top, None
+    evaluate(f"base (NMS, top-{top})", base, base_seconds)  # the paper's "Baseline" at N
+    base.max_detections, base.predict_function = config["base"].get("max_detections", 100), None
     if args.base_only:
         return results
 
@@ -163,6 +176,7 @@ def main(argv=None):
     mlp = SMN(base=base, weight_decay=config["train"]["weight_decay"], **dict(model_args, context="mlp"))
     mlp.build((None, size[0], size[1], 3))
     mlp_seconds = run_stages(mlp, config["mlp_stages"])
+    mlp.save_weights(os.path.join(args.work_dir, "mlp.weights.h5"))
     evaluate("MLP control", mlp, mlp_seconds, memory_params=mlp.count_params() - base.count_params())
 
     results["total_seconds"] = time.time() - t_start

@@ -27,23 +27,24 @@ Presets:
   5, 10; inference N1 = 50 base writes + N2 = 10 memory steps, SoftMax, D = 256, 20x20
   prior, 14x14 write crop, 2 x fc2048, gates 256. Needs COCO-format data on disk
   (``--set data.train_annotations=...``; VGG16 ImageNet weights via
-  ``--set backbone.weights=...``). The CLI counts whole epochs; the stage lengths here
-  are given as ``steps`` and converted per dataset.
+  ``--set backbone.weights=...``). Stage lengths are in steps (``fit_stage`` runs one
+  ``fit`` of that many steps on the infinite training stream).
 * ``digits``: the same model scaled to the embedded 128x128 digits set and a 2-core CPU:
   the small residual backbone's C4 (stride 16, 8x8 map), 9 anchors of 16-48 px, 64
   training / 64 test proposals, crop pool 14 -> 7, 2 x fc256; memory D = 64 (20x20 prior,
-  14x14 crop, 64-channel gates), context net 5 x 64, m-fc 2 x 256, fusion 256, 64 RoIs
-  and 64 anchors per image and step; N1 = 5 base writes (1-4 digits per image) + N2 = 5
-  memory steps. Adam. Base 2 epochs (C4 on an 8x8 map learns
-  slower than the FPN preset; more base epochs did not fit the CPU budget); memory N = 2 / 5 / 10 for 100 / 75 / 50 steps of 16 images
-  (0.9 epoch in all: the unrolled N = 10 step costs ~4 s on the loaded 2-core CPU, and
-  tracing the unrolled graph minutes). The MLP control (``model.context = "mlp"``) trains
-  one 225-step memory stage (the same number of memory-training steps and images).
+  64-channel gates), a 7x7 write crop and a 7x7 memory RoI crop without max-pool (the
+  map is only 8x8: the paper's 14x14 would upsample 2x for 4x the cost), context net
+  5 x 64, m-fc 2 x 256, fusion 256, 32 RoIs and 64 anchors per image and step; N1 = 5
+  base writes (1-4 digits per image) + N2 = 5 memory steps. Adam. Base 2 epochs (C4 on
+  an 8x8 map learns slower than the FPN preset; more did not fit the CPU budget); memory
+  N = 2 / 5 / 10 for 100 / 75 / 50 steps of 16 images (0.9 epoch in all: an unrolled
+  N = 10 step costs ~4-7 s on the loaded 2-core CPU, and tracing the unrolled graph
+  minutes). The MLP control (``model.context = "mlp"``) trains one 225-step memory stage
+  (the same number of memory-training steps and images).
 
 Run: ``python recipes/smn.py --preset digits [--work-dir runs/smn_digits]``.
 """
 import argparse
-import copy
 import json
 import logging
 import os
@@ -110,7 +111,9 @@ _DIGITS = {
         {"kind": "memory", "num_steps": 5, "steps": 75, "lr": 1e-3, "decay_at": (), "warmup_steps": 0},
         {"kind": "memory", "num_steps": 10, "steps": 50, "lr": 1e-3, "decay_at": (0.7,), "warmup_steps": 0},
     ],
-    "mlp_stages": [{"kind": "memory", "num_steps": 1, "steps": 225, "lr": 1e-3, "decay_at": (0.9,), "warmup_steps": 20}],
+    "mlp_stages": [
+        {"kind": "memory", "num_steps": 1, "steps": 225, "lr": 1e-3, "decay_at": (0.9,), "warmup_steps": 20},
+    ],
     "eval": {"every_n_epochs": 100, "batch_size": 50},
 }
 

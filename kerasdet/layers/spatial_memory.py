@@ -199,8 +199,10 @@ class ContextNet(keras.layers.Layer):
             raise ValueError(f"num_layers must be odd, got {num_layers}")
         self.channels = int(channels)
         self.num_layers = int(num_layers)
-        self.convs = [keras.layers.Conv2D(self.channels, 3, padding="same", dtype=self.dtype_policy, name=f"conv{i + 1}")
-                      for i in range(self.num_layers)]
+        self.convs = [
+            keras.layers.Conv2D(self.channels, 3, padding="same", dtype=self.dtype_policy, name=f"conv{i + 1}")
+            for i in range(self.num_layers)
+        ]
 
     def build(self, input_shape):
         self.convs[0].build(tuple(input_shape))

@@ -575,7 +575,8 @@ class SMN(Detector):
             if key == "selection" and value not in SELECTIONS:
                 raise ValueError(f"selection must be one of {SELECTIONS}, got {value!r}")
             value = float(value) if key == "score_threshold" else value
-            value = int(value) if key in ("num_steps", "num_base_writes", "num_memory_steps", "max_detections") else value
+            if key in ("num_steps", "num_base_writes", "num_memory_steps", "max_detections"):
+                value = int(value)
             setattr(self, key, value)
             self._config[key] = value
         self.train_function = self.test_function = self.predict_function = None
