@@ -124,11 +124,13 @@ def _block(outputs):
     return tf.nest.map_structure(lambda t: np.asarray(t), outputs)
 
 
-def report(results, key, kd_name, hub_name, times):
+def report(results, key, kd_name, hub_name, times, labels=("kerasdet", "keras-hub")):
+    """Prints and records the medians of ``times[kd_name]`` and ``times[hub_name]`` and their
+    ratio (first / second)."""
     kd_t, hub_t = statistics.median(times[kd_name]), statistics.median(times[hub_name])
-    results[key] = {"kerasdet_s": kd_t, "keras_hub_s": hub_t, "ratio": kd_t / hub_t,
-                    "kerasdet_all": times[kd_name], "keras_hub_all": times[hub_name]}
-    print(f"{key:34s} kerasdet {kd_t * 1000:8.1f} ms   keras-hub {hub_t * 1000:8.1f} ms   "
+    results[key] = {"first": labels[0], "second": labels[1], "first_s": kd_t, "second_s": hub_t,
+                    "ratio": kd_t / hub_t, "first_all": times[kd_name], "second_all": times[hub_name]}
+    print(f"{key:34s} {labels[0]} {kd_t * 1000:8.1f} ms   {labels[1]} {hub_t * 1000:8.1f} ms   "
           f"ratio {kd_t / hub_t:.3f}", flush=True)
 
 
@@ -161,43 +163,36 @@ def main():
     kd = kerasdet_retinanet(args.num_classes)
     results["parameters"] = parameter_report(hub, kd)
 
+    # Every predict variant is traced in its own precision up front (a tf.function keeps the
+    # dtype it was traced with), then all of them alternate in the same rounds, so every
+    # ratio below compares figures taken under the same machine load.
+    variants = {}
     for precision in args.precisions:
-        if precision == "float32":
-            hub_p = hub
-            set_compute_dtype(kd, "float32")
-        else:
-            hub_p = keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
-            set_compute_dtype(kd, "bfloat16")
-        kd_fn, hub_fn = predict_function(kd), predict_function(hub_p)
-        fold_fn = None
+        hub_p = hub if precision == "float32" else keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
+        variants[f"keras-hub {precision}"] = predict_function(hub_p)
+        set_compute_dtype(kd, precision)
+        variants[f"kerasdet {precision}"] = predict_function(kd)
+        for b in args.batches:
+            variants[f"kerasdet {precision}"](x_by_batch[b])
         if args.fold_bn:
-            folded = fold_detector_batchnorm(kd)
-            set_compute_dtype(folded, precision)
-            fold_fn = predict_function(folded)
-        for b in args.batches:
-            x = x_by_batch[b]
-            fns = {"kd": lambda x=x: _block(kd_fn(x)), "hub": lambda x=x: _block(hub_fn(x))}
-            if fold_fn is not None:
-                fns["kd_fold"] = lambda x=x: _block(fold_fn(x))
-            times = alternate(fns, args.repeats)
-            report(results, f"predict {precision} b{b}", "kd", "hub", times)
-            if fold_fn is not None:
-                report(results, f"predict {precision} folded-BN b{b}", "kd_fold", "hub", times)
-                report(results, f"folded-BN / plain {precision} b{b}", "kd_fold", "kd", times)
-        if hub_p is not hub:
-            del hub_p
+            folded = set_compute_dtype(fold_detector_batchnorm(kd), precision)
+            variants[f"kerasdet folded-BN {precision}"] = predict_function(folded)
     set_compute_dtype(kd, "float32")
-
-    pred = {k: v for k, v in results.items() if k.startswith("predict")}
-    if pred:
-        for b in args.batches:
-            rows = {k: v for k, v in pred.items() if k.endswith(f" b{b}") and "/" not in k}
-            best = min(rows, key=lambda k: rows[k]["kerasdet_s"])
-            hub_fp32 = rows.get(f"predict float32 b{b}", {}).get("keras_hub_s")
-            if hub_fp32:
-                ratio = rows[best]["kerasdet_s"] / hub_fp32
-                results[f"fastest kerasdet vs keras-hub float32 b{b}"] = {"path": best, "ratio": ratio}
-                print(f"fastest kerasdet serving path at b{b}: {best} -> {ratio:.3f} x keras-hub float32 predict")
+    for b in args.batches:
+        x = x_by_batch[b]
+        times = alternate({name: (lambda fn=fn, x=x: _block(fn(x))) for name, fn in variants.items()}, args.repeats)
+        for precision in args.precisions:
+            report(results, f"predict {precision} b{b}", f"kerasdet {precision}", f"keras-hub {precision}", times)
+            if args.fold_bn:
+                report(results, f"predict {precision} folded-BN b{b}", f"kerasdet folded-BN {precision}",
+                       f"keras-hub {precision}", times, labels=("kerasdet folded-BN", "keras-hub"))
+                report(results, f"folded-BN / plain {precision} b{b}", f"kerasdet folded-BN {precision}",
+                       f"kerasdet {precision}", times, labels=("folded-BN", "plain"))
+        if "float32" in args.precisions:
+            kd_names = [n for n in variants if n.startswith("kerasdet")]
+            best = min(kd_names, key=lambda n: statistics.median(times[n]))
+            key = f"fastest kerasdet vs keras-hub float32 b{b}"
+            report(results, key, best, "keras-hub float32", times, labels=(best, "keras-hub float32"))
 
     if args.xla:
         xla_net = tf.function(lambda x: kd.forward(x, training=False), jit_compile=True)
@@ -211,7 +206,7 @@ def main():
             x = x_by_batch[b]
             times = alternate({"xla": lambda x=x: _block(xla_predict(x)), "plain": lambda x=x: _block(plain(x))},
                               args.repeats)
-            report(results, f"kerasdet XLA net / plain b{b}", "xla", "plain", times)
+            report(results, f"kerasdet XLA net / plain b{b}", "xla", "plain", times, labels=("XLA", "plain"))
 
     if args.savedmodel:
         from kerasdet.export import export_saved_model, make_serving_function
@@ -224,7 +219,8 @@ def main():
                 u8 = tf.cast(x_by_batch[b], tf.uint8)
                 times = alternate({"saved": lambda u8=u8: _block(loaded(images=u8)),
                                    "inproc": lambda u8=u8: _block(in_process(u8))}, args.repeats)
-                report(results, f"SavedModel / in-process b{b}", "saved", "inproc", times)
+                report(results, f"SavedModel / in-process b{b}", "saved", "inproc", times,
+                       labels=("SavedModel", "in-process"))
 
     if not args.skip_train:
         images, labels = fake_batch(args.train_batch, args.size, args.num_classes)
