@@ -27,6 +27,7 @@ def test_presets_and_stage_schedule():
     mem_steps = sum(recipe.stage_steps(s, 250) for s in digits["stages"] if s["kind"] == "memory")
     assert mem_steps == sum(recipe.stage_steps(s, 250) for s in digits["mlp_stages"])  # same budget
     assert recipe.stage_steps({"epochs": 0.5}, 250) == 125
+    assert sum(recipe.stage_steps(s, 250) for s in digits["stages"] if s["kind"] == "base") == 1000  # 2 + 2 epochs
 
 
 def _tiny_dataset(batch=2, size=64, seed=0):
@@ -52,9 +53,10 @@ def test_digits_build_and_stage_wise_training_keeps_the_base_frozen():
                           num_rois=16)
     config["model"].update(memory_channels=8, memory_fc_dim=16, fusion_dim=16, memory_rpn_channels=8, num_rois=8,
                            rpn_batch_size=16)
-    stages = [dict(config["stages"][0], steps=2, warmup_steps=0),
-              dict(config["stages"][1], steps=2, warmup_steps=0),
-              dict(config["stages"][2], steps=1, num_steps=3, warmup_steps=0)]
+    base_stage = [s for s in config["stages"] if s["kind"] == "base"][0]
+    mem = [s for s in config["stages"] if s["kind"] == "memory"]
+    stages = [dict(base_stage, steps=2, warmup_steps=0), dict(mem[0], steps=2, warmup_steps=0),
+              dict(mem[1], steps=1, num_steps=3, warmup_steps=0)]
     keras.utils.set_random_seed(0)
     smn, base, log = recipe.train_stages(config, 3, _tiny_dataset(), 2, stages=stages, verbose=0)
     assert [entry["stage"]["kind"] for entry in log] == ["base", "memory", "memory"]
