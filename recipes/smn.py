@@ -82,7 +82,10 @@ _PAPER = {
         "num_steps": 10, "num_base_writes": 50, "num_memory_steps": 10, "inference": "final",
         "selection": "softmax",
     },
-    "train": {"batch_size": 1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_steps": 0},
+    # lr / epochs: only for the generic one-fit ``kerasdet train --recipe smn`` (memory with
+    # ``model.base_weights``); the stages below carry their own.
+    "train": {"batch_size": 1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_steps": 0,
+              "lr": 1e-3, "epochs": 1},
     "stages": [
         {"kind": "base", "steps": 70000, "lr": 1e-3, "decay_steps": (50000,)},
         {"kind": "memory", "num_steps": 2, "steps": 30000, "lr": 1e-3, "decay_steps": (20000,)},
@@ -112,7 +115,8 @@ _DIGITS = {
         "memory_rpn_channels": 64, "memory_fc_dim": 256, "fusion_dim": 256, "num_rois": 32, "rpn_batch_size": 64,
         "score_threshold": 0.01,
     },
-    "train": {"batch_size": 16, "optimizer": "adam", "weight_decay": 1e-5, "warmup_steps": 100},
+    "train": {"batch_size": 16, "optimizer": "adam", "weight_decay": 1e-5, "warmup_steps": 100, "lr": 1e-3,
+              "epochs": 1},
     "stages": [
         {"kind": "base", "epochs": 2, "lr": 2e-3, "decay_at": (0.75,)},
         {"kind": "base", "epochs": 2, "lr": 1e-3, "decay_at": (0.75,), "warmup_steps": 0},
