@@ -252,3 +252,23 @@ def fit_resumable(model, make_train_data, *, epochs, steps_per_epoch, backup_dir
     if not phases:
         backup.on_train_end()
     return merged, backup
+
+
+class DecompositionWarmup(keras.callbacks.Callback):
+    """decompNet's loss-weight warm-up (Park & Berg 2016 App. B): "we first used small
+    value of lambda = gamma = 0.3, after 1 epochs, we increased lambda = gamma = 1.0".
+
+    At the start of each epoch sets the model's ``p``, ``lam`` and ``gamma`` variables to
+    ``start`` for the first ``epochs`` epochs of this fit, to ``end`` afterwards (the
+    category loss's ``p`` follows the same schedule: spec 001 §2.2 choice).
+    """
+
+    def __init__(self, *, start=0.3, end=1.0, epochs=1, names=("p", "lam", "gamma")):
+        super().__init__()
+        self.start, self.end, self.epochs = float(start), float(end), int(epochs)
+        self.names = tuple(names)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        value = self.start if epoch < self.epochs else self.end
+        for name in self.names:
+            getattr(self.model, name).assign(value)

@@ -81,12 +81,38 @@ def serving_outputs(detections, ratio, original_hw, category_ids):
     classes = detections["classes"]
     ids = tf.constant(category_ids, tf.int32)
     mapped = tf.gather(ids, tf.maximum(classes, 0))
-    return {
+    outputs = {
         "detection_boxes": boxes,
         "detection_scores": detections["scores"],
         "detection_classes": tf.where(classes >= 0, mapped, -1),
         "num_detections": tf.cast(detections["num_detections"], tf.int32),
     }
+    if "masks" in detections:
+        outputs["detection_masks"] = _masks_to_original(detections["masks"], ratio, original_hw)
+        if "mask_scores" in detections:
+            outputs["detection_mask_scores"] = detections["mask_scores"]
+    return outputs
+
+
+def _masks_to_original(masks, ratio, original_hw):
+    """``[B, K, H, W]`` 0/1 masks on the network canvas -> ``[B, K, h, w]`` float32 0/1 on
+    the original image (the image's part of the canvas, resized back, binarized at 0.5)."""
+    shape = tf.shape(masks)
+    b, k, ch, cw = shape[0], shape[1], shape[2], shape[3]
+    h, w = original_hw[0], original_hw[1]
+    # Original pixel i (centre i + 0.5) sits at canvas index (i + 0.5) * r - 0.5;
+    # crop_and_resize samples index y1 * (H - 1) + i * (y2 - y1) * (H - 1) / (h - 1).
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    chf, cwf = tf.cast(ch, tf.float32), tf.cast(cw, tf.float32)
+    y1 = (0.5 * ratio[0] - 0.5) / tf.maximum(chf - 1.0, 1.0)
+    y2 = ((hf - 0.5) * ratio[0] - 0.5) / tf.maximum(chf - 1.0, 1.0)
+    x1 = (0.5 * ratio[1] - 0.5) / tf.maximum(cwf - 1.0, 1.0)
+    x2 = ((wf - 0.5) * ratio[1] - 0.5) / tf.maximum(cwf - 1.0, 1.0)
+    flat = tf.reshape(tf.cast(masks, tf.float32), [-1, ch, cw, 1])
+    n = tf.shape(flat)[0]
+    crop = tf.tile(tf.reshape(tf.stack([y1, x1, y2, x2]), [1, 4]), [n, 1])
+    out = tf.image.crop_and_resize(flat, crop, tf.range(n), tf.stack([h, w]))
+    return tf.reshape(tf.cast(out[..., 0] > 0.5, tf.float32), [b, k, h, w])
 
 
 def make_serving_function(model, *, image_size, min_size=None, max_size=None, category_ids=None):

@@ -225,3 +225,93 @@ def attention_loss(logits_list, foreground, *, strides=None):
         per_image = tf.reduce_sum(ce, axis=[1, 2]) / tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
         total += tf.reduce_sum(per_image)
     return total
+
+
+def weighted_l2(predictions, targets, *, p=1.0, axis=(-2, -1)):
+    """decompNet's weighted mask distance, Eq. 2 (Szegedy et al. 2013's DetectorNet loss):
+    ``D_p(x, y) = ||sqrt(Diag(y) + p I) (x - y)||^2 = sum_i (y_i + p) (x_i - y_i)^2``,
+    summed over ``axis`` (the pixels). Foreground pixels weigh ``1 + p`` (more where
+    summed masks overlap), background ``p``: the term that keeps the network away from
+    the all-zero map. The extraction lost the root and the square; the reconstruction is
+    spec 001 §2.1."""
+    predictions = tf.cast(predictions, tf.float32)
+    targets = tf.cast(targets, tf.float32)
+    return tf.reduce_sum((targets + p) * tf.square(predictions - targets), axis=axis)
+
+
+#: Cost given to padding (invalid) ground-truth columns in the set matching: equal for
+#: every row, so it never changes which valid pairs are matched.
+_PAD_COST = 1e7
+
+
+def match_instance_maps(maps, masks, valid):
+    """Hungarian matching of emitted instance maps to ground-truth masks (decompNet §2.2).
+
+    Costs are plain squared L2 ``||o_t - m_k||^2`` (as the paper states) of stop-gradient
+    maps, computed with matmuls; scipy's ``linear_sum_assignment`` solves each (image,
+    category) problem (:func:`kerasdet.matching.hungarian_match`).
+
+    Args:
+      maps: ``[N, T, S, S']`` emitted maps.
+      masks: ``[N, K, S, S']`` ground-truth masks (padding rows arbitrary).
+      valid: ``[N, K]`` bool, real ground-truth rows.
+
+    Returns:
+      ``[N, T]`` int32: the ground-truth row matched to each step, -1 for unmatched steps.
+    """
+    from kerasdet.matching import hungarian_match
+
+    maps = tf.stop_gradient(tf.cast(maps, tf.float32))
+    masks = tf.cast(masks, tf.float32)
+    n, t = tf.shape(maps)[0], tf.shape(maps)[1]
+    k = tf.shape(masks)[1]
+    o = tf.reshape(maps, [n, t, -1])
+    m = tf.reshape(masks, [n, k, -1])
+    cost = (tf.reduce_sum(o * o, -1)[:, :, None] - 2.0 * tf.matmul(o, m, transpose_b=True)
+            + tf.reduce_sum(m * m, -1)[:, None, :])
+    cost = tf.where(valid[:, None, :], tf.maximum(cost, 0.0), _PAD_COST)
+    assignment = hungarian_match(cost)
+    safe = tf.maximum(assignment, 0)
+    matched_valid = tf.gather(valid, safe, batch_dims=1) & (assignment >= 0)
+    return tf.where(matched_valid, assignment, -1)
+
+
+def decomposition_set_loss(maps, masks, valid, *, lam=1.0, gamma=1.0, eta=1.0, unmatched="sum",
+                           assignment=None):
+    """decompNet's instance loss (Eq. 3, reconstructed in spec 001 §2.3), per item:
+
+    ``L = sum_{t matched} D_lam(o_t, m_idx(t)) + eta * D_gamma(sum_t o_t, sum_k m_k)``
+
+    The first term compares each matched step with its ground truth; the second (the
+    "sum term") compares the sum of all emitted maps with the sum of the masks, which is
+    what teaches the network to stop (surplus maps must be black).
+
+    Args:
+      maps: ``[N, T, S, S']`` instance maps of one category each.
+      masks: ``[N, K, S, S']`` ground-truth masks; ``valid`` ``[N, K]`` marks real rows.
+      lam, gamma: the ``p`` of ``D_lam`` / ``D_gamma`` (warmed up 0.3 -> 1.0 by
+        :class:`kerasdet.callbacks.DecompositionWarmup`); scalars or variables.
+      eta: weight of the sum term (1 in every experiment of the paper).
+      unmatched: ``"sum"`` (default, the paper): surplus steps are penalized by the sum
+        term only; ``"zero"``: each surplus step is also matched to an all-zero mask
+        (adds ``lam * ||o_t||^2``).
+      assignment: precomputed :func:`match_instance_maps` result (else computed here).
+
+    Returns:
+      ``(instance_term [N], sum_term [N], assignment [N, T])``.
+    """
+    if unmatched not in ("sum", "zero"):
+        raise ValueError(f"unmatched must be 'sum' or 'zero', got {unmatched!r}")
+    maps = tf.cast(maps, tf.float32)
+    masks = tf.cast(masks, tf.float32)
+    if assignment is None:
+        assignment = match_instance_maps(maps, masks, valid)
+    matched = assignment >= 0
+    targets = tf.gather(masks, tf.maximum(assignment, 0), batch_dims=1)
+    targets = targets * tf.cast(matched, tf.float32)[:, :, None, None]
+    per_step = weighted_l2(maps, targets, p=lam)  # [N, T]
+    weight = tf.ones_like(per_step) if unmatched == "zero" else tf.cast(matched, tf.float32)
+    instance_term = tf.reduce_sum(per_step * weight, axis=1)
+    gt_sum = tf.reduce_sum(masks * tf.cast(valid, tf.float32)[:, :, None, None], axis=1)
+    sum_term = eta * weighted_l2(tf.reduce_sum(maps, axis=1), gt_sum, p=gamma)
+    return instance_term, sum_term, assignment
