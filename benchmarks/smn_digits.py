@@ -102,6 +102,10 @@ def main(argv=None):
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--base-weights", default=None, help="load a base trained by an earlier run (skips its stage)")
     parser.add_argument("--base-only", action="store_true", help="train and evaluate the base, then stop")
+    parser.add_argument("--mlp-only", action="store_true",
+                        help="with --base-weights: train and evaluate only the MLP control (skips SMN)")
+    parser.add_argument("--mlp-unmatched", action="store_true",
+                        help="MLP control at the memory width instead of SMN's parameter count")
     parser.add_argument("--base-continue", type=float, default=0.0, metavar="EPOCHS",
                         help="with --base-weights: train the loaded base this many more epochs (lr 1e-3, x0.1 at 75%%)")
     args = parser.parse_args(argv)
@@ -111,7 +115,7 @@ def main(argv=None):
     import smn as recipe
     from kerasdet.cli import get_config, make_datasets, prepare_sources
     from kerasdet.evaluation.callback import evaluate_model
-    from kerasdet.models.smn import SMN
+    from kerasdet.models.smn import SMN, inference_parameters, matched_mlp_channels
 
     os.makedirs(args.work_dir, exist_ok=True)
     config = get_config(recipe, "digits")
@@ -179,24 +183,32 @@ def main(argv=None):
     model_args = dict(config["model"])
     mem_stages = [s for s in config["stages"] if s["kind"] == "memory"]
     keras.utils.set_random_seed(args.seed + 1)
-    smn = SMN(base=base, weight_decay=config["train"]["weight_decay"], **model_args)
-    smn.build((None, size[0], size[1], 3))
-    smn_params = smn.count_params() - base.count_params()
-    smn.configure(inference="base_topn", num_steps=10)
-    evaluate("base top-N (no NMS)", smn, 0.0)
-    smn_seconds = run_stages(smn, mem_stages)
-    smn.save_weights(os.path.join(args.work_dir, "smn.weights.h5"))
-    smn.configure(inference="final")
-    evaluate("SMN final", smn, smn_seconds, memory_params=smn_params)
-    smn.configure(inference="steps", num_steps=10)
-    evaluate("SMN steps", smn, smn_seconds, memory_params=smn_params)
+    if not args.mlp_only:
+        smn = SMN(base=base, weight_decay=config["train"]["weight_decay"], **model_args)
+        smn.build((None, size[0], size[1], 3))
+        smn_params = smn.count_params() - base.count_params()
+        smn.configure(inference="base_topn", num_steps=10)
+        evaluate("base top-N (no NMS)", smn, 0.0)
+        smn_seconds = run_stages(smn, mem_stages)
+        smn.save_weights(os.path.join(args.work_dir, "smn.weights.h5"))
+        smn.configure(inference="final")
+        evaluate("SMN final", smn, smn_seconds, memory_params=smn_params)
+        smn.configure(inference="steps", num_steps=10)
+        evaluate("SMN steps", smn, smn_seconds, memory_params=smn_params)
 
     keras.utils.set_random_seed(args.seed + 1)
-    mlp = SMN(base=base, weight_decay=config["train"]["weight_decay"], **dict(model_args, context="mlp"))
-    mlp.build((None, size[0], size[1], 3))
+    shape = (None, size[0], size[1], 3)
+    channels, smn_params, mlp_params = (None, None, None) if args.mlp_unmatched else matched_mlp_channels(
+        base, shape, weight_decay=config["train"]["weight_decay"], **model_args)
+    print(f"MLP control: context width {channels}: {mlp_params:,} inference parameters vs SMN's {smn_params:,}"
+          if channels else "MLP control at the memory width (not matched)")
+    keras.utils.set_random_seed(args.seed + 1)
+    mlp = SMN(base=base, weight_decay=config["train"]["weight_decay"],
+              **dict(model_args, context="mlp", mlp_channels=channels))
+    mlp.build(shape)
     mlp_seconds = run_stages(mlp, config["mlp_stages"])
     mlp.save_weights(os.path.join(args.work_dir, "mlp.weights.h5"))
-    evaluate("MLP control", mlp, mlp_seconds, memory_params=mlp.count_params() - base.count_params())
+    evaluate("MLP control", mlp, mlp_seconds, memory_params=inference_parameters(mlp))
 
     results["total_seconds"] = time.time() - t_start
     with open(os.path.join(args.work_dir, "results.json"), "w") as f:

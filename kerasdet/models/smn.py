@@ -72,6 +72,7 @@ N(0, 0.01) so training starts at the base's scores (§5.2 item 12: the paper han
 variances; no normalisation layers).
 """
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerasdet import boxes as box_ops
@@ -142,6 +143,9 @@ class SMN(Detector):
         reconstruction_weight: 1.0.
         score_threshold, max_detections: output filter (0.05, 100).
         freeze_base: make the base non-trainable (stage 2 of the stage-wise training). True.
+        mlp_channels: width of the MLP control's context net (``context="mlp"`` only; None =
+            ``memory_channels``). :func:`matched_mlp_channels` picks the width that gives the
+            MLP control SMN's inference-time parameter count, as in the paper's Table 2.
         weight_decay: coupled L2 on the trainable (memory) kernels.
     """
 
@@ -178,6 +182,7 @@ class SMN(Detector):
         score_threshold=0.05,
         max_detections=100,
         freeze_base=True,
+        mlp_channels=None,
         weight_decay=5e-4,
         **kwargs,
     ):
@@ -224,7 +229,8 @@ class SMN(Detector):
             self.prior = MemoryPrior(channels=d, prior_size=prior_size, name="memory_prior")
             self.writer = MemoryWrite(channels=d, stride=self.stride, crop_size=crop_size,
                                       gate_channels=gate_channels, name="memory_write")
-        self.context_net = ContextNet(channels=d, num_layers=context_layers, name="context_net")
+        width = d if (context == "memory" or mlp_channels is None) else int(mlp_channels)
+        self.context_net = ContextNet(channels=width, num_layers=context_layers, name="context_net")
         roi_crop = base.roi_layer.crop_size if memory_roi_crop is None else int(memory_roi_crop)
         roi_pool = base.roi_layer.pool_size if memory_roi_pool is None else int(memory_roi_pool)
         self.mem_roi = RoICropAndPool(crop_size=roi_crop, pool_size=roi_pool, min_level=self.level,
@@ -259,6 +265,7 @@ class SMN(Detector):
             rpn_positive_iou=self.rpn_positive_iou, rpn_negative_iou=self.rpn_negative_iou,
             reconstruction_weight=self.reconstruction_weight, score_threshold=self.score_threshold,
             max_detections=self.max_detections, freeze_base=self.freeze_base,
+            mlp_channels=None if mlp_channels is None else int(mlp_channels),
         )
 
     # --- config -------------------------------------------------------------------------
@@ -582,3 +589,39 @@ class SMN(Detector):
         self.train_function = self.test_function = self.predict_function = None
         return self
 
+
+
+def inference_parameters(model):
+    """Parameters an SMN / MLP control adds to its base at inference: every weight outside
+    the base, minus the training-only reconstruction branches (``rec_*``)."""
+    base_ids = {id(v) for v in model.base.weights}
+    total = 0
+    for v in model.weights:
+        if id(v) in base_ids or any(part.startswith("rec_") for part in v.path.split("/")):
+            continue
+        total += int(np.prod(v.shape))
+    return total
+
+
+def matched_mlp_channels(base, input_shape, **smn_args):
+    """The MLP control's context-net width whose inference-time parameter count
+    (:func:`inference_parameters`) is closest to SMN's for the same arguments (the paper's
+    Table 2: "the same number of parameters"). Builds the models; returns
+    ``(channels, smn_params, mlp_params)``."""
+    smn_args = {k: v for k, v in smn_args.items() if k not in ("context", "mlp_channels")}
+
+    def count(context, channels=None):
+        model = SMN(base=base, context=context, mlp_channels=channels, **smn_args)
+        model.build(input_shape)
+        return inference_parameters(model)
+
+    target = count("memory")
+    lo, hi = 1, 4 * int(smn_args.get("memory_channels", 256))
+    while lo < hi:  # the count grows with the width: smallest width with count >= target
+        mid = (lo + hi) // 2
+        if count("mlp", mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min({max(1, lo - 1), lo}, key=lambda c: abs(count("mlp", c) - target))
+    return best, target, count("mlp", best)

@@ -173,3 +173,25 @@ def test_mlp_control_has_no_memory_and_uses_nms():
         ious = iou(bx, bx).numpy()
         same = (cl[:, None] == cl[None]) & ~np.eye(n, dtype=bool)
         assert not (ious[same] > 0.5 + 1e-5).any()
+
+
+def test_mlp_control_matched_to_smn_parameter_count():
+    from kerasdet.models.smn import inference_parameters, matched_mlp_channels
+
+    base = _base(3)
+    args = dict(num_steps=3, num_base_writes=3, num_memory_steps=2, memory_channels=8, crop_size=5,
+                memory_roi_crop=4, memory_roi_pool=1, memory_rpn_channels=8, memory_fc_dim=16, fusion_dim=16,
+                num_rois=12, rpn_batch_size=16, max_detections=20, score_threshold=0.0)
+    channels, smn_params, mlp_params = matched_mlp_channels(base, (None, 64, 64, 3), **args)
+    smn = _smn(base)
+    # SMN's inference count by hand: everything outside the base except the rec_* branches
+    rec = sum(int(np.prod(v.shape)) for v in smn.weights if any(p.startswith("rec_") for p in v.path.split("/")))
+    assert rec > 0 and smn_params == smn.count_params() - base.count_params() - rec
+    mlp = _smn(base, context="mlp", mlp_channels=channels)
+    assert mlp.context_net.channels == channels != 8 and inference_parameters(mlp) == mlp_params
+    # the closest width: one channel less or more is not closer
+    for other in (channels - 1, channels + 1):
+        count = inference_parameters(_smn(base, context="mlp", mlp_channels=other))
+        assert abs(count - smn_params) >= abs(mlp_params - smn_params)
+    assert abs(mlp_params - smn_params) < 0.05 * smn_params
+    assert SMN.from_config(mlp.get_config()).context_net.channels == channels
