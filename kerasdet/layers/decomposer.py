@@ -49,6 +49,12 @@ Choices where the paper is silent (spec §1.2-§1.4, §6.2), all constructor opt
 import keras
 import tensorflow as tf
 
+#: Moving-average momentum of every BatchNormalization here: 0.9 in Keras' convention is
+#: Torch's default ``momentum=0.1`` (the paper's framework). Keras' 0.99 left the moving
+#: statistics far from the batch statistics after a few hundred steps, so the frozen
+#: category network of stage 2 (inference-mode BN) emitted all-zero maps in a tiny run.
+BN_MOMENTUM = 0.9
+
 
 def stride2_sizes(size, stages):
     """Sizes after each of ``stages`` stride-2 ``'same'`` convolutions: ``ceil(s / 2)``."""
@@ -76,7 +82,7 @@ def mirror_output_paddings(sizes):
 def _conv_bn_relu(filters, kernel, stride, name):
     return [keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
                                 name=f"{name}_conv"),
-            keras.layers.BatchNormalization(name=f"{name}_bn"),
+            keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn"),
             keras.layers.ReLU(name=f"{name}_relu")]
 
 
@@ -84,7 +90,7 @@ def _deconv_bn_relu(filters, kernel, output_padding, name):
     return [keras.layers.Conv2DTranspose(filters, kernel, strides=2, padding="same",
                                          output_padding=output_padding, use_bias=False,
                                          name=f"{name}_deconv"),
-            keras.layers.BatchNormalization(name=f"{name}_bn"),
+            keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn"),
             keras.layers.ReLU(name=f"{name}_relu")]
 
 
@@ -211,7 +217,7 @@ class InstanceDecomposer(keras.layers.Layer):
 
     def _norm(self, name):
         if self.recurrent_norm == "batch":
-            return keras.layers.BatchNormalization(name=name)
+            return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=name)
         if self.recurrent_norm == "layer":
             return keras.layers.LayerNormalization(name=name)
         return None
@@ -242,7 +248,7 @@ class InstanceDecomposer(keras.layers.Layer):
                 shared = [self._norm(f"rnn{i + 1}_norm") for i in range(self.recurrent_layers)]
                 self.norms = [[shared[i]] * self.steps for i in range(self.recurrent_layers)]
             self.projection = [keras.layers.Dense(flat, use_bias=False, name="proj_dense"),
-                               keras.layers.BatchNormalization(name="proj_bn"),
+                               keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="proj_bn"),
                                keras.layers.ReLU(name="proj_relu")]
             for i in range(self.recurrent_layers):
                 self.input_kernels[i].build((None, flat if i == 0 else self.units))
