@@ -86,6 +86,21 @@ def count_flops(concrete):
     return profiler_flops, conv_flops
 
 
+def _gradient_function(model, spec):
+    """Forward in training mode + gradients of the summed outputs (the conv/matmul work of a
+    train step without its loss, target assignment and optimizer update)."""
+    variables = model.trainable_variables
+
+    @tf.function(input_signature=[spec])
+    def grads(x):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32)) for t in tf.nest.flatten(out)])
+        return [g for g in tape.gradient(loss, variables) if g is not None]
+
+    return grads
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -94,6 +109,10 @@ def main():
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--keras-hub", action="store_true", help="also measure keras-hub's RetinaNet")
+    parser.add_argument("--train", action="store_true",
+                        help="also the training computation: forward (training=True) + gradients of a sum of "
+                             "the head outputs w.r.t. the trainable variables (each model's own frozen/trainable "
+                             "split; no loss, matching or optimizer update), FLOPs counted on its graph")
     args = parser.parse_args()
 
     import keras
@@ -110,6 +129,10 @@ def main():
     if args.keras_hub:
         hub = keras_hub_retinanet(args.num_classes)
         fns["keras-hub network"] = tf.function(lambda x: hub(x, training=False), input_signature=[spec])
+    if args.train:
+        fns["kerasdet train fwd+bwd"] = _gradient_function(kd, spec)
+        if args.keras_hub:
+            fns["keras-hub train fwd+bwd"] = _gradient_function(hub, spec)
     flops = {}
     for name, fn in fns.items():
         profiler_flops, conv_flops = count_flops(fn.get_concrete_function())
