@@ -42,9 +42,10 @@ def _model(kind="retinanet"):
     )
 
 
-@pytest.fixture(scope="module", params=["retinanet", "faster_rcnn", "assd"])
-def exported(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
+def _export_fixture(model, name, tmp_path_factory):
+    """Exports ``model`` (64x64 canvas) next to two 96x80 images and a COCO file of them:
+    ``(model, saved_model_path, root, images)``."""
+    root = tmp_path_factory.mktemp(f"export_{name}")
     rng = np.random.RandomState(0)
     images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
     os.makedirs(root / "img")
@@ -54,11 +55,15 @@ def exported(request, tmp_path_factory):
         coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
     with open(root / "ann.json", "w") as f:
         json.dump(coco, f)
-    model = _model(request.param)
     path = str(root / "saved_model")
     export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
     np.save(root / "batch.npy", np.stack(images))
     return model, path, root, np.stack(images)
+
+
+@pytest.fixture(scope="module", params=["retinanet", "faster_rcnn", "assd"])
+def exported(request, tmp_path_factory):
+    return _export_fixture(_model(request.param), request.param, tmp_path_factory)
 
 
 FRESH = textwrap.dedent(
@@ -163,21 +168,7 @@ def _rfcn_model(kind):
 
 @pytest.fixture(scope="module", params=["rfcn", "couplenet", "acouplenet"])
 def exported_rfcn(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
-    rng = np.random.RandomState(0)
-    images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
-    os.makedirs(root / "img")
-    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
-    for i, im in enumerate(images):
-        cv2.imwrite(str(root / "img" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
-        coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
-    with open(root / "ann.json", "w") as f:
-        json.dump(coco, f)
-    model = _rfcn_model(request.param)
-    path = str(root / "saved_model")
-    export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
-    np.save(root / "batch.npy", np.stack(images))
-    return model, path, root, np.stack(images)
+    return _export_fixture(_rfcn_model(request.param), request.param, tmp_path_factory)
 
 
 def test_rfcn_variants_load_without_kerasdet_and_match_predict(exported_rfcn):
@@ -205,21 +196,7 @@ def _smn_model(kind):
 
 @pytest.fixture(scope="module", params=["smn", "smn_mlp"])
 def exported_smn(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
-    rng = np.random.RandomState(0)
-    images = [rng.randint(0, 255, (96, 80, 3), dtype=np.uint8) for _ in range(2)]
-    os.makedirs(root / "img")
-    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
-    for i, im in enumerate(images):
-        cv2.imwrite(str(root / "img" / f"{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
-        coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "height": 96, "width": 80})
-    with open(root / "ann.json", "w") as f:
-        json.dump(coco, f)
-    model = _smn_model(request.param)
-    path = str(root / "saved_model")
-    export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS)
-    np.save(root / "batch.npy", np.stack(images))
-    return model, path, root, np.stack(images)
+    return _export_fixture(_smn_model(request.param), request.param, tmp_path_factory)
 
 
 def test_smn_loads_without_kerasdet_and_matches_predict(exported_smn):
