@@ -294,11 +294,7 @@ class DecompNet(Detector):
         c, t = self.num_classes, self.steps
         sh, sw = self.map_size
         h, w = self.image_size
-        peak = tf.reduce_max(maps, axis=[-2, -1])  # [B, C, T]
-        if self.stop == "first_black":
-            alive = tf.math.cumprod(tf.cast(peak >= self.stop_threshold, tf.float32), axis=-1) > 0.5
-        else:
-            alive = peak > self.mask_threshold
+        alive = self._emitted(maps)  # [B, C, T]
         boxes = tf.clip_by_value(cxcywh_to_yxyx(self.regress_boxes(maps, training=False)), 0.0, 1.0)
         scores = box_score(maps, boxes)
         m_scores = mask_score(maps, self.mask_threshold)
@@ -328,9 +324,13 @@ class DecompNet(Detector):
     def count_instances(self, images):
         """``[B, C]`` number of instances the stop rule emits per category."""
         _, maps = self(images, training=False)
+        return tf.reduce_sum(tf.cast(self._emitted(maps), tf.int32), axis=-1)
+
+    def _emitted(self, maps):
+        """``[B, C, T]`` bool: the steps the stop rule emits (``"first_black"``: those
+        before the first map whose peak is below ``stop_threshold``; ``"none"``: every
+        map with a pixel above ``mask_threshold``)."""
         peak = tf.reduce_max(maps, axis=[-2, -1])
         if self.stop == "first_black":
-            alive = tf.math.cumprod(tf.cast(peak >= self.stop_threshold, tf.float32), axis=-1)
-        else:
-            alive = tf.cast(peak > self.mask_threshold, tf.float32)
-        return tf.cast(tf.reduce_sum(alive, axis=-1), tf.int32)
+            return tf.math.cumprod(tf.cast(peak >= self.stop_threshold, tf.float32), axis=-1) > 0.5
+        return peak > self.mask_threshold

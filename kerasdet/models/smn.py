@@ -119,6 +119,19 @@ def _best(iou, mask):
     return tf.reduce_max(masked, axis=-1), tf.argmax(masked, axis=-1, output_type=tf.int32)
 
 
+def _pool_and_fcs(roi_layer, feat, rois, fcs):
+    """RoI-pool ``feat`` at ``rois`` ``[B, R, 4]``, flatten each RoI, run the fc stack:
+    ``(x [B * R, F], B, R)``."""
+    pooled = roi_layer([feat], rois)
+    flat = 1
+    for dim in pooled.shape[2:]:
+        flat *= int(dim)
+    x = tf.reshape(pooled, [-1, flat])
+    for fc in fcs:
+        x = fc(x)
+    return x, tf.shape(rois)[0], rois.shape[1]
+
+
 @keras.saving.register_keras_serializable(package="kerasdet")
 class SMN(Detector):
     """Spatial Memory Network on a frozen C4 Faster R-CNN (see the module docstring).
@@ -315,14 +328,7 @@ class SMN(Detector):
     def _base_heads(self, feat, rois, image_shape):
         """fc7 ``[B, R, F]``, logits ``[B, R, K+1]``, clipped class boxes ``[B, R, K, 4]``."""
         base = self.base
-        pooled = base.roi_layer([feat], rois)
-        batch, num = tf.shape(rois)[0], rois.shape[1]
-        flat = 1
-        for dim in pooled.shape[2:]:
-            flat *= int(dim)
-        x = tf.reshape(pooled, [-1, flat])
-        for fc in base.box_head.fcs:
-            x = fc(x)
+        x, batch, num = _pool_and_fcs(base.roi_layer, feat, rois, base.box_head.fcs)
         logits = tf.reshape(tf.cast(base.box_head.cls(x), tf.float32), [batch, num, self.num_classes + 1])
         deltas = tf.reshape(tf.cast(base.box_head.box(x), tf.float32), [batch, num, self.num_classes + 1, 4])
         boxes = box_ops.decode(deltas[:, :, 1:, :], rois[:, :, None, :], weights=base.box_weights)
@@ -335,15 +341,7 @@ class SMN(Detector):
         return self.context_net(memory_or_feat)
 
     def _region(self, fcs, m, rois):
-        pooled = self.mem_roi([m], rois)
-        batch, num = tf.shape(rois)[0], rois.shape[1]
-        flat = 1
-        for dim in pooled.shape[2:]:
-            flat *= int(dim)
-        x = tf.reshape(pooled, [-1, flat])
-        for fc in fcs:
-            x = fc(x)
-        return x, batch, num
+        return _pool_and_fcs(self.mem_roi, m, rois, fcs)
 
     def _memory_logits(self, m, base, fc7, rois):
         """Residual class logits ``[B, R, K+1]`` and objectness ``[B, A]`` from ``m-conv5``."""
