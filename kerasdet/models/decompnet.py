@@ -29,9 +29,13 @@ saves a pass over the data on a CPU).
 after one epoch is :class:`kerasdet.callbacks.DecompositionWarmup`.
 
 Inference (:meth:`DecompNet.detect`, static shapes, graph code): every category map is
-decomposed into ``steps`` maps; with ``stop="first_black"`` (default) a category's
-sequence ends at its first map whose peak is below ``stop_threshold`` (0.5, choice), with
-``stop="none"`` every non-zero map is kept and ranked by score. Boxes: the regressor's
+decomposed into ``steps`` maps; with ``stop="first_black"`` (default, the paper's "the last
+instance map ... is usually a black image and it works as a stop sign") a category's
+sequence ends at its first map whose peak is below ``stop_threshold`` (0.5, choice); with
+``stop="bright"`` (our option) every map whose peak reaches ``stop_threshold`` is kept
+wherever it sits in the sequence (the Hungarian loss leaves the order of the maps free,
+and the ConvGRU cell learns to put its black maps *first*, which "first_black" would read
+as "no instance"); with ``stop="none"`` every non-zero map is kept and ranked by score. Boxes: the regressor's
 box, scored by Eq. 5 (mean map value inside the box); masks: the map resized to the
 input and thresholded at ``mask_threshold`` = 0.1 (Fig. 6), scored by Eq. 6. The
 ``num_classes * steps`` candidates are sorted by box score; there is no NMS.
@@ -60,6 +64,7 @@ from kerasdet.losses import decomposition_set_loss, global_normalizer, smooth_l1
 from kerasdet.models.base import Detector
 
 STAGES = ("category", "instance", "joint", "box")
+STOP_RULES = ("first_black", "bright", "none")
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -87,8 +92,8 @@ class DecompNet(Detector):
         ``"mean"`` (also divided by the number of map pixels).
       box_loss_weight: weight of the box regressor's smooth-L1 term (default 1).
       stage: ``"category"``, ``"instance"``, ``"joint"`` (default) or ``"box"``.
-      stop: ``"first_black"`` (default) or ``"none"``; stop_threshold: a map is black
-        when its peak is below this (default 0.5).
+      stop: ``"first_black"`` (default), ``"bright"`` or ``"none"`` (see the module doc);
+        stop_threshold: a map is black when its peak is below this (default 0.5).
       mask_threshold: segmentation threshold and Eq. 6's delta (default 0.1, Fig. 6).
       weight_decay, nan_policy: :class:`~kerasdet.models.base.Detector`.
     """
@@ -105,8 +110,8 @@ class DecompNet(Detector):
         super().__init__(weight_decay=weight_decay, nan_policy=nan_policy, **kwargs)
         if target not in ("masks", "boxes"):
             raise ValueError(f"target must be 'masks' or 'boxes', got {target!r}")
-        if stop not in ("first_black", "none"):
-            raise ValueError(f"stop must be 'first_black' or 'none', got {stop!r}")
+        if stop not in STOP_RULES:
+            raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
         if loss_normalize not in ("sum", "mean"):
             raise ValueError(f"loss_normalize must be 'sum' or 'mean', got {loss_normalize!r}")
         if int(max_instances) > int(steps):
@@ -120,8 +125,8 @@ class DecompNet(Detector):
         self.unmatched = unmatched
         self.loss_normalize = loss_normalize
         self.box_loss_weight = float(box_loss_weight)
-        self.stop = stop
-        self.stop_threshold = float(stop_threshold)
+        self._stop = stop
+        self._stop_threshold = float(stop_threshold)
         self.mask_threshold = float(mask_threshold)
         self.category_net = CategoryDecomposer(num_classes=num_classes, full_resolution=full_resolution,
                                                widths=category_widths, name="category_net")
@@ -146,6 +151,32 @@ class DecompNet(Detector):
             stop_threshold=self.stop_threshold, mask_threshold=self.mask_threshold)
         self.stage = None
         self.set_stage(stage)
+
+    # --- stop rule (post-processing options that may change after predict was traced) -------
+    @property
+    def stop(self):
+        """The stop rule, ``"first_black"``, ``"bright"`` or ``"none"``; setting it drops the
+        traced predict function, so the next ``predict`` uses the new rule."""
+        return self._stop
+
+    @stop.setter
+    def stop(self, value):
+        if value not in STOP_RULES:
+            raise ValueError(f"stop must be one of {STOP_RULES}, got {value!r}")
+        self._stop = value
+        self._config["stop"] = value
+        self.predict_function = None
+
+    @property
+    def stop_threshold(self):
+        """A map is black when its peak is below this; setting it re-traces ``predict``."""
+        return self._stop_threshold
+
+    @stop_threshold.setter
+    def stop_threshold(self, value):
+        self._stop_threshold = float(value)
+        self._config["stop_threshold"] = float(value)
+        self.predict_function = None
 
     # --- stages ---------------------------------------------------------------------------
     def set_stage(self, stage):
@@ -328,9 +359,12 @@ class DecompNet(Detector):
 
     def _emitted(self, maps):
         """``[B, C, T]`` bool: the steps the stop rule emits (``"first_black"``: those
-        before the first map whose peak is below ``stop_threshold``; ``"none"``: every
-        map with a pixel above ``mask_threshold``)."""
+        before the first map whose peak is below ``stop_threshold``; ``"bright"``: every
+        map whose peak reaches ``stop_threshold``; ``"none"``: every map with a pixel
+        above ``mask_threshold``)."""
         peak = tf.reduce_max(maps, axis=[-2, -1])
         if self.stop == "first_black":
             return tf.math.cumprod(tf.cast(peak >= self.stop_threshold, tf.float32), axis=-1) > 0.5
+        if self.stop == "bright":
+            return peak >= self.stop_threshold
         return peak > self.mask_threshold

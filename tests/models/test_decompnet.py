@@ -116,14 +116,35 @@ def test_detect_shapes_no_nms_and_stop_rule():
         n = out["num_detections"][b]
         assert (out["classes"][b, n:] == -1).all() and (np.diff(out["scores"][b, :n]) <= 1e-6).all()
 
-    # stop rule by hand: peaks [0.9, 0.2, 0.8, 0.0] -> first_black keeps 1 step, none keeps 3
+    # stop rule by hand: peaks [0.9, 0.2, 0.8, 0.0] -> first_black keeps 1 step, bright 2, none 3
     maps = np.zeros((1, 3, 4, 20, 20), np.float32)
     for t, v in enumerate([0.9, 0.2, 0.8, 0.0]):
         maps[0, 0, t, 5, 5] = v
     model.call = lambda images, training=None: (None, tf.constant(maps))
     assert model.count_instances(images[:1]).numpy().tolist() == [[1, 0, 0]]
+    model.stop = "bright"
+    assert model.count_instances(images[:1]).numpy().tolist() == [[2, 0, 0]]
     model.stop = "none"
     assert model.count_instances(images[:1]).numpy().tolist() == [[3, 0, 0]]
+
+
+def test_changing_the_stop_rule_after_predict_takes_effect():
+    # predict traces detect once; the stop rule and threshold are read at trace time, so
+    # setting them must drop the traced function (a stale rule would silently keep counting)
+    model = DecompNet(**TINY)
+    images, _ = _data(1)
+    maps = np.zeros((1, 3, 4, 20, 20), np.float32)
+    for t, v in enumerate([0.9, 0.2, 0.8, 0.0]):
+        maps[0, 1, t, 5, 5] = v
+    model.call = lambda images, training=None: (None, tf.constant(maps))
+    assert model.predict(images, verbose=0)["num_detections"].tolist() == [1]
+    model.stop = "bright"
+    assert model.predict(images, verbose=0)["num_detections"].tolist() == [2]
+    model.stop_threshold = 0.1
+    assert model.predict(images, verbose=0)["num_detections"].tolist() == [3]
+    assert model.get_config()["stop"] == "bright" and model.get_config()["stop_threshold"] == 0.1
+    with pytest.raises(ValueError, match="stop must be one of"):
+        model.stop = "last_black"
 
 
 def test_config_round_trip_and_export_with_masks(tmp_path):
