@@ -1,18 +1,24 @@
 """decompNet vs the sliding-window baseline on the paper's 3-6-9 digits protocol (seed 001).
 
 One run: generate the set (100x100, 5-10 digits of classes 3/6/9, scale 0.5-2, IoU <= 0.2,
-30 clutter patches, disjoint digit pools), train decompNet in its stages
-(``recipes/decompnet.py``) and the sliding-window CNN + NMS 0.3 baseline
-(:class:`kerasdet.models.sliding_window.SlidingWindowDetector`), then report, with
+30 clutter patches, disjoint digit pools; 1,500 / 300 images by default), train decompNet
+variants in their stages (``recipes/decompnet.py``; default ``fc:boxes`` = the paper's fully
+connected recurrent cell, ``conv_gru:boxes`` = its all-convolutional alternative, both on
+filled box masks, the detection variant, and ``conv_gru:masks`` = the segmentation variant
+on the digits' ink; one category network per target, trained once and shared by the
+cells), then the sliding-window CNN + NMS 0.3 baseline
+(:class:`kerasdet.models.sliding_window.SlidingWindowDetector`), and report, with
 pycocotools on the validation split:
 
 * per-class box AP50 (decompNet boxes scored by Eq. 5; baseline windows by class probability),
 * per-class mask AP50 (decompNet masks thresholded at 0.1, scored by Eq. 6),
 * count accuracy (exact number of instances per category; per class, per image, MAE;
-  the baseline counts its detections with score >= ``--baseline-count-threshold``),
+  decompNet with the ``--stop`` rule and with the paper's ``first_black``; the baseline
+  counts its detections with score >= ``--baseline-count-threshold``),
 * precision-recall curves per class saved as a PNG like the paper's Fig. 4 / Fig. 5.
 
-Run: ``python benchmarks/decompnet_digits.py`` (CPU preset, see ``--help`` for sizes).
+Run: ``python benchmarks/decompnet_digits.py`` (~45 min on 2 CPU cores, see ``--help`` for
+sizes); ``--reuse-weights`` re-evaluates the weights a run saved in ``--work-dir``.
 Needs matplotlib for the PNG (``pip install -e ".[bench]"``).
 """
 import argparse
@@ -56,20 +62,42 @@ def _gt_counts(gt_classes, num_classes):
     return np.stack([(gt_classes == c).sum(1) for c in range(num_classes)], axis=1)
 
 
+def _variant(text):
+    cell, _, target = text.partition(":")
+    if cell not in ("fc", "conv_gru") or target not in ("boxes", "masks"):
+        raise argparse.ArgumentTypeError(f"a variant is CELL:TARGET with CELL fc|conv_gru and TARGET boxes|masks, "
+                                         f"got {text!r}")
+    return cell, target
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default=os.path.join("runs", "decompnet_bench"))
-    parser.add_argument("--data-dir", default=os.path.join("data", "digits369_bench"))
-    parser.add_argument("--num-train", type=int, default=1200)
-    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--data-dir", default=None, help="default: data/digits369_<train>_<val>")
+    parser.add_argument("--num-train", type=int, default=1500)
+    parser.add_argument("--num-val", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--units", type=int, default=512, help="recurrent units (paper: 2048)")
+    parser.add_argument("--variants", default="fc:boxes,conv_gru:boxes,conv_gru:masks",
+                        help="comma-separated CELL:TARGET decompNet variants (cell fc = the paper's fully "
+                             "connected recurrence, conv_gru = its all-convolutional alternative; target boxes = "
+                             "filled box masks, the detection variant; masks = digit ink, the segmentation variant)")
+    parser.add_argument("--units", type=int, default=512, help="fc recurrent units (paper: 2048)")
     parser.add_argument("--instance-filters", type=int, default=16, help="instance conv width (paper: 32)")
-    parser.add_argument("--stage-epochs", default="2,3,1,0", help="category,instance,joint,box epochs")
-    parser.add_argument("--baseline-epochs", type=int, default=3)
+    parser.add_argument("--conv-gru-filters", type=int, default=32)
+    parser.add_argument("--conv-gru-layers", type=int, default=1)
+    parser.add_argument("--stage-epochs", default="15,8,1,1", help="category,instance,joint,box epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=6,
+                        help="epochs of the category and instance stages at lambda = gamma = p = 0.3 before 1.0 "
+                             "(the paper: one epoch of its 30,000 images)")
+    parser.add_argument("--stop", default="bright", help="stop rule for AP and counts (first_black is also counted)")
+    parser.add_argument("--baseline-epochs", type=int, default=4)
     parser.add_argument("--baseline-count-threshold", type=float, default=0.5)
+    parser.add_argument("--reuse-weights", action="store_true",
+                        help="load the weights an earlier run saved in --work-dir (decompNet variants and the "
+                             "baseline) instead of training them; train times are taken from its results.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    variants = [_variant(v) for v in args.variants.split(",") if v]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     import keras
@@ -83,10 +111,15 @@ def main(argv=None):
     os.makedirs(args.work_dir, exist_ok=True)
     recipe = _recipe()
     epochs = [int(e) for e in args.stage_epochs.split(",")]
+    data_dir = args.data_dir or os.path.join("data", f"digits369_{args.num_train}_{args.num_val}")
     config = get_config(recipe, "digits", {
-        "data.dir": args.data_dir, "data.generate.num_train": args.num_train, "data.generate.num_val": args.num_val,
-        "train.batch_size": args.batch_size, "model.units": args.units, "model.instance_filters": args.instance_filters})
-    config["train"]["stages"] = [dict(s, epochs=e) for s, e in zip(config["train"]["stages"], epochs) if e > 0]
+        "data.dir": data_dir, "data.generate.num_train": args.num_train, "data.generate.num_val": args.num_val,
+        "train.batch_size": args.batch_size, "model.units": args.units, "model.instance_filters": args.instance_filters,
+        "model.conv_gru_filters": args.conv_gru_filters, "model.stop": args.stop})
+    stages = [dict(s, epochs=e) for s, e in zip(config["train"]["stages"], epochs)]
+    for s in stages:
+        if "warmup_epochs" in s:
+            s["warmup_epochs"] = args.warmup_epochs
     keras.utils.set_random_seed(args.seed)
     train_source, val_source = prepare_sources(config)
     train_ds, val_ds = make_datasets(config, train_source, val_source, seed=args.seed, repeat=True)
@@ -94,29 +127,73 @@ def main(argv=None):
     num_classes = train_source.num_classes
     cat_ids = list(val_source.category_ids)
     names = list(val_source.category_names)
-    results = {"config": {k: v for k, v in vars(args).items()}, "categories": names}
+    results = {"config": {k: v for k, v in vars(args).items()}, "categories": names, "decompnet": {}}
+    curves = {}
+    previous = {}
+    if args.reuse_weights and os.path.exists(os.path.join(args.work_dir, "results.json")):
+        with open(os.path.join(args.work_dir, "results.json")) as f:
+            previous = json.load(f)
 
-    # --- decompNet ------------------------------------------------------------------------
-    model = recipe.build_model(config, num_classes)
-    results["decompnet_params"] = model.count_params()
-    t0 = time.time()
-    stages = recipe.train_stages(model, train_ds, config, steps_per_epoch=steps, verbose=2)
-    results["decompnet_train_seconds"] = time.time() - t0
-    results["decompnet_stages"] = [(s, sec) for s, sec, _ in stages]
-    model.save_weights(os.path.join(args.work_dir, "decompnet.weights.h5"))
-    t0 = time.time()
-    det = _collect(model.predict_on_batch, val_ds, count_fn=model.count_instances)
-    results["decompnet_predict_seconds"] = time.time() - t0
-    box_results = detections_to_coco_results(
-        image_ids=det["image_ids"], boxes=det["boxes"], scores=det["scores"], classes=det["classes"],
-        num_detections=det["num_detections"], image_scales=det["scales"], category_ids=cat_ids)
-    mask_results = masks_to_coco_results(
-        image_ids=det["image_ids"], masks=det["masks"], scores=det["mask_scores"], classes=det["classes"],
-        num_detections=det["num_detections"], category_ids=cat_ids)
-    gt_counts = _gt_counts(det["gt_classes"], num_classes)
-    curves = {"decomp box": per_class_pr(val_source.annotation_file, box_results, iou_type="bbox"),
-              "decomp mask": per_class_pr(val_source.annotation_file, mask_results, iou_type="segm")}
-    results["decompnet_counts"] = count_accuracy(det["counts"], gt_counts)
+    # --- decompNet variants (one category network per target, shared by the cells) ----------
+    category_weights = {}
+    for cell, target in variants:
+        name = f"decomp {cell} {target}"
+        model_cfg = {"target": target, "cell": cell,
+                     "recurrent_layers": args.conv_gru_layers if cell == "conv_gru" else 2}
+        vcfg = dict(config, model=dict(config["model"], **model_cfg))
+        keras.utils.set_random_seed(args.seed)
+        model = recipe.build_model(vcfg, num_classes)
+        entry = {"params": model.count_params(), "stage_seconds": []}
+        todo = [s for s in stages if s["epochs"] > 0]
+        t0 = time.time()
+        done = []
+        weights = os.path.join(args.work_dir, f"{cell}_{target}.weights.h5")
+        if args.reuse_weights and os.path.exists(weights):
+            model.load_weights(weights)
+            todo = []
+            entry.update({k: v for k, v in previous.get("decompnet", {}).get(name, {}).items()
+                          if k in ("train_seconds", "stage_seconds", "final_losses", "category_shared_with")})
+            entry["weights_reused"] = weights
+        elif target in category_weights:  # stage 1 of this target already ran: reuse its weights
+            model.category_net.set_weights(category_weights[target])
+            entry["category_shared_with"] = category_weights["by_" + target]
+        else:  # stage 1 alone first, so the next variant can start from the same category net
+            first = [x for x in todo if x["stage"] == "category"]
+            done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=first)),
+                                        steps_per_epoch=steps, verbose=2)
+            category_weights[target] = model.category_net.get_weights()
+            category_weights["by_" + target] = name
+        rest = [s for s in todo if s["stage"] != "category"]
+        if rest:
+            done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=rest)),
+                                        steps_per_epoch=steps, verbose=2)
+            entry["train_seconds"] = time.time() - t0
+            entry["stage_seconds"] = [(s, sec) for s, sec, _ in done]
+            entry["final_losses"] = {s: {k: float(v[-1]) for k, v in h.items()} for s, _, h in done}
+            model.save_weights(weights)
+        for stop in dict.fromkeys([args.stop, "first_black"]):
+            model.stop = stop  # (the property drops the traced predict function)
+            t0 = time.time()
+            det = _collect(model.predict_on_batch, val_ds, count_fn=model.count_instances)
+            seconds = time.time() - t0
+            gt_counts = _gt_counts(det["gt_classes"], num_classes)
+            box_results = detections_to_coco_results(
+                image_ids=det["image_ids"], boxes=det["boxes"], scores=det["scores"], classes=det["classes"],
+                num_detections=det["num_detections"], image_scales=det["scales"], category_ids=cat_ids)
+            mask_results = masks_to_coco_results(
+                image_ids=det["image_ids"], masks=det["masks"], scores=det["mask_scores"], classes=det["classes"],
+                num_detections=det["num_detections"], category_ids=cat_ids)
+            box = per_class_pr(val_source.annotation_file, box_results, iou_type="bbox")
+            mask = per_class_pr(val_source.annotation_file, mask_results, iou_type="segm")
+            entry[stop] = {"box_ap50": _ap_table(box, cat_ids, names), "mask_ap50": _ap_table(mask, cat_ids, names),
+                           "counts": count_accuracy(det["counts"], gt_counts), "predict_seconds": seconds,
+                           "detections_per_image": float(det["num_detections"].mean())}
+            if stop == args.stop:
+                curves[f"{name} box"] = box
+                if target == "masks":
+                    curves[f"{name} mask"] = mask
+        results["decompnet"][name] = entry
+        print(f"{name}: " + json.dumps({k: entry[k] for k in dict.fromkeys([args.stop, "first_black"])}), flush=True)
 
     # --- sliding-window baseline ------------------------------------------------------------
     keras.utils.set_random_seed(args.seed)
@@ -126,24 +203,33 @@ def main(argv=None):
     base_steps = len(train_source) // 16
     baseline.compile(optimizer=keras.optimizers.Adam(
         keras.optimizers.schedules.CosineDecay(2e-3, args.baseline_epochs * base_steps)))
-    results["baseline_params"] = baseline.count_params()
-    t0 = time.time()
-    baseline.fit(base_train, epochs=args.baseline_epochs, steps_per_epoch=base_steps, verbose=2)
-    results["baseline_train_seconds"] = time.time() - t0
+    entry = {"params": baseline.count_params()}
+    weights = os.path.join(args.work_dir, "baseline.weights.h5")
+    if args.reuse_weights and os.path.exists(weights):
+        baseline.build((None, *config["input"]["image_size"], 3))
+        baseline.load_weights(weights)
+        entry["train_seconds"] = previous.get("baseline", {}).get("train_seconds", float("nan"))
+        entry["weights_reused"] = weights
+    else:
+        t0 = time.time()
+        baseline.fit(base_train, epochs=args.baseline_epochs, steps_per_epoch=base_steps, verbose=2)
+        entry["train_seconds"] = time.time() - t0
+        baseline.save_weights(weights)
     t0 = time.time()
     bdet = _collect(baseline.predict_on_batch, val_ds)
-    results["baseline_predict_seconds"] = time.time() - t0
+    entry["predict_seconds"] = time.time() - t0
     b_results = detections_to_coco_results(
         image_ids=bdet["image_ids"], boxes=bdet["boxes"], scores=bdet["scores"], classes=bdet["classes"],
         num_detections=bdet["num_detections"], image_scales=bdet["scales"], category_ids=cat_ids)
-    curves["sliding window box"] = per_class_pr(val_source.annotation_file, b_results, iou_type="bbox")
+    box = per_class_pr(val_source.annotation_file, b_results, iou_type="bbox")
+    curves["sliding window box"] = box
     keep = (bdet["scores"] >= args.baseline_count_threshold) & (bdet["classes"] >= 0)
     b_counts = np.stack([((bdet["classes"] == c) & keep).sum(1) for c in range(num_classes)], axis=1)
-    results["baseline_counts"] = count_accuracy(b_counts, gt_counts)
+    entry["box_ap50"] = _ap_table(box, cat_ids, names)
+    entry["counts"] = count_accuracy(b_counts, _gt_counts(bdet["gt_classes"], num_classes))
+    results["baseline"] = entry
 
     # --- report -----------------------------------------------------------------------------
-    results["ap50"] = {name: {names[j]: curve[cid]["ap"] for j, cid in enumerate(cat_ids)} | {"mean": curve["mean"]}
-                       for name, curve in curves.items()}
     with open(os.path.join(args.work_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     try:
@@ -152,12 +238,12 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, num_classes, figsize=(4 * num_classes, 4))
+        fig, axes = plt.subplots(1, num_classes, figsize=(5 * num_classes, 4.5))
         for j, cid in enumerate(cat_ids):
             ax = np.atleast_1d(axes)[j]
             for name, curve in curves.items():
                 ax.plot(curve[cid]["recall"], curve[cid]["precision"], label=f"{name} (AP50 {curve[cid]['ap']:.2f})")
-            ax.set_title(f"digit {names[j]}")
+            ax.set_title(f"digit {names[j]} (IoU 0.5)")
             ax.set_xlabel("recall")
             ax.set_ylabel("precision")
             ax.set_xlim(0, 1)
@@ -169,18 +255,29 @@ def main(argv=None):
         results["png"] = png
     except ImportError:
         print("matplotlib is not installed: no PNG (pip install -e '.[bench]')")
-    print("\n| model | " + " | ".join(f"AP50 {n}" for n in names) + " | mean | count acc per class | per image | MAE |")
-    print("|---|" + "---|" * (len(names) + 4))
-    for name, curve in curves.items():
-        counts = results["baseline_counts" if name.startswith("sliding") else "decompnet_counts"]
-        per_class = " / ".join(f"{c:.2f}" for c in counts["per_class"])
-        print(f"| {name} | " + " | ".join(f"{curve[cid]['ap']:.3f}" for cid in cat_ids)
-              + f" | {curve['mean']:.3f} | {per_class} | {counts['per_image']:.3f} | {counts['mae']:.2f} |")
-    print(f"\ndecompNet: {results['decompnet_params']:,} params, train {results['decompnet_train_seconds'] / 60:.1f} "
-          f"min, predict {results['decompnet_predict_seconds']:.1f} s; baseline: {results['baseline_params']:,} "
-          f"params, train {results['baseline_train_seconds'] / 60:.1f} min, predict "
-          f"{results['baseline_predict_seconds']:.1f} s; JSON {os.path.join(args.work_dir, 'results.json')}")
+    print(f"\n| model | stop | box AP50 {' / '.join(names)} | mean | mask AP50 mean | exact count {' / '.join(names)} "
+          "| per image | count MAE | train |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, entry in results["decompnet"].items():
+        for stop in dict.fromkeys([args.stop, "first_black"]):
+            r = entry[stop]
+            print(f"| {name} | {stop} | {_fmt(r['box_ap50'], names)} | {r['box_ap50']['mean']:.3f} | "
+                  f"{r['mask_ap50']['mean']:.3f} | {' / '.join(f'{c:.2f}' for c in r['counts']['per_class'])} | "
+                  f"{r['counts']['per_image']:.3f} | {r['counts']['mae']:.2f} | {entry['train_seconds'] / 60:.1f} min |")
+    b = results["baseline"]
+    print(f"| sliding window + NMS 0.3 | score >= {args.baseline_count_threshold} | {_fmt(b['box_ap50'], names)} | "
+          f"{b['box_ap50']['mean']:.3f} | - | {' / '.join(f'{c:.2f}' for c in b['counts']['per_class'])} | "
+          f"{b['counts']['per_image']:.3f} | {b['counts']['mae']:.2f} | {b['train_seconds'] / 60:.1f} min |")
+    print(f"\nPNG {results.get('png')}; JSON {os.path.join(args.work_dir, 'results.json')}")
     return results
+
+
+def _ap_table(curve, cat_ids, names):
+    return {**{names[j]: curve[cid]["ap"] for j, cid in enumerate(cat_ids)}, "mean": curve["mean"]}
+
+
+def _fmt(table, names):
+    return " / ".join(f"{table[n]:.3f}" for n in names)
 
 
 if __name__ == "__main__":

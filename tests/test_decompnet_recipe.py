@@ -26,6 +26,9 @@ def test_presets_follow_the_paper_protocol_and_sizes():
     assert model.map_size == (50, 50) and model.steps == 11
     assert 19.0e6 < model.decomposer.count_params() < 19.5e6  # spec: "about 19 M", 2048-unit RNN
     assert recipe.build_model(recipe.PRESETS["paper_full"], 3).map_size == (100, 100)
+    digits = recipe.build_model(recipe.PRESETS["digits"], 3)  # the CPU run: same protocol, ConvGRU cell
+    assert recipe.PRESETS["digits"]["data"]["generate"]["classes"] == (3, 6, 9)
+    assert digits.map_size == (50, 50) and digits.decomposer.cell == "conv_gru" and digits.stop == "bright"
 
 
 def test_train_stages_runs_each_stage():
