@@ -35,10 +35,10 @@ sequence ends at its first map whose peak is below ``stop_threshold`` (0.5, choi
 ``stop="bright"`` (our option) every map whose peak reaches ``stop_threshold`` is kept
 wherever it sits in the sequence (the Hungarian loss leaves the order of the maps free,
 and the ConvGRU cell learns to put its black maps *first*, which "first_black" would read
-as "no instance"); with ``stop="none"`` every non-zero map is kept and ranked by score. Boxes: the regressor's
-box, scored by Eq. 5 (mean map value inside the box); masks: the map resized to the
-input and thresholded at ``mask_threshold`` = 0.1 (Fig. 6), scored by Eq. 6. The
-``num_classes * steps`` candidates are sorted by box score; there is no NMS.
+as "no instance"); with ``stop="none"`` every non-zero map is kept and ranked by score.
+Boxes: the regressor's box, scored by Eq. 5 (mean map value inside the box); masks: the
+map resized to the input and thresholded at ``mask_threshold`` = 0.1 (Fig. 6), scored by
+Eq. 6. The ``num_classes * steps`` candidates are sorted by box score; there is no NMS.
 
 Ground truth: ``labels["masks"]`` (``make_dataset(masks="instances")``) with
 ``target="masks"`` (segmentation variant, §3.2), or filled box rectangles rasterized at
