@@ -12,7 +12,7 @@ disjoint source pools; instance masks are the digits' ink):
   choices (SGD momentum 0.9, lr 1e-2, batch 32, weight decay 5e-4, x0.1 at 2/3 of each
   stage; stage epochs 20 / 30 / 10, the last at lr 1e-3) and a final box stage of 5 epochs.
 * ``paper_full``: the same with 100x100 maps ("decomp full").
-* ``digits``: a 2-core CPU budget (~12 min), the configuration measured best there by
+* ``digits``: a 2-core CPU budget (9.7 min end to end, measured), the configuration measured best there by
   ``benchmarks/decompnet_digits.py``: 1,500 / 300 protocol images, batch 8, the detection
   variant (filled box masks as instance targets, spec §3.1: the paper's detection
   experiment has no segmentation label), the paper's "all convolutional recurrent"
