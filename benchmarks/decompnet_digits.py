@@ -135,7 +135,7 @@ def main(argv=None):
             previous = json.load(f)
 
     # --- decompNet variants (one category network per target, shared by the cells) ----------
-    category_weights = {}
+    category_weights, category_owner = {}, {}  # target -> stage-1 weights, variant that trained them
     for cell, target in variants:
         name = f"decomp {cell} {target}"
         model_cfg = {"target": target, "cell": cell,
@@ -156,13 +156,13 @@ def main(argv=None):
             entry["weights_reused"] = weights
         elif target in category_weights:  # stage 1 of this target already ran: reuse its weights
             model.category_net.set_weights(category_weights[target])
-            entry["category_shared_with"] = category_weights["by_" + target]
+            entry["category_shared_with"] = category_owner[target]
         else:  # stage 1 alone first, so the next variant can start from the same category net
             first = [x for x in todo if x["stage"] == "category"]
             done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=first)),
                                         steps_per_epoch=steps, verbose=2)
             category_weights[target] = model.category_net.get_weights()
-            category_weights["by_" + target] = name
+            category_owner[target] = name
         rest = [s for s in todo if s["stage"] != "category"]
         if rest:
             done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=rest)),
