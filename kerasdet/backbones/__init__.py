@@ -65,10 +65,10 @@ def _normalize(name):
     return str(name).lower().replace("-", "").replace("_", "")
 
 
-def get_backbone(name, **kwargs):
-    """Builds a backbone by registry name (``resnet50``, ``resnet101``, ``resnet152``,
-    ``small``, ``vgg16``, ``resnet50_dilated``, ``resnet101_dilated``), passing ``kwargs``
-    to its builder. Case, ``-`` and ``_`` are ignored (``"ResNet-101_dilated"``).
+def backbone_builder(name):
+    """The builder function of a registry name (``resnet50``, ``resnet101``,
+    ``resnet152``, ``small``, ``vgg16``, ``resnet50_dilated``, ``resnet101_dilated``).
+    Case, ``-`` and ``_`` are ignored (``"ResNet-101_dilated"``).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -78,7 +78,17 @@ def get_backbone(name, **kwargs):
     key = _normalize(name)
     if key not in builders:
         raise ValueError(f"Unknown backbone {name!r}; known backbones: {sorted(registry)}")
-    return builders[key](**kwargs)
+    return builders[key]
+
+
+def get_backbone(name, **kwargs):
+    """Builds a backbone by registry name (see :func:`backbone_builder`), passing
+    ``kwargs`` to its builder.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    return backbone_builder(name)(**kwargs)
 
 
 def backbone_levels(model, *, probe_size=256):
@@ -114,6 +124,7 @@ __all__ = [
     "CaffePreprocess",
     "DILATED_BACKBONES",
     "VGG16_LAYERS",
+    "backbone_builder",
     "backbone_levels",
     "freeze_resnet",
     "get_backbone",

@@ -1,0 +1,119 @@
+"""Recipes: presets (data) plus a model builder and, where a paper needs it, a stage hook.
+
+A recipe is a Python module with
+
+* ``PRESETS``: ``{name: config dict}`` (sections of :mod:`kerasdet.engine.config`);
+* ``build_model(config, num_classes)``: the recipe's final model (unbuilt);
+* optionally ``MODEL_CLASS`` (the class the ``model`` section is passed to; its keyword
+  parameters are the valid ``model`` keys), ``OPEN_SECTIONS`` (``{section: callable}``
+  of other open sections), ``STAGE_PARAMS`` (``{name: type}`` valid in a stage's
+  ``params``), and ``stage_model(model, stage, config) -> (train_model, callbacks)``, the
+  per-stage hook: which (sub-)model a stage trains and the stage's extra callbacks
+  (default: the whole model, none).
+
+The recipes of the papers live in :mod:`kerasdet.recipes` (``retinanet``,
+``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``); a user's recipe is
+a file given by path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import pkgutil
+
+from kerasdet.engine.config import Config, load_config
+from kerasdet.errors import ConfigError, UserInputError
+
+
+def builtin_recipes() -> list:
+    """Names of the recipes shipped in :mod:`kerasdet.recipes`."""
+    import kerasdet.recipes as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A loaded recipe (see the module doc).
+
+    Attributes:
+      name: ``retinanet``, or the file stem of a recipe given by path.
+      module: the recipe module.
+      source: its file path.
+    """
+
+    name: str
+    module: object
+    source: str
+
+    @property
+    def presets(self) -> dict:
+        return self.module.PRESETS
+
+    def config(self, preset: str, overrides: dict | None = None) -> Config:
+        """The checked :class:`Config` of ``preset`` with dotted ``overrides``."""
+        if preset not in self.presets:
+            raise ConfigError(f"recipe {self.name!r} has no preset {preset!r}; presets: {', '.join(sorted(self.presets))}")
+        return self.config_from_dict(self.presets[preset], overrides)
+
+    def config_from_dict(self, config: dict, overrides: dict | None = None) -> Config:
+        """A :class:`Config` of a plain dict (a preset, or ``run.json``'s resolved config)."""
+        return load_config(config, overrides, model_class=getattr(self.module, "MODEL_CLASS", None),
+                           open_sections=getattr(self.module, "OPEN_SECTIONS", None),
+                           stage_params=getattr(self.module, "STAGE_PARAMS", None))
+
+    def build_model(self, config: Config, num_classes: int):
+        return self.module.build_model(config, num_classes)
+
+    def stage_model(self, model, stage, config: Config):
+        """``(train_model, callbacks)`` of a stage (the recipe's hook, or the whole model)."""
+        hook = getattr(self.module, "stage_model", None)
+        if hook is None:
+            return model, []
+        return hook(model, stage, config)
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe by name (:func:`builtin_recipes`, or ``recipes/<name>.py`` in the working
+    directory) or by path to a ``.py`` file.
+
+    Raises:
+      UserInputError: no such recipe, or the file lacks ``PRESETS`` / ``build_model``.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.endswith(".py") or os.sep in name_or_path:
+        stem = os.path.splitext(os.path.basename(name_or_path))[0]
+        if stem in builtin_recipes() and _is_launcher(name_or_path):
+            return load_recipe(stem)
+        if not os.path.isfile(name_or_path):
+            raise UserInputError(f"recipe file {name_or_path} does not exist")
+        spec = importlib.util.spec_from_file_location(f"kerasdet_user_recipe_{stem}", name_or_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return _checked(Recipe(stem, module, os.path.abspath(name_or_path)))
+    if name_or_path in builtin_recipes():
+        module = importlib.import_module(f"kerasdet.recipes.{name_or_path}")
+        return _checked(Recipe(name_or_path, module, module.__file__))
+    local = os.path.join(os.getcwd(), "recipes", f"{name_or_path}.py")
+    if os.path.isfile(local):
+        return load_recipe(local)
+    raise UserInputError(f"unknown recipe {name_or_path!r}; recipes: {', '.join(builtin_recipes())} "
+                         "(or a path to a recipe .py file)")
+
+
+def _is_launcher(path: str) -> bool:
+    """A ``recipes/<name>.py`` launcher of a built-in recipe (it imports it)."""
+    if not os.path.isfile(path):
+        return False
+    stem = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+        return f"kerasdet.recipes.{stem}" in f.read()
+
+
+def _checked(recipe: Recipe) -> Recipe:
+    for attr in ("PRESETS", "build_model"):
+        if not hasattr(recipe.module, attr):
+            raise UserInputError(f"recipe {recipe.source} does not define {attr}")
+    return recipe
