@@ -158,10 +158,26 @@ def detections_to_coco_results(
     ]
 
 
+def _is_source(obj) -> bool:
+    from kerasdet.data.coco import DetectionSource
+
+    return isinstance(obj, DetectionSource)
+
+
 def load_coco_gt(coco_gt, verbose: bool = False):
-    """A pycocotools ``COCO`` from an object or a JSON path (clear error if missing)."""
+    """A pycocotools ``COCO`` from a ``COCO``, a JSON path or a
+    :class:`~kerasdet.data.coco.DetectionSource` (its COCO JSON when it was loaded from
+    one, else built in memory: :func:`kerasdet.data.convert.coco_ground_truth`).
+
+    Raises :class:`~kerasdet.errors.DataFileNotFoundError` for a missing file and
+    :class:`~kerasdet.errors.DataError` for a file that is not COCO JSON.
+    """
     from pycocotools.coco import COCO
 
+    if _is_source(coco_gt):
+        from kerasdet.data.convert import coco_ground_truth
+
+        coco_gt = coco_ground_truth(coco_gt)
     if isinstance(coco_gt, COCO):
         return coco_gt
     path = os.fspath(coco_gt)
@@ -207,7 +223,8 @@ def run_cocoeval(
     """Runs pycocotools' ``COCOeval`` (loadRes, evaluate, accumulate, summarize).
 
     Args:
-      coco_gt: pycocotools ``COCO`` ground truth (or a path to its JSON).
+      coco_gt: pycocotools ``COCO`` ground truth, a path to its JSON, or a DetectionSource
+        (see :func:`load_coco_gt`).
       results: COCO results entries (not modified: pycocotools' ``loadRes`` mutates its
         input, so a deep copy is handed to it).
       image_ids: restricts ``params.imgIds`` to these images (images without any
@@ -288,16 +305,25 @@ class CocoEvaluator:
     misses.
 
     Args:
-      coco_gt: pycocotools ``COCO`` or the path to a COCO annotation JSON.
+      coco_gt: pycocotools ``COCO``, the path to a COCO annotation JSON, or a
+        :class:`~kerasdet.data.coco.DetectionSource` (see :func:`load_coco_gt`: a VOC
+        source is scored against an in-memory COCO with difficult objects as crowds).
       category_ids: contiguous class index -> dataset category id. Every id must be a
-        category of ``coco_gt``. AP is averaged over all GT categories (pycocotools'
-        default), as the official COCO numbers are.
+        category of ``coco_gt``; default (``None``) the source's ``category_ids``
+        (required when ``coco_gt`` is not a source). AP is averaged over all GT
+        categories (pycocotools' default), as the official COCO numbers are.
       iou_type: ``"bbox"`` (the only supported type).
     """
 
-    def __init__(self, coco_gt, *, category_ids: Sequence[int], iou_type: str = "bbox"):
+    def __init__(self, coco_gt, *, category_ids: Sequence[int] | None = None,
+                 iou_type: str = "bbox"):
         if iou_type != "bbox":
             raise ValueError(f"iou_type={iou_type!r} is not supported (only 'bbox')")
+        if category_ids is None:
+            if not _is_source(coco_gt):
+                raise ValueError("CocoEvaluator: category_ids is required unless coco_gt "
+                                 "is a DetectionSource")
+            category_ids = coco_gt.category_ids
         self.coco_gt = load_coco_gt(coco_gt)
         self.category_ids = [int(c) for c in category_ids]
         if not self.category_ids:
@@ -396,7 +422,10 @@ __all__ = [
     "STAT_KEYS",
     "CocoEvaluator",
     "detections_to_coco_results",
+    "empty_results",
     "evaluate_results_file",
     "format_table",
+    "load_coco_gt",
+    "quiet",
     "run_cocoeval",
 ]
