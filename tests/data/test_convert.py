@@ -124,3 +124,24 @@ def test_voc2coco_json_gives_the_in_memory_ap(tmp_path):
     assert dict(zip(STAT_KEYS, _direct_cocoeval(path, without))) == pytest.approx(want, abs=1e-12)
     moved = [dict(r, bbox=[20.0, 10.0, 4.0, 4.0]) if d else r for r, d in zip(results, on_difficult)]
     assert _direct_cocoeval(path, moved)[1] < want["AP50"] - 0.05
+
+
+def test_joined_sets_through_the_pipeline_score_perfectly(tmp_path):
+    """The pipeline's own labels of the 07+12 source, fed back as detections (network px,
+    per-image scale, image ids across both years), score 1: ids and boxes map back."""
+    from kerasdet.data.pipeline import make_dataset
+    from kerasdet.evaluation import make_evaluator
+
+    source = load_voc_sets(make_devkit(tmp_path, missing_image=False), SETS)
+    evaluators = {m: make_evaluator(m, source) for m in ("voc07", "voc12", "coco")}
+    seen = []
+    for _, labels in make_dataset(source, batch_size=2, image_size=(64, 64)):
+        classes = labels["classes"].numpy()
+        for evaluator in evaluators.values():
+            evaluator.update(labels["image_id"], labels["boxes"], np.ones(classes.shape, np.float32),
+                             classes, (classes >= 0).sum(axis=1), labels["image_scale"])
+        seen.extend(labels["image_id"].numpy().tolist())
+    assert seen == source.image_ids
+    assert evaluators["voc07"].evaluate()["mAP"] == pytest.approx(1.0, abs=1e-6)
+    assert evaluators["voc12"].evaluate()["mAP"] == pytest.approx(1.0, abs=1e-6)
+    assert evaluators["coco"].evaluate()["AP"] == pytest.approx(1.0, abs=1e-6)
