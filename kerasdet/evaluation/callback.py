@@ -65,8 +65,8 @@ def make_predictor(model):
 
 
 def _collect_detections(model, dataset, evaluator: CocoEvaluator, predict=None):
-    # ``evaluator``: any object with CocoEvaluator's reset/update (also VocEvaluator).
-    """Runs the model over ``dataset`` and feeds ``evaluator`` (reset first)."""
+    """Runs the model over ``dataset`` and feeds ``evaluator`` (reset first): any object
+    with CocoEvaluator's ``reset``/``update`` (also VocEvaluator)."""
     predict = predict or make_predictor(model)
     evaluator.reset()
     for element in dataset:
