@@ -2,7 +2,8 @@
 
 * :func:`generate_digits` writes the default data set (real MNIST digits composed into
   detection images, PNG + COCO JSON with boxes and masks).
-* :func:`load_coco` / :func:`load_voc` return a :class:`DetectionSource` (numpy, no TF).
+* :func:`load_coco` / :func:`load_voc` / :func:`load_voc_sets` return a
+  :class:`DetectionSource` (numpy, no TF).
 * :func:`make_dataset` turns a source into batched ``(images, labels)`` ``tf.data``.
 
 ``make_dataset`` and the augmentation module import TensorFlow; they (and
@@ -10,10 +11,10 @@
 lazily, which keeps the loaders light.
 """
 from .coco import DetectionSource, load_coco, read_image
-from .voc import VOC_CLASSES, load_voc
+from .voc import VOC_CLASSES, load_voc, load_voc_sets
 
 __all__ = [
-    "DetectionSource", "load_coco", "load_voc", "read_image", "VOC_CLASSES",
+    "DetectionSource", "load_coco", "load_voc", "load_voc_sets", "read_image", "VOC_CLASSES",
     "generate_digits", "make_dataset",
 ]
 

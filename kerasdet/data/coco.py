@@ -10,8 +10,10 @@ Choices made here (documented for the README):
 * Categories are mapped to contiguous 0-based indices in ascending dataset-id order (or
   in the order of ``category_ids`` when given); ``source.category_ids[k]`` maps back.
 * Per-annotation faults are skipped, counted in ``source.skipped`` and reported once with
-  ``logging.warning``; structural faults of the file raise ``ValueError`` naming the file
-  and the field; missing images raise ``FileNotFoundError``.
+  ``logging.warning``; structural faults of the file raise ``DataError`` naming the file
+  and the field. Every error about the user's data is a :class:`kerasdet.errors.DataError`
+  (a ``ValueError``); a missing file is a :class:`kerasdet.errors.DataFileNotFoundError`
+  (also a ``FileNotFoundError``), so the command line reports either as one line.
 * ``iscrowd=1`` annotations are kept with ``is_crowd=True`` (models ignore them in
   matching; they are not training targets). Images without annotations are negatives.
 * Images are read with OpenCV ``IMREAD_UNCHANGED`` (EXIF orientation is *not* applied,
@@ -30,6 +32,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+
+from kerasdet.errors import ConfigError, DataError, DataFileNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +162,11 @@ def to_rgb_uint8(image: np.ndarray, path: str = "<array>") -> np.ndarray:
         scale = 255.0 if (image.size and np.nanmax(image) <= 1.0) else 1.0
         image = np.clip(np.nan_to_num(image) * scale + 0.5, 0, 255).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise ValueError(f"{path}: unsupported image dtype {image.dtype}")
+        raise DataError(f"{path}: unsupported image dtype {image.dtype}")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
-        raise ValueError(f"{path}: unsupported image shape {image.shape}")
+        raise DataError(f"{path}: unsupported image shape {image.shape}")
     channels = image.shape[-1]
     if channels == 1:
         return np.ascontiguousarray(np.repeat(image, 3, axis=-1))
@@ -170,28 +174,31 @@ def to_rgb_uint8(image: np.ndarray, path: str = "<array>") -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise ValueError(f"{path}: unsupported number of channels {channels}")
+    raise DataError(f"{path}: unsupported number of channels {channels}")
 
 
 def read_image(path: str) -> np.ndarray:
     """Read an image file as RGB uint8 ``[h, w, 3]``.
 
-    Raises FileNotFoundError for a missing file and ValueError naming the file for an
-    unreadable, truncated or unsupported one.
+    Raises :class:`~kerasdet.errors.DataFileNotFoundError` for a missing file and
+    :class:`~kerasdet.errors.DataError` naming the file for an unreadable, truncated or
+    unsupported one.
     """
     path = os.fsdecode(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise DataFileNotFoundError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
     problem = _truncation_problem(data)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise DataError(f"{path}: {problem}")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) \
         if data else None
     if image is None:
-        raise ValueError(f"{path}: OpenCV could not decode the image (corrupt or "
+        raise DataError(f"{path}: OpenCV could not decode the image (corrupt or "
                          "unsupported format)")
     return to_rgb_uint8(image, path)
 
@@ -202,31 +209,33 @@ def check_image_files(paths: Sequence[str], expected_hw: Sequence | None = None,
     """Check that every image exists (and, with ``decode``, decodes completely).
 
     Returns the decoded ``(height, width)`` per image (``None`` without ``decode``).
-    Raises FileNotFoundError / ValueError naming the first bad file and its image id.
-    When ``expected_hw[i]`` is not None, a different decoded size is a ValueError (the
-    annotations would not match the pixels).
+    Raises :class:`~kerasdet.errors.DataFileNotFoundError` / :class:`~kerasdet.errors.DataError`
+    naming the first bad file and its image id. When ``expected_hw[i]`` is not None, a
+    different decoded size is a ``DataError`` (the annotations would not match the pixels).
     """
     def describe(i):
         return f"{paths[i]}" + (f" (image id {ids[i]})" if ids is not None else "")
 
     for i, p in enumerate(paths):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"image file not found: {describe(i)}")
+            raise DataFileNotFoundError(f"image file not found: {describe(i)}")
     if not decode:
         return [None] * len(paths)
 
     def size_of(i):
         try:
             return read_image(paths[i]).shape[:2]
-        except ValueError as e:
-            raise ValueError(f"{e} (image id {ids[i]})" if ids is not None else str(e)) from None
+        except DataFileNotFoundError:
+            raise
+        except DataError as e:
+            raise DataError(f"{e} (image id {ids[i]})" if ids is not None else str(e)) from None
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         sizes = list(pool.map(size_of, range(len(paths))))
     if expected_hw is not None:
         for i, (hw, exp) in enumerate(zip(sizes, expected_hw)):
             if exp is not None and tuple(exp) != tuple(hw):
-                raise ValueError(f"{describe(i)}: annotated size (height, width)="
+                raise DataError(f"{describe(i)}: annotated size (height, width)="
                                  f"{tuple(exp)} but the image is {tuple(hw)}")
     return sizes
 
@@ -259,7 +268,10 @@ def report_skipped(skipped: dict, what: str) -> None:
         logger.warning("%s: skipped %d annotation(s): %s", what, sum(faults.values()), detail)
 
 
-def _as_arrays(per_image: list) -> tuple:
+def as_arrays(per_image: list) -> tuple:
+    """Per-image lists of ``(box_yxyx, class_index, is_crowd, annotation_id)`` -> the
+    aligned per-image arrays ``(boxes [n, 4] float32, classes [n] int32, is_crowd [n]
+    bool, annotation_ids [n] int64)`` a :class:`DetectionSource` holds."""
     boxes, classes, crowd, ann_ids = [], [], [], []
     for objs in per_image:
         boxes.append(np.asarray([o[0] for o in objs], np.float32).reshape(-1, 4))
@@ -282,21 +294,21 @@ def _is_number(v) -> bool:
 
 def _read_json(annotation_file: str) -> dict:
     if not os.path.isfile(annotation_file):
-        raise ValueError(f"{annotation_file}: annotation file does not exist")
+        raise DataFileNotFoundError(f"{annotation_file}: annotation file does not exist")
     try:
         with open(annotation_file, "rb") as f:
             data = json.loads(f.read())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{annotation_file}: not valid JSON ({e})") from None
+        raise DataError(f"{annotation_file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{annotation_file}: not a COCO file (top level is "
+        raise DataError(f"{annotation_file}: not a COCO file (top level is "
                          f"{type(data).__name__}, expected an object with 'images', "
                          "'annotations', 'categories')")
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"{annotation_file}: not a COCO file: missing field '{key}'")
+            raise DataError(f"{annotation_file}: not a COCO file: missing field '{key}'")
         if not isinstance(data[key], list):
-            raise ValueError(f"{annotation_file}: field '{key}' must be a list, got "
+            raise DataError(f"{annotation_file}: field '{key}' must be a list, got "
                              f"{type(data[key]).__name__}")
     return data
 
@@ -305,9 +317,9 @@ def _parse_categories(data: dict, annotation_file: str, category_ids) -> tuple:
     cats = {}
     for k, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise ValueError(f"{annotation_file}: categories[{k}] needs an integer 'id'")
+            raise DataError(f"{annotation_file}: categories[{k}] needs an integer 'id'")
         if cat["id"] in cats:
-            raise ValueError(f"{annotation_file}: duplicate category id {cat['id']} in "
+            raise DataError(f"{annotation_file}: duplicate category id {cat['id']} in "
                              "'categories'")
         cats[cat["id"]] = str(cat.get("name", cat["id"]))
     if category_ids is None:
@@ -316,10 +328,10 @@ def _parse_categories(data: dict, annotation_file: str, category_ids) -> tuple:
         ids = [int(c) for c in category_ids]
         missing = [c for c in ids if c not in cats]
         if missing:
-            raise ValueError(f"{annotation_file}: category_ids {missing} are not in "
+            raise DataError(f"{annotation_file}: category_ids {missing} are not in "
                              "'categories'")
         if len(set(ids)) != len(ids):
-            raise ValueError(f"category_ids has duplicates: {ids}")
+            raise ConfigError(f"category_ids has duplicates: {ids}")
     return ids, [cats[c] for c in ids], set(cats)
 
 
@@ -348,10 +360,12 @@ def load_coco(
         ``False`` checks nothing (errors then surface when the pipeline reads the file).
 
     Raises:
-      ValueError: the annotation file is missing, not JSON, or not COCO (a missing or
-        mistyped field is named); an image is unreadable/truncated or its size differs
-        from the annotated one.
-      FileNotFoundError: an image file is missing (names the file and the image id).
+      kerasdet.errors.DataFileNotFoundError: the annotation file or an image file is
+        missing (names the file, and the image id). Also a ``FileNotFoundError``.
+      kerasdet.errors.DataError: the annotation file is not JSON or not COCO (a missing
+        or mistyped field, a duplicate id is named); an image is unreadable/truncated or
+        its size differs from the annotated one. Also a ``ValueError``.
+      kerasdet.errors.ConfigError: ``category_ids`` has duplicates.
     """
     annotation_file = os.fspath(annotation_file)
     data = _read_json(annotation_file)
@@ -365,18 +379,18 @@ def load_coco(
     for k, img in enumerate(data["images"]):
         where = f"{annotation_file}: images[{k}]"
         if not isinstance(img, dict):
-            raise ValueError(f"{where} must be an object")
+            raise DataError(f"{where} must be an object")
         if not _is_int(img.get("id")):
-            raise ValueError(f"{where}: field 'id' must be an integer, got {img.get('id')!r}")
+            raise DataError(f"{where}: field 'id' must be an integer, got {img.get('id')!r}")
         if img["id"] in pos:
-            raise ValueError(f"{where}: duplicate image id {img['id']}")
+            raise DataError(f"{where}: duplicate image id {img['id']}")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise ValueError(f"{where} (id {img['id']}): field 'file_name' missing or not "
+            raise DataError(f"{where} (id {img['id']}): field 'file_name' missing or not "
                              "a string")
         for key in ("height", "width"):
             v = img.get(key)
             if v is not None and (not _is_number(v) or v <= 0 or v != int(v)):
-                raise ValueError(f"{where} (id {img['id']}): field '{key}' must be a "
+                raise DataError(f"{where} (id {img['id']}): field '{key}' must be a "
                                  f"positive integer, got {v!r}")
         pos[img["id"]] = len(image_ids)
         image_ids.append(img["id"])
@@ -394,7 +408,7 @@ def load_coco(
             widths = [int(s[1]) for s in sizes]
     for i, (h, w) in enumerate(zip(heights, widths)):
         if h is None or w is None:
-            raise ValueError(f"{annotation_file}: image id {image_ids[i]} has no "
+            raise DataError(f"{annotation_file}: image id {image_ids[i]} has no "
                              "'height'/'width' field (pass check_images=True to read the "
                              "size from the file)")
 
@@ -408,7 +422,7 @@ def load_coco(
     segms = [[] for _ in image_ids]
     for k, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
-            raise ValueError(f"{annotation_file}: annotations[{k}] must be an object")
+            raise DataError(f"{annotation_file}: annotations[{k}] must be an object")
         img_i = pos.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
         if img_i is None:
             skip("unknown_image")
@@ -445,7 +459,7 @@ def load_coco(
         if dropped:
             skipped["image_without_annotations"] = dropped
     report_skipped(skipped, annotation_file)
-    boxes, classes, crowd, ann_ids = _as_arrays([per_image[i] for i in keep])
+    boxes, classes, crowd, ann_ids = as_arrays([per_image[i] for i in keep])
     return DetectionSource(
         image_paths=[paths[i] for i in keep], image_ids=[image_ids[i] for i in keep],
         heights=[heights[i] for i in keep], widths=[widths[i] for i in keep],

@@ -1,6 +1,8 @@
-"""kerasdet.evaluation: COCO evaluation through pycocotools, a Keras callback, VOC AP.
+"""kerasdet.evaluation: COCO evaluation through pycocotools, VOC07/VOC12 mAP, a Keras
+callback, chosen by a ``metric`` string (``"coco"``, ``"voc07"``, ``"voc12"``).
 
-``coco_eval`` and ``voc_ap`` need only numpy/pycocotools; ``callback`` imports Keras.
+``coco_eval``, ``metrics`` and ``voc_ap`` need only numpy/pycocotools; ``callback``
+imports Keras.
 
 The VOC AP function is reached as ``kerasdet.evaluation.voc_ap.voc_ap`` (or ``from
 kerasdet.evaluation.voc_ap import voc_ap``): it is deliberately not re-exported here, since
@@ -14,14 +16,27 @@ from kerasdet.evaluation.coco_eval import (
     format_table,
     run_cocoeval,
 )
-from kerasdet.evaluation.callback import CocoEvalCallback, evaluate_model
+from kerasdet.evaluation.metrics import (
+    METRICS,
+    VocEvaluator,
+    format_stats,
+    make_evaluator,
+    primary_key,
+)
+from kerasdet.evaluation.callback import CocoEvalCallback, DetectionEvalCallback, evaluate_model
 from kerasdet.evaluation import voc_ap  # the module (see above)
 from kerasdet.evaluation.voc_ap import voc_eval
 
 __all__ = [
+    "METRICS",
     "STAT_KEYS",
     "CocoEvalCallback",
     "CocoEvaluator",
+    "DetectionEvalCallback",
+    "VocEvaluator",
+    "format_stats",
+    "make_evaluator",
+    "primary_key",
     "detections_to_coco_results",
     "evaluate_model",
     "evaluate_results_file",

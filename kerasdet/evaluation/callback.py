@@ -1,8 +1,11 @@
-"""A Keras callback that scores a detector with pycocotools during ``model.fit``.
+"""A Keras callback that scores a detector during ``model.fit`` (pycocotools COCO AP, or
+VOC07 / VOC12 mAP), and the stand-alone :func:`evaluate_model`.
 
-The callback and the script helper :func:`evaluate_model` share one code path
-(:func:`_collect_detections` + :class:`~kerasdet.evaluation.coco_eval.CocoEvaluator`), so
-the numbers in ``History`` are the numbers a stand-alone evaluation prints.
+The callback and :func:`evaluate_model` share one code path (:func:`_collect_detections`
++ the evaluator :func:`~kerasdet.evaluation.metrics.make_evaluator` picks for ``metric``:
+:class:`~kerasdet.evaluation.coco_eval.CocoEvaluator` or
+:class:`~kerasdet.evaluation.metrics.VocEvaluator`), so the numbers in ``History`` are the
+numbers a stand-alone evaluation prints.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from kerasdet.evaluation.coco_eval import STAT_KEYS, CocoEvaluator, format_table
+from kerasdet.evaluation.coco_eval import CocoEvaluator
+from kerasdet.evaluation.metrics import check_metric, format_stats, make_evaluator
 
 _PREDICTION_KEYS = ("boxes", "scores", "classes", "num_detections")
 _LABEL_KEYS = ("image_id", "image_scale")
@@ -61,7 +65,8 @@ def make_predictor(model):
 
 
 def _collect_detections(model, dataset, evaluator: CocoEvaluator, predict=None):
-    """Runs the model over ``dataset`` and feeds ``evaluator`` (reset first)."""
+    """Runs the model over ``dataset`` and feeds ``evaluator`` (reset first): any object
+    with CocoEvaluator's ``reset``/``update`` (also VocEvaluator)."""
     predict = predict or make_predictor(model)
     evaluator.reset()
     for element in dataset:
@@ -93,11 +98,16 @@ def evaluate_model(
     dataset,
     coco_gt,
     *,
-    category_ids: Sequence[int],
+    category_ids: Sequence[int] | None = None,
     results_file: str | None = None,
     verbose: bool = False,
+    metric: str = "coco",
 ) -> dict[str, float]:
-    """Scores ``model`` on ``dataset`` with pycocotools (the callback's code path).
+    """Scores ``model`` on ``dataset`` (the callback's code path).
+
+    ``evaluate_model(model, val_ds, val_source, metric="voc07")`` is the source-based
+    form; ``evaluate_model(model, val_ds, "instances_val.json", category_ids=...)`` the
+    file-based one (COCO metric).
 
     Args:
       model: a detector whose ``predict_step`` returns the dict
@@ -106,15 +116,24 @@ def evaluate_model(
       dataset: iterable of ``(images, labels)`` with ``labels["image_id"]`` ``[B]`` and
         ``labels["image_scale"]`` ``[B]`` (network px per original px); other label keys
         are ignored. Iterated once, in order.
-      coco_gt: pycocotools ``COCO`` or annotation JSON path.
-      category_ids: contiguous class index -> dataset category id.
-      results_file: if given, the COCO results JSON is written there too.
-      verbose: let pycocotools print its summary.
+      coco_gt: the ground truth: a :class:`~kerasdet.data.coco.DetectionSource` (the
+        validation source; any metric), a COCO annotation JSON path (any metric) or a
+        pycocotools ``COCO`` (``"coco"``).
+      category_ids: contiguous class index -> dataset category id; default the source's
+        (required with a path or ``COCO``).
+      results_file: if given, the detections are written there too as a COCO results
+        JSON (original-image pixels, dataset category ids), whatever the metric.
+      verbose: print the evaluator's summary (pycocotools' for ``"coco"``).
+      metric: ``"coco"`` (pycocotools), ``"voc07"`` (VOC2007 11-point mAP@0.5, difficult
+        ignored) or ``"voc12"`` (all-point mAP@0.5); see
+        :mod:`kerasdet.evaluation.metrics`.
 
     Returns:
-      The 12 COCO stats keyed by :data:`~kerasdet.evaluation.coco_eval.STAT_KEYS`.
+      ``"coco"``: the 12 COCO stats keyed by
+      :data:`~kerasdet.evaluation.coco_eval.STAT_KEYS`; ``"voc07"``/``"voc12"``:
+      ``{"mAP": float, "AP/<class name>": float}``. :func:`format_stats` prints either.
     """
-    evaluator = CocoEvaluator(coco_gt, category_ids=category_ids)
+    evaluator = make_evaluator(metric, coco_gt, category_ids=category_ids)
     _collect_detections(model, dataset, evaluator)
     if results_file is not None:
         evaluator.write_results(results_file)
@@ -122,20 +141,26 @@ def evaluate_model(
 
 
 class CocoEvalCallback(keras.callbacks.Callback):
-    """Scores the model with pycocotools at the end of every ``every_n_epochs`` epochs.
+    """Scores the model (pycocotools, or VOC mAP) at the end of every ``every_n_epochs``
+    epochs.
 
-    The stats are written into the epoch ``logs`` as ``prefix + key`` (``val_AP``,
-    ``val_AP50``, ..., ``val_ARl``), so they land in ``History`` and can be monitored by
-    callbacks placed *after* this one in the ``callbacks`` list (``EarlyStopping``,
-    ``ModelCheckpoint(monitor="val_AP", mode="max")``). Epochs that are not evaluated carry
-    no such keys (like Keras' ``validation_freq``).
+    The stats are written into the epoch ``logs`` as ``prefix + key``: for
+    ``metric="coco"`` ``val_AP``, ``val_AP50``, ..., ``val_ARl``; for ``"voc07"`` /
+    ``"voc12"`` ``val_mAP`` and ``val_AP/<class name>``
+    (:func:`~kerasdet.evaluation.metrics.primary_key` names the one to monitor). They
+    land in ``History`` and can be monitored by callbacks placed *after* this one in the
+    ``callbacks`` list (``EarlyStopping``, ``ModelCheckpoint(monitor="val_AP",
+    mode="max")``). Epochs that are not evaluated carry no such keys (like Keras'
+    ``validation_freq``).
 
     Args:
       dataset: iterable of ``(images, labels)``; ``labels`` is a dict with at least
         ``"image_id"`` ``[B]`` and ``"image_scale"`` ``[B]`` (boxes/classes are ignored).
         A ``tf.data.Dataset`` is re-iterated each evaluation; do not shuffle it needlessly.
-      coco_gt: pycocotools ``COCO`` or path to the annotation JSON (loaded once).
-      category_ids: contiguous class index -> dataset category id.
+      coco_gt: the ground truth (loaded once): a
+        :class:`~kerasdet.data.coco.DetectionSource`, a COCO annotation JSON path, or a
+        pycocotools ``COCO`` (``metric="coco"`` only).
+      category_ids: contiguous class index -> dataset category id; default the source's.
       every_n_epochs: evaluate when ``(epoch + 1) % every_n_epochs == 0``.
       log_dir: if given, the stats are also written as TensorBoard scalars (tags
         ``prefix + key``, ``step=epoch``) to ``log_dir/validation``, next to what
@@ -144,6 +169,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
         to the chief only.
       prefix: prefix of the log keys and TensorBoard tags.
       verbose: 0 silent, 1 one summary line per evaluation, 2 also the full table.
+      metric: ``"coco"``, ``"voc07"`` or ``"voc12"`` (see :func:`evaluate_model`).
 
     Attributes:
       last_stats: the stats of the latest evaluation (``None`` before the first).
@@ -154,17 +180,19 @@ class CocoEvalCallback(keras.callbacks.Callback):
         dataset,
         coco_gt,
         *,
-        category_ids: Sequence[int],
+        category_ids: Sequence[int] | None = None,
         every_n_epochs: int = 1,
         log_dir: str | None = None,
         prefix: str = "val_",
         verbose: int = 1,
+        metric: str = "coco",
     ):
         super().__init__()
         if int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.dataset = dataset
-        self.evaluator = CocoEvaluator(coco_gt, category_ids=category_ids)
+        self.metric = check_metric(metric)
+        self.evaluator = make_evaluator(self.metric, coco_gt, category_ids=category_ids)
         self.every_n_epochs = int(every_n_epochs)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.prefix = prefix
@@ -188,15 +216,16 @@ class CocoEvalCallback(keras.callbacks.Callback):
             return
         stats = self.evaluate()
         if logs is not None:
-            for key in STAT_KEYS:
-                logs[self.prefix + key] = stats[key]
+            for key, value in stats.items():
+                logs[self.prefix + key] = value
         if self.log_dir is not None:
             self._write_summaries(stats, epoch)
         if self.verbose >= 1:
-            line = "  ".join(f"{self.prefix}{k}={stats[k]:.4f}" for k in ("AP", "AP50", "AP75"))
-            print(f"\nEpoch {epoch + 1}: COCO {line}")
+            keys = ("AP", "AP50", "AP75") if self.metric == "coco" else ("mAP",)
+            line = "  ".join(f"{self.prefix}{k}={stats[k]:.4f}" for k in keys)
+            print(f"\nEpoch {epoch + 1}: {self.metric.upper()} {line}")
         if self.verbose >= 2:
-            print(format_table(stats))
+            print(format_stats(stats))
 
     def _write_summaries(self, stats, epoch):
         """Scalars through core ``tf.summary.write`` with the TensorBoard "scalars"
@@ -211,10 +240,10 @@ class CocoEvalCallback(keras.callbacks.Callback):
         metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
         with self._writer.as_default(step=int(epoch)):
-            for key in STAT_KEYS:
+            for key, value in stats.items():
                 tf.summary.write(
                     self.prefix + key,
-                    tf.constant(stats[key], tf.float32),
+                    tf.constant(value, tf.float32),
                     metadata=metadata.SerializeToString())
         self._writer.flush()
 
@@ -222,3 +251,7 @@ class CocoEvalCallback(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+#: The same callback under a metric-neutral name (``metric="voc07"`` reads better with it).
+DetectionEvalCallback = CocoEvalCallback

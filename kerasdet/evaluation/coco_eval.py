@@ -26,6 +26,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from kerasdet.errors import DataError, DataFileNotFoundError
+
 #: The 12 numbers ``COCOeval.summarize`` prints, in its order.
 STAT_KEYS = (
     "AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -50,7 +52,7 @@ _STAT_DESCRIPTIONS = {
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool):
+def quiet(verbose: bool):
     """Swallow pycocotools' progress prints unless ``verbose``."""
     if verbose:
         yield
@@ -156,24 +158,45 @@ def detections_to_coco_results(
     ]
 
 
-def _load_coco(coco_gt, verbose: bool = False):
-    """A pycocotools ``COCO`` from an object or a JSON path (clear error if missing)."""
+def _is_source(obj) -> bool:
+    from kerasdet.data.coco import DetectionSource
+
+    return isinstance(obj, DetectionSource)
+
+
+def load_coco_gt(coco_gt, verbose: bool = False):
+    """A pycocotools ``COCO`` from a ``COCO``, a JSON path or a
+    :class:`~kerasdet.data.coco.DetectionSource` (its COCO JSON when it was loaded from
+    one, else built in memory: :func:`kerasdet.data.convert.coco_ground_truth`).
+
+    Raises :class:`~kerasdet.errors.DataFileNotFoundError` for a missing file and
+    :class:`~kerasdet.errors.DataError` for a file that is not COCO JSON.
+    """
     from pycocotools.coco import COCO
 
+    if _is_source(coco_gt):
+        from kerasdet.data.convert import coco_ground_truth
+
+        coco_gt = coco_ground_truth(coco_gt)
     if isinstance(coco_gt, COCO):
         return coco_gt
     path = os.fspath(coco_gt)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    with _quiet(verbose):
-        coco = COCO(path)
+        raise DataFileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        with quiet(verbose):
+            coco = COCO(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    except (AssertionError, TypeError, KeyError, AttributeError) as e:  # a list, no "id"
+        raise DataError(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
     for field in ("images", "annotations", "categories"):
         if field not in coco.dataset:
-            raise ValueError(f"{path}: COCO annotation file has no '{field}' field")
+            raise DataError(f"{path}: COCO annotation file has no '{field}' field")
     return coco
 
 
-def _empty_results(coco_gt):
+def empty_results(coco_gt):
     """A results ``COCO`` object with no detections (``loadRes([])`` would crash)."""
     from pycocotools.coco import COCO
 
@@ -184,7 +207,7 @@ def _empty_results(coco_gt):
         "categories": copy.deepcopy(coco_gt.dataset["categories"]),
         "annotations": [],
     }
-    with _quiet(False):
+    with quiet(False):
         res.createIndex()
     return res
 
@@ -200,7 +223,8 @@ def run_cocoeval(
     """Runs pycocotools' ``COCOeval`` (loadRes, evaluate, accumulate, summarize).
 
     Args:
-      coco_gt: pycocotools ``COCO`` ground truth (or a path to its JSON).
+      coco_gt: pycocotools ``COCO`` ground truth, a path to its JSON, or a DetectionSource
+        (see :func:`load_coco_gt`).
       results: COCO results entries (not modified: pycocotools' ``loadRes`` mutates its
         input, so a deep copy is handed to it).
       image_ids: restricts ``params.imgIds`` to these images (images without any
@@ -217,7 +241,7 @@ def run_cocoeval(
 
     if iou_type != "bbox":
         raise ValueError(f"iou_type={iou_type!r} is not supported (only 'bbox')")
-    coco_gt = _load_coco(coco_gt, verbose)
+    coco_gt = load_coco_gt(coco_gt, verbose)
     gt_image_ids = set(coco_gt.getImgIds())
     if image_ids is not None:
         image_ids = sorted({int(i) for i in image_ids})
@@ -225,20 +249,20 @@ def run_cocoeval(
             raise ValueError("COCO evaluation: no images to evaluate (image_ids is empty)")
         unknown = sorted(set(image_ids) - gt_image_ids)
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"COCO evaluation: image ids {unknown[:10]} (of {len(unknown)}) are not in "
                 "the ground-truth annotation 'images'")
     res_ids = {int(r["image_id"]) for r in results}
     unknown = sorted(res_ids - gt_image_ids)
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"COCO results: 'image_id' values {unknown[:10]} are not in the ground truth")
 
-    with _quiet(verbose):
+    with quiet(verbose):
         if results:
             coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         else:
-            coco_dt = _empty_results(coco_gt)
+            coco_dt = empty_results(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         if image_ids is not None:
             coco_eval.params.imgIds = image_ids
@@ -281,24 +305,33 @@ class CocoEvaluator:
     misses.
 
     Args:
-      coco_gt: pycocotools ``COCO`` or the path to a COCO annotation JSON.
+      coco_gt: pycocotools ``COCO``, the path to a COCO annotation JSON, or a
+        :class:`~kerasdet.data.coco.DetectionSource` (see :func:`load_coco_gt`: a VOC
+        source is scored against an in-memory COCO with difficult objects as crowds).
       category_ids: contiguous class index -> dataset category id. Every id must be a
-        category of ``coco_gt``. AP is averaged over all GT categories (pycocotools'
-        default), as the official COCO numbers are.
+        category of ``coco_gt``; default (``None``) the source's ``category_ids``
+        (required when ``coco_gt`` is not a source). AP is averaged over all GT
+        categories (pycocotools' default), as the official COCO numbers are.
       iou_type: ``"bbox"`` (the only supported type).
     """
 
-    def __init__(self, coco_gt, *, category_ids: Sequence[int], iou_type: str = "bbox"):
+    def __init__(self, coco_gt, *, category_ids: Sequence[int] | None = None,
+                 iou_type: str = "bbox"):
         if iou_type != "bbox":
             raise ValueError(f"iou_type={iou_type!r} is not supported (only 'bbox')")
-        self.coco_gt = _load_coco(coco_gt)
+        if category_ids is None:
+            if not _is_source(coco_gt):
+                raise ValueError("CocoEvaluator: category_ids is required unless coco_gt "
+                                 "is a DetectionSource")
+            category_ids = coco_gt.category_ids
+        self.coco_gt = load_coco_gt(coco_gt)
         self.category_ids = [int(c) for c in category_ids]
         if not self.category_ids:
             raise ValueError("category_ids is empty")
         gt_cats = set(self.coco_gt.getCatIds())
         unknown = sorted(set(self.category_ids) - gt_cats)
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"category_ids {unknown} are not in the ground truth 'categories' "
                 f"(which has ids {sorted(gt_cats)[:20]}...)")
         self.iou_type = iou_type
@@ -367,17 +400,20 @@ def evaluate_results_file(
     """
     results_file = os.fspath(results_file)
     if not os.path.isfile(results_file):
-        raise FileNotFoundError(f"COCO results file not found: {results_file}")
+        raise DataFileNotFoundError(f"COCO results file not found: {results_file}")
     with open(results_file) as f:
         try:
             results = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{results_file}: not valid JSON ({e})") from None
+            raise DataError(f"{results_file}: not valid JSON ({e})") from None
     if not isinstance(results, list):
-        raise ValueError(f"{results_file}: a COCO results file must hold a JSON list")
-    for field in ("image_id", "category_id", "bbox", "score"):
-        if results and field not in results[0]:
-            raise ValueError(f"{results_file}: results entries have no '{field}' field")
+        raise DataError(f"{results_file}: a COCO results file must hold a JSON list")
+    for k, entry in enumerate(results):
+        if not isinstance(entry, dict):
+            raise DataError(f"{results_file}: results[{k}] must be an object")
+        for field in ("image_id", "category_id", "bbox", "score"):
+            if field not in entry:
+                raise DataError(f"{results_file}: results[{k}] has no '{field}' field")
     return run_cocoeval(
         annotation_file, results, image_ids=image_ids, verbose=verbose)
 
@@ -386,7 +422,10 @@ __all__ = [
     "STAT_KEYS",
     "CocoEvaluator",
     "detections_to_coco_results",
+    "empty_results",
     "evaluate_results_file",
     "format_table",
+    "load_coco_gt",
+    "quiet",
     "run_cocoeval",
 ]

@@ -1,6 +1,6 @@
 """Per-category precision-recall at one IoU threshold (boxes or masks), through pycocotools,
 and instance-count accuracy: the figures decompNet's paper shows (Fig. 4/5 PR curves per
-digit class) and the ones its spec asks for (per-class AP50, mask AP50, counts).
+digit class) and the per-class AP50, mask AP50 and count accuracy reported with them.
 
 :func:`per_class_pr` runs ``COCOeval`` (``iouType`` ``"bbox"`` or ``"segm"``) and reads its
 accumulated ``precision`` array at the requested IoU, all areas, the largest ``maxDets``:
@@ -14,7 +14,7 @@ import copy
 
 import numpy as np
 
-from kerasdet.evaluation.coco_eval import _load_coco, _quiet
+from kerasdet.evaluation.coco_eval import empty_results, load_coco_gt, quiet
 
 
 def masks_to_coco_results(*, image_ids, masks, scores, classes, num_detections, category_ids):
@@ -47,13 +47,11 @@ def per_class_pr(coco_gt, results, *, iou_type="bbox", iou=0.5, max_dets=100):
 
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
-    coco_gt = _load_coco(coco_gt)
-    with _quiet(False):
+    coco_gt = load_coco_gt(coco_gt)
+    with quiet(False):
         coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else None
         if coco_dt is None:
-            from kerasdet.evaluation.coco_eval import _empty_results
-
-            coco_dt = _empty_results(coco_gt)
+            coco_dt = empty_results(coco_gt)
         ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         ev.params.iouThrs = np.array([float(iou)])
         ev.params.maxDets = [int(max_dets)]

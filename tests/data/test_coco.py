@@ -217,3 +217,26 @@ def test_digits_set_through_coco_loader(digits_set):
         np.testing.assert_allclose(src.boxes[i], np.reshape(expected, (-1, 4)))
         assert src.to_category_ids(src.classes[i]).tolist() == [a["category_id"] for a in anns]
         assert [m["counts"] for m in src.masks[i]] == [a["segmentation"]["counts"] for a in anns]
+
+
+def test_data_errors_are_user_input_errors(tmp_path):
+    """The classes the command line prints as one line (exit 2), not as a traceback."""
+    from kerasdet.errors import ConfigError, DataError, DataFileNotFoundError
+
+    ann_file, image_dir = make_tiny_coco(str(tmp_path))
+    with pytest.raises(DataFileNotFoundError, match=r"missing\.json: annotation file does not exist"):
+        load_coco(str(tmp_path / "missing.json"), image_dir)
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_coco(ann_file, image_dir, category_ids=[3, 3])
+    bad = _write_json(tmp_path / "bad.json", {"images": [{"id": 1, "file_name": "a.png"},
+                                                         {"id": 1, "file_name": "a.png"}],
+                                              "annotations": [], "categories": []})
+    with pytest.raises(DataError, match=r"bad\.json: images\[1\]: duplicate image id 1"):
+        load_coco(bad, image_dir)
+    with open(os.path.join(image_dir, "a.png"), "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(DataError, match=r"a\.png.*image id 1"):
+        load_coco(ann_file, image_dir)
+    os.remove(os.path.join(image_dir, "grey.png"))
+    with pytest.raises(DataFileNotFoundError, match=r"grey\.png.*image id 2"):
+        load_coco(ann_file, image_dir, check_images="exists")

@@ -114,3 +114,139 @@ def test_degenerate_voc_boxes_are_counted(tmp_path):
     src = load_voc(make_voc(tmp_path, xmls=xmls))
     assert src.skipped == {"degenerate_bbox": 1, "box_outside_image": 1}
     np.testing.assert_allclose(src.boxes[0], [[1, 1, 3, 3]])
+
+
+# --------------------------------------------------------------------------------------
+# load_voc_sets: a two-year VOCdevkit
+# --------------------------------------------------------------------------------------
+def make_devkit(root, missing_image=True):
+    """VOCdevkit/VOC2007 (make_voc's trainval + test 000004) and VOC2012 trainval:
+    2012_000001: cat, difficult dog, unknown 'unicorn'; 2012_000002: dog, listed in
+    trainval with its XML but (``missing_image``) no image file."""
+    root = os.path.join(str(root), "VOCdevkit")
+    voc07 = make_voc(os.path.join(root, "VOC2007"))
+    write_image(os.path.join(voc07, "JPEGImages", "000004.jpg"), np.full((10, 12, 3), 50, np.uint8))
+    with open(os.path.join(voc07, "Annotations", "000004.xml"), "w") as f:
+        f.write(_xml("000004", 10, 12, [_obj("bird", (2, 3, 8, 9))]))
+    with open(os.path.join(voc07, "ImageSets", "Main", "test.txt"), "w") as f:
+        f.write("000004\n")
+    voc12 = os.path.join(root, "VOC2012")
+    xmls = {
+        "2012_000001": _xml("2012_000001", 24, 32, [_obj("cat", (3, 4, 20, 22), 0),
+                                                    _obj("dog", (1, 1, 6, 6), 1),
+                                                    _obj("unicorn", (2, 2, 9, 9))]),
+        "2012_000002": _xml("2012_000002", 18, 18, [_obj("dog", (1, 2, 10, 11))]),
+    }
+    os.makedirs(os.path.join(voc12, "Annotations"))
+    for stem, text in xmls.items():
+        with open(os.path.join(voc12, "Annotations", f"{stem}.xml"), "w") as f:
+            f.write(text)
+    write_image(os.path.join(voc12, "JPEGImages", "2012_000001.jpg"), np.full((24, 32, 3), 70, np.uint8))
+    if not missing_image:
+        write_image(os.path.join(voc12, "JPEGImages", "2012_000002.jpg"),
+                    np.full((18, 18, 3), 70, np.uint8))
+    os.makedirs(os.path.join(voc12, "ImageSets", "Main"))
+    with open(os.path.join(voc12, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("2012_000001\n2012_000002\n")
+    return root
+
+
+def test_load_voc_sets_joins_years(tmp_path, caplog):
+    from kerasdet.data.voc import load_voc_sets
+
+    root = make_devkit(tmp_path, missing_image=False)
+    with caplog.at_level(logging.WARNING):
+        src = load_voc_sets(root, ["2007/trainval", "2012/trainval"])
+    # Image ids unique across the joined sets, in order; paths in each year's folder.
+    assert src.image_ids == [0, 1, 2, 3, 4]
+    assert src.image_paths == [
+        os.path.join(root, "VOC2007", "JPEGImages", f"{s}.jpg") for s in ("000001", "000002", "000003")
+    ] + [os.path.join(root, "VOC2012", "JPEGImages", f"{s}.jpg") for s in ("2012_000001", "2012_000002")]
+    assert src.heights == [30, 20, 16, 24, 18] and src.widths == [40, 24, 16, 32, 18]
+    assert src.category_ids == list(range(1, 21)) and src.category_names == list(VOC_CLASSES)
+    # VOC2012 image 3: cat (1-based -> pixel edges), difficult dog ignored, unicorn skipped.
+    np.testing.assert_allclose(src.boxes[3], [[3, 2, 22, 20], [0, 0, 6, 6]])
+    assert src.classes[3].tolist() == [VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog")]
+    assert src.is_crowd[3].tolist() == [False, True]
+    np.testing.assert_allclose(src.boxes[4], [[1, 0, 11, 10]])
+    # unicorn in 000002 and in 2012_000001, counted over the joined set and logged once.
+    assert src.skipped == {"unknown_class": 2}
+    assert sum("unknown_class=2" in r.getMessage() for r in caplog.records) == 1
+    # Annotation ids run 1..M across the join (dog, person, car, cat, dog, dog).
+    assert np.concatenate(src.annotation_ids).tolist() == [1, 2, 3, 4, 5, 6]
+    assert "VOC2007" in src.annotation_file and "VOC2012" in src.annotation_file
+    # The same as load_voc year by year, with ids shifted.
+    one = load_voc(os.path.join(root, "VOC2007"))
+    for k in range(3):
+        np.testing.assert_array_equal(src.boxes[k], one.boxes[k])
+        np.testing.assert_array_equal(src.is_crowd[k], one.is_crowd[k])
+    # A single string with '+' and tuples are the same sets.
+    assert load_voc_sets(root, "2007/trainval+2012/trainval").image_paths == src.image_paths
+    assert load_voc_sets(root, [("VOC2007", "test")]).image_ids == [0]
+    assert load_voc_sets(root, ["2012/trainval"], use_difficult=True).is_crowd[0].tolist() == [False, False]
+
+
+def test_load_voc_sets_missing_image_is_a_clear_error(tmp_path):
+    from kerasdet.data.voc import load_voc_sets
+    from kerasdet.errors import DataFileNotFoundError
+
+    root = make_devkit(tmp_path)
+    for check in (True, "exists"):
+        with pytest.raises(DataFileNotFoundError, match=r"VOC2012.JPEGImages.2012_000002\.jpg.*image id 4"):
+            load_voc_sets(root, check_images=check)
+    # As load_coco: check_images=False checks nothing (the pipeline's read names the file).
+    src = load_voc_sets(root, check_images=False)
+    assert len(src) == 5 and src.image_paths[4].endswith("2012_000002.jpg")
+    assert src.heights[4] == 18  # from the XML
+
+
+def test_load_voc_sets_missing_folders_name_the_path(tmp_path):
+    from kerasdet.data.voc import load_voc_sets
+    from kerasdet.errors import ConfigError, DataError, DataFileNotFoundError, UserInputError
+
+    root = make_devkit(tmp_path, missing_image=False)
+    with pytest.raises(DataFileNotFoundError, match=r"VOC2010: VOC year folder does not exist.*VOC2007"):
+        load_voc_sets(root, ["2007/trainval", "2010/trainval"])
+    with pytest.raises(DataFileNotFoundError, match=r"VOC2012.ImageSets.Main.test\.txt"):
+        load_voc_sets(root, ["2012/test"])
+    with pytest.raises(DataFileNotFoundError, match="nowhere: VOCdevkit folder does not exist"):
+        load_voc_sets(os.path.join(root, "nowhere"))
+    with pytest.raises(ConfigError, match="YEAR/SPLIT"):
+        load_voc_sets(root, ["2007"])
+    os.rename(os.path.join(root, "VOC2012", "Annotations"), os.path.join(root, "VOC2012", "Ann"))
+    with pytest.raises(DataFileNotFoundError, match=r"VOC2012.Annotations: VOC 'Annotations' folder"):
+        load_voc_sets(root, ["2012/trainval"])
+    # The classes the command line reports in one line (also FileNotFoundError/ValueError).
+    with pytest.raises(FileNotFoundError) as info:
+        load_voc_sets(root, ["2012/trainval"])
+    assert isinstance(info.value, DataError) and isinstance(info.value, UserInputError)
+
+
+def test_load_voc_sets_counts_duplicate_images(tmp_path, caplog):
+    from kerasdet.data.voc import load_voc_sets
+
+    root = make_devkit(tmp_path, missing_image=False)
+    with caplog.at_level(logging.WARNING):
+        src = load_voc_sets(root, ["2007/trainval", "2007/trainval", "2007/test"])
+    assert src.image_ids == [0, 1, 2, 3] and src.image_paths[3].endswith("000004.jpg")
+    assert src.skipped == {"duplicate_image": 3, "unknown_class": 1}
+    assert any("listed more than once" in r.getMessage() for r in caplog.records)
+
+
+def test_voc_errors_are_user_input_errors(tmp_path):
+    from kerasdet.errors import DataError, DataFileNotFoundError
+
+    root = make_voc(tmp_path, xmls={"000001": "<annotation><size>"})
+    with pytest.raises(DataError, match=r"000001\.xml: not valid XML"):
+        load_voc(root)
+    root = make_voc(tmp_path / "b")
+    os.remove(os.path.join(root, "Annotations", "000002.xml"))
+    with pytest.raises(DataFileNotFoundError, match=r"000002\.xml"):
+        load_voc(root)
+    with open(os.path.join(root, "JPEGImages", "000001.jpg"), "wb") as f:
+        f.write(b"not an image")
+    os.remove(os.path.join(root, "ImageSets", "Main", "trainval.txt"))
+    with open(os.path.join(root, "ImageSets", "Main", "trainval.txt"), "w") as f:
+        f.write("000001\n")
+    with pytest.raises(DataError, match=r"000001\.jpg.*could not decode.*image id 0"):
+        load_voc(root)
