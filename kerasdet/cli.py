@@ -76,7 +76,7 @@ def show_config(args):
 def convert(args):
     from kerasdet.data.convert import voc_to_coco
 
-    voc_to_coco(args.voc_root, sets=args.sets, output=args.output)
+    voc_to_coco(args.voc_root, args.output, sets=args.sets)
     print(f"COCO JSON written to {args.output}")
     return args.output
 

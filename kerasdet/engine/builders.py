@@ -185,26 +185,26 @@ def build_optimizer(stage: StageConfig, total_steps: int, *, train=None):
 def evaluate(model, dataset, source, *, metric: str = "coco", results_file: str | None = None) -> dict:
     """Scores ``model`` on ``dataset`` (of ``source``) by ``metric``: ``"coco"``
     (pycocotools: AP, AP50, ...) or ``"voc07"`` / ``"voc12"`` (mAP at IoU 0.5, difficult
-    objects ignored, with per-class AP)."""
+    objects ignored, with per-class AP). The ground truth is the source itself (its COCO
+    file, or an in-memory COCO of a VOC source)."""
     from kerasdet.evaluation.callback import evaluate_model
 
-    return evaluate_model(model, dataset, source.annotation_file, category_ids=source.category_ids,
-                          results_file=results_file)
+    return evaluate_model(model, dataset, source, metric=metric, results_file=results_file)
 
 
 def eval_callback(config: Config, dataset, source, *, every_n_epochs: int, log_dir: str | None):
     """The evaluation callback of ``eval.metric`` (logs ``val_<key>`` every N epochs)."""
     from kerasdet.evaluation.callback import CocoEvalCallback
 
-    return CocoEvalCallback(dataset, source.annotation_file, category_ids=source.category_ids,
-                            every_n_epochs=every_n_epochs, log_dir=log_dir)
+    return CocoEvalCallback(dataset, source, metric=config.eval.metric, every_n_epochs=every_n_epochs,
+                            log_dir=log_dir)
 
 
 def format_stats(stats: dict) -> str:
-    """A printable table of either kind of stats."""
-    from kerasdet.evaluation.coco_eval import format_table
+    """A printable table of either kind of stats (COCO or VOC)."""
+    from kerasdet.evaluation.metrics import format_stats as fmt
 
-    return format_table(stats)
+    return fmt(stats)
 
 
 def metric_keys(metric: str, class_names=()) -> list:

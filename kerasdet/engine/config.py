@@ -296,11 +296,11 @@ def check_value(tp, value, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(check_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(check_value(args[0], v, f"{where}.{i}") for i, v in enumerate(value))
         if args:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-            return tuple(check_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(check_value(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
         return tuple(value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

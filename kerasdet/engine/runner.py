@@ -13,8 +13,8 @@ weights of an uninterrupted run.
 
 Work-dir layout: ``run.json`` (resolved config, label map, per-stage metrics, paths,
 times), ``model.weights.h5`` (final), ``best.weights.h5``, ``stages/<i>_<name>.weights.h5``
-+ ``stages/state.json`` (completed stages), ``backup/<i>_<name>/`` (the running stage's
-backup), ``logs/<name>/`` (TensorBoard), ``history*.csv``, ``val_results.json``,
++ ``stages/state.json`` (completed stages), ``backup/`` (the running stage's backup;
+``backup/<i>_<name>/`` with several stages), ``logs/<name>/`` (TensorBoard), ``history*.csv``, ``val_results.json``,
 ``predictions/``. Under ``MultiWorkerMirroredStrategy`` only the chief writes.
 
 :func:`load_run` rebuilds a run's model from its ``run.json`` (for ``evaluate``, ``export``,
@@ -80,7 +80,7 @@ def _val_paths(config: Config, paths) -> dict:
 
 def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_dir: str | None = None,
         data_dir: str | None = None, seed: int = 0, strategy="auto", export_dir: str | None = None,
-        verbose: int = 2) -> dict:
+        verbose: int = 2, callbacks=()) -> dict:
     """Trains, evaluates and exports one recipe configuration; returns the ``run.json`` dict.
 
     Args:
@@ -96,6 +96,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
       export_dir: default ``export.dir`` or ``saved_models/<recipe>_<preset>``; exports
         only when ``export.enabled``.
       verbose: ``fit`` verbosity.
+      callbacks: extra Keras callbacks for every stage's ``fit``.
     """
     import keras
 
@@ -148,7 +149,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
         record = _run_stage(recipe, config, model, stage, index, strategy=strategy, epochs=epochs, steps=steps,
                             offset=offset, seed=seed, train_source=train_source, val_ds=val_ds,
                             val_source=val_source, last=index == len(stages) - 1, work_dir=work_dir,
-                            headline=headline, verbose=verbose)
+                            headline=headline, verbose=verbose, callbacks=callbacks)
         weights = f"{index}_{stage.name}.weights.h5"
         if chief:
             model.save_weights(os.path.join(work_dir, "stages", weights))
@@ -203,7 +204,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
 
 
 def _run_stage(recipe, config, model, stage, index, *, strategy, epochs, steps, offset, seed, train_source, val_ds,
-               val_source, last, work_dir, headline, verbose):
+               val_source, last, work_dir, headline, verbose, callbacks=()):
     """One stage: the hook's (sub-)model, a fresh optimizer, ``fit_resumable``."""
     import keras
 
@@ -218,7 +219,7 @@ def _run_stage(recipe, config, model, stage, index, *, strategy, epochs, steps, 
     multi = len(config.train.stages) > 1
     log_dir = os.path.join(work_dir, "logs", stage.name) if multi else os.path.join(work_dir, "logs")
     evaluate_every = stage.evaluate_every or (config.eval.every_n_epochs if last else None)
-    callbacks = list(extra_callbacks)
+    callbacks = list(extra_callbacks) + list(callbacks)
     keys = ["val_" + k for k in builders.metric_keys(config.eval.metric)]
     if evaluate_every:
         callbacks.append(builders.eval_callback(config, val_ds, val_source, every_n_epochs=evaluate_every,
@@ -239,7 +240,8 @@ def _run_stage(recipe, config, model, stage, index, *, strategy, epochs, steps, 
     t0 = time.time()
     history, backup = fit_resumable(
         train_model, make_train_data, epochs=epochs, steps_per_epoch=steps,
-        backup_dir=os.path.join(work_dir, "backup", f"{index}_{stage.name}"), save_freq=config.train.backup_every,
+        backup_dir=os.path.join(work_dir, "backup", f"{index}_{stage.name}") if multi else os.path.join(work_dir, "backup"),
+        save_freq=config.train.backup_every,
         callbacks=callbacks, verbose=verbose)
     seconds = time.time() - t0
     record = {"name": stage.name, "kind": stage.kind, "epochs": epochs, "steps_per_epoch": steps,

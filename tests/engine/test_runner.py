@@ -1,0 +1,164 @@
+"""kerasdet.engine.runner: every digits preset of every recipe runs through the one runner;
+staged runs interrupted mid-stage resume to the weights of an uninterrupted run."""
+import json
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from kerasdet.engine.recipes import load_recipe
+from kerasdet.engine.runner import evaluate_run, load_run, run
+
+COMMON = {"data.generate.num_train": 16, "data.generate.num_val": 4, "train.batch_size": 4, "eval.batch_size": 4,
+          "export.enabled": False, "train.warmup_steps": 0}
+SMALL = {"backbone.widths": [8, 16, 16, 16], "backbone.blocks": [0, 0, 0, 0]}
+TINY = {
+    ("retinanet", "digits"): {**SMALL, "model.fpn_channels": 16, "model.head_channels": 16, "train.epochs": 1},
+    ("faster_rcnn_fpn", "digits"): {**SMALL, "model.fpn_channels": 16, "model.rpn_channels": 8, "model.fc_dim": 16,
+                                    "model.num_rois": 16, "model.rpn_post_nms_topk_train": 32,
+                                    "model.rpn_post_nms_topk_test": 32, "train.epochs": 1},
+    ("assd", "ssd_digits"): {**SMALL, "train.epochs": 1},
+    ("assd", "assd_digits"): {**SMALL, "model.fusion_channels": 8, "train.epochs": 1},
+    ("couplenet", "rfcn_digits"): {**SMALL, "model.conv_new_channels": 16, "model.rpn_channels": 8,
+                                   "model.rpn_post_nms_topk_train": 16, "model.rpn_post_nms_topk_test": 16,
+                                   "model.ohem_rois": 8, "train.epochs": 1},
+    ("couplenet", "couplenet_digits"): {**SMALL, "model.conv_new_channels": 16, "model.global_channels": 16,
+                                        "model.rpn_channels": 8, "model.rpn_post_nms_topk_train": 16,
+                                        "model.rpn_post_nms_topk_test": 16, "model.ohem_rois": 8, "train.epochs": 1},
+    ("couplenet", "acouplenet_digits"): {**SMALL, "backbone.attention_channels": 8, "model.conv_new_channels": 16,
+                                         "model.global_channels": 16, "model.rpn_channels": 8,
+                                         "model.rpn_post_nms_topk_train": 16, "model.rpn_post_nms_topk_test": 16,
+                                         "model.ohem_rois": 8, "train.epochs": 1},
+}
+SMN_TINY = {**SMALL, "data.generate.image_size": [64, 64], "input.image_size": [64, 64], "base.fc_dim": 16,
+            "base.rpn_channels": 8, "base.rpn_post_nms_topk_train": 16, "base.rpn_post_nms_topk_test": 16,
+            "base.num_rois": 16, "model.memory_channels": 8, "model.memory_fc_dim": 16, "model.fusion_dim": 16,
+            "model.memory_rpn_channels": 8, "model.num_rois": 8, "model.rpn_batch_size": 16,
+            "model.num_base_writes": 2, "model.num_memory_steps": 2}
+DECOMP_TINY = {"data.generate.num_clutter": 0, "data.generate.min_digits": 1, "data.generate.max_digits": 3,
+               "model.steps": 3, "model.max_instances": 2, "model.conv_gru_filters": 4, "model.instance_filters": 4,
+               "model.category_widths": [4, 4, 4, 4, 4, 4], "model.box_hidden": 8, "input.max_boxes": 4}
+
+
+def _stage_steps(recipe, preset, steps=1, **per_stage):
+    stages = load_recipe(recipe).config(preset).train.stages
+    out = {}
+    for i, stage in enumerate(stages):
+        out[f"train.stages.{i}.steps"] = per_stage.get(stage.name, steps)
+        out[f"train.stages.{i}.warmup_steps"] = 0
+        if "num_steps" in stage.params:
+            out[f"train.stages.{i}.params.num_steps"] = min(stage.params["num_steps"], 2)
+    return out
+
+
+def _overrides(recipe, preset):
+    if recipe == "smn":
+        return {**COMMON, **SMN_TINY, **_stage_steps(recipe, preset)}
+    if recipe == "decompnet":
+        return {**COMMON, **DECOMP_TINY, **_stage_steps(recipe, preset)}
+    return {**COMMON, **TINY[(recipe, preset)]}
+
+
+DIGITS_PRESETS = [*TINY, ("smn", "digits"), ("smn", "digits_mlp"), ("decompnet", "digits")]
+
+
+def test_every_digits_preset_of_every_recipe_is_covered():
+    from kerasdet.engine.recipes import builtin_recipes
+
+    presets = {(r, p) for r in builtin_recipes() for p in load_recipe(r).presets if "digits" in p}
+    assert presets == set(DIGITS_PRESETS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,preset", DIGITS_PRESETS, ids=[f"{r}-{p}" for r, p in DIGITS_PRESETS])
+def test_digits_preset_runs_through_the_runner(tmp_path, recipe, preset):
+    r = load_recipe(recipe)
+    config = r.config(preset, _overrides(recipe, preset))
+    work = str(tmp_path / "run")
+    summary = run(r, config, preset=preset, work_dir=work, data_dir=str(tmp_path / "data"), strategy="default",
+                  verbose=0)
+    stages = config.train.resolved_stages()
+    assert [s["name"] for s in summary["stages"]] == [s.name for s in stages]
+    for record in summary["stages"]:
+        assert np.isfinite(record["final_loss"]), record
+    with open(os.path.join(work, "run.json")) as f:
+        record = json.load(f)
+    assert record["stats"] == summary["stats"] and np.isfinite(record["stats"]["AP"])
+    assert record["label_map"]["category_ids"] and record["config"]["train"]["batch_size"] == 4
+    assert r.config_from_dict(record["config"]) == config
+    assert os.path.isfile(record["paths"]["weights"])
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_read_run_json_not_the_training_data(tmp_path):
+    r = load_recipe("retinanet")
+    data, work = str(tmp_path / "data"), str(tmp_path / "run")
+    summary = run(r, r.config("digits", _overrides("retinanet", "digits")), preset="digits", work_dir=work,
+                  data_dir=data, strategy="default", verbose=0)
+    os.rename(os.path.join(data, "annotations", "train.json"), os.path.join(data, "train.json.away"))
+    stats = evaluate_run(work)  # the training annotations are gone: not needed
+    np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
+    _, _, model, record = load_run(work)
+    assert model.num_classes == len(record["label_map"]["category_ids"]) == 10
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt(keras.callbacks.Callback):
+    """Raises after ``at`` training steps of the stage named ``stage`` (after the backup of
+    that step, which the runner's backup callback writes first)."""
+
+    def __init__(self, stage_steps, at):
+        super().__init__()
+        self.stage_steps, self.at, self.seen = stage_steps, at, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.at:
+            raise _Crash(f"killed after {self.at} steps")
+
+
+def _weights(path):
+    arrays = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.append(np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def _staged_resume(tmp_path, recipe, preset, steps, crash_at):
+    r = load_recipe(recipe)
+    base = {**_overrides(recipe, preset), **_stage_steps(recipe, preset, **steps), "train.backup_every": 1}
+    config = r.config(preset, base)
+    data = str(tmp_path / "data")
+    ref = run(r, config, preset=preset, work_dir=str(tmp_path / "ref"), data_dir=data, strategy="default", verbose=0)
+    work = str(tmp_path / "run")
+    with pytest.raises(_Crash):
+        run(r, config, preset=preset, work_dir=work, data_dir=data, strategy="default", verbose=0,
+            callbacks=[_CrashAt(None, crash_at)])
+    assert not os.path.isfile(os.path.join(work, "model.weights.h5"))
+    resumed = run(r, config, preset=preset, work_dir=work, data_dir=data, strategy="default", verbose=0)
+    assert resumed["resumed_from_step"] > 0
+    a, b = _weights(ref["paths"]["weights"]), _weights(resumed["paths"]["weights"])
+    assert len(a) == len(b) > 10
+    diff = max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b))
+    assert diff <= 1e-6, diff
+    np.testing.assert_allclose(resumed["stats"]["AP"], ref["stats"]["AP"], atol=1e-6)
+    return resumed
+
+
+@pytest.mark.slow
+def test_decompnet_killed_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    # stages category 3, instance 3, joint 1, box 1 steps; killed after 5 steps: 2 into "instance"
+    resumed = _staged_resume(tmp_path, "decompnet", "digits", {"category": 3, "instance": 3}, crash_at=5)
+    assert [s["restored_step"] for s in resumed["stages"]] == [0, 2, 0, 0]
+
+
+@pytest.mark.slow
+def test_smn_killed_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    # base_1 2 steps, base_2 1, memory_n2 2, memory_n5 1, memory_n10 1; killed 1 step into memory_n2
+    resumed = _staged_resume(tmp_path, "smn", "digits", {"base_1": 2, "memory_n2": 2}, crash_at=4)
+    assert [s["restored_step"] for s in resumed["stages"]] == [0, 0, 1, 0, 0]
