@@ -34,7 +34,7 @@ coordinates are dropped and counted, as Detectron2 does) and rasterized with
 ``pycocotools`` on the host, in a ``tf.numpy_function`` of the load step, at the
 *original* image size; with ``cache_images`` the rasterized masks are cached with the
 images. The graph then applies exactly the image's resize (nearest neighbour, see
-:mod:`kerasdet.data.augment`), flip, jitter crop and padding. Objects without a usable
+:func:`kerasdet.data.geometry.resize_masks`), flip, jitter crop and padding. Objects without a usable
 segmentation (box-only annotations, VOC, all polygon parts degenerate) get their
 *filled box* as mask in both modes: **our extension**, following spec 004 §5
 "Attention supervision from boxes" (the paper uses masks only); their number (images
@@ -67,13 +67,13 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from .augment import MIN_VISIBLE_FRACTION, preprocess_example
 from .coco import DetectionSource, read_image
+from .geometry import MIN_VISIBLE_FRACTION, numpy_resized_shapes
+from .preprocess import preprocess_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionSource", "make_dataset", "decode_image", "numpy_resized_shapes",
-           "MASK_MODES", "check_segmentations", "rasterize_masks"]
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES"]
 
 #: Values of ``make_dataset(masks=...)``.
 MASK_MODES = (None, "union", "instances")
@@ -307,23 +307,6 @@ def _mask_loader(source, mode, cache=None):
     return load, stats
 
 
-def numpy_resized_shapes(heights, widths, image_size, min_size=None, max_size=None):
-    """Resized ``(h, w)`` arrays per image, as :mod:`kerasdet.data.augment` computes them
-    (without jitter); used to check the canvas at construction time."""
-    h = np.asarray(heights, np.float32)
-    w = np.asarray(widths, np.float32)
-    if min_size is None and max_size is None:
-        scale = np.minimum(np.float32(image_size[0]) / h, np.float32(image_size[1]) / w)
-    elif min_size is None:
-        scale = np.float32(max_size) / np.maximum(h, w)
-    else:
-        scale = np.float32(min_size) / np.minimum(h, w)
-        if max_size is not None:
-            scale = np.minimum(scale, np.float32(max_size) / np.maximum(h, w))
-    return (np.maximum(np.round(h * scale), 1).astype(np.int64),
-            np.maximum(np.round(w * scale), 1).astype(np.int64))
-
-
 def _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes):
     if not isinstance(source, DetectionSource):
         raise TypeError(f"make_dataset needs a DetectionSource, got {type(source).__name__}")
@@ -430,7 +413,7 @@ def make_dataset(
       min_visible_fraction: a box cut by a jitter crop is kept when at least this
         fraction of its area stays visible.
       ssd_augmentation: SSD's photometric distortion, expand and IoU-constrained crop
-        before the resize (training only; :mod:`kerasdet.data.ssd_augment`). Default False.
+        before the resize (training only; :func:`kerasdet.data.preprocess.ssd_augment`). Default False.
       masks: None (default, no masks), ``"union"`` (``labels["foreground"]`` [B, H, W],
         255 = ignore on crowd regions) or ``"instances"`` (``labels["masks"]``
         [B, max_boxes, H, W] aligned with ``labels["boxes"]``); see the module doc for
