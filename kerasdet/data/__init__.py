@@ -11,6 +11,7 @@ Modules, each importing only those listed before it (a one-way graph):
 * :mod:`~kerasdet.data.geometry`: resize / flip / crop / pad / clip / compaction graph ops;
 * :mod:`~kerasdet.data.preprocess`: per-example preprocessing (standard and SSD's
   augmentation), built from the geometry ops;
+* :mod:`~kerasdet.data.masks`: checking, decoding and rasterizing COCO segmentations;
 * :mod:`~kerasdet.data.pipeline`: :func:`make_dataset`, the ``tf.data`` pipeline;
 * :mod:`~kerasdet.data.digits`: the embedded data set's generator.
 
@@ -35,7 +36,7 @@ def __getattr__(name):
         from .pipeline import make_dataset
 
         return make_dataset
-    if name in ("geometry", "preprocess", "pipeline", "digits"):
+    if name in ("geometry", "preprocess", "masks", "pipeline", "digits"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
