@@ -8,6 +8,8 @@
 Modules, each importing only those listed before it (a one-way graph):
 
 * :mod:`~kerasdet.data.coco`, :mod:`~kerasdet.data.voc`: loaders (numpy, no TensorFlow);
+* :mod:`~kerasdet.data.box_format`: a source's boxes from any Keras
+  ``bounding_box_format`` to kerasdet's yxyx pixels (``make_dataset(bounding_box_format=)``);
 * :mod:`~kerasdet.data.geometry`: resize / flip / crop / pad / clip / compaction graph ops;
 * :mod:`~kerasdet.data.preprocess`: per-example preprocessing (standard and SSD's
   augmentation), built from the geometry ops;
@@ -36,7 +38,7 @@ def __getattr__(name):
         from .pipeline import make_dataset
 
         return make_dataset
-    if name in ("geometry", "preprocess", "masks", "pipeline", "digits"):
+    if name in ("box_format", "geometry", "preprocess", "masks", "pipeline", "digits"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -66,6 +66,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from .box_format import to_yxyx_source
 from .coco import DetectionSource, read_image
 from .geometry import MIN_VISIBLE_FRACTION, numpy_resized_shapes
 from .masks import MASK_MODES, mask_loader
@@ -169,6 +170,7 @@ def make_dataset(
     start_batch: int = 0,
     ssd_augmentation: bool = False,
     masks: str | None = None,
+    bounding_box_format: str = "yxyx",
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -214,9 +216,17 @@ def make_dataset(
         255 = ignore on crowd regions) or ``"instances"`` (``labels["masks"]``
         [B, max_boxes, H, W] aligned with ``labels["boxes"]``); see the module doc for
         the rasterization, the filled-box fallback and the memory cost.
+      bounding_box_format: the format of ``source.boxes``, a Keras name: ``"xyxy"``,
+        ``"yxyx"``, ``"xywh"``, ``"center_xywh"``, ``"center_yxhw"`` (pixels) or
+        ``"rel_xyxy"``, ``"rel_yxyx"``, ``"rel_xywh"``, ``"rel_center_xywh"`` (fractions
+        of each image's own height and width; :data:`kerasdet.boxes.BOX_FORMATS`). Default ``"yxyx"`` (original-image pixels,
+        what ``load_coco`` / ``load_voc`` give). Converted once here
+        (:func:`kerasdet.data.box_format.to_yxyx_source`); the dataset's
+        ``labels["boxes"]`` are always yxyx network-input pixels.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
+    source = to_yxyx_source(source, bounding_box_format=bounding_box_format)
     shuffle = training if shuffle is None else bool(shuffle)
     flip = training if flip is None else bool(flip)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
