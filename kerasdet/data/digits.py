@@ -416,7 +416,9 @@ def generate_digits(
     Returns:
       ``{"train_images", "train_annotations", "val_images", "val_annotations"}`` paths.
 
-    The protocol of the recurrent-decomposer paper (seed 001) is
+    The protocol of the recurrent-decomposer paper's synthesized MNIST set (§3.1
+    "Synthesized dataset": 5-10 digits per 100x100 image, scales 0.5-2, IoU <= 0.2, 30
+    pen strokes, digits 3/6/9) is
     ``image_size=(100, 100), min_digits=5, max_digits=10, scale_range=(0.5, 2.0),
     max_iou=0.2, num_clutter=30, classes=(3, 6, 9)``.
     """

@@ -29,21 +29,20 @@ Shapes are static (``B`` too when ``drop_remainder``), so models trace once.
 Masks (and their cost): each image's COCO ``segmentation`` entries (``source.masks``:
 polygons, uncompressed or compressed RLE) are checked once when the dataset is made
 (a malformed entry raises ``ValueError`` naming the annotation file, the annotation id
-and the image id; polygon parts with fewer than 3 points or an odd number of
-coordinates are dropped and counted, as Detectron2 does) and rasterized with
+and the image id; degenerate polygon parts are dropped and counted) and rasterized with
 ``pycocotools`` on the host, in a ``tf.numpy_function`` of the load step, at the
-*original* image size; with ``cache_images`` the rasterized masks are cached with the
-images. The graph then applies exactly the image's resize (nearest neighbour, see
-:mod:`kerasdet.data.augment`), flip, jitter crop and padding. Objects without a usable
-segmentation (box-only annotations, VOC, all polygon parts degenerate) get their
-*filled box* as mask in both modes: **our extension**, following spec 004 §5
-"Attention supervision from boxes" (the paper uses masks only); their number (images
-and annotations) is logged once as a warning. Memory: the cache holds ``h * w`` bytes
-per image for ``"union"`` and ``h * w * n_objects`` for ``"instances"`` (COCO
-train2017, 640x480 and ~7 objects per image: ~36 GB resp. ~250 GB, so do not
-``cache_images`` COCO), and an ``"instances"`` batch is ``B * max_boxes * H * W`` bytes
-(2 x 100 x 1344^2 = 361 MB: lower ``max_boxes`` for large canvases). Not supported
-with ``ssd_augmentation``.
+*original* image size (:mod:`kerasdet.data.masks`); with ``cache_images`` the
+rasterized masks are cached with the images. The graph then applies exactly the image's
+resize (nearest neighbour, :func:`kerasdet.data.geometry.resize_masks`), flip, jitter
+crop and padding. Objects without a usable segmentation (box-only annotations, VOC, all
+polygon parts degenerate) get their *filled box* as mask in both modes: **our
+extension** (Attention CoupleNet, §III-B, supervises its attention maps with instance
+segmentations only); their number (images and annotations) is logged once as a
+warning. Memory: the cache holds ``h * w`` bytes per image for ``"union"`` and
+``h * w * n_objects`` for ``"instances"`` (COCO train2017, 640x480 and ~7 objects per
+image: ~36 GB resp. ~250 GB, so do not ``cache_images`` COCO), and an ``"instances"``
+batch is ``B * max_boxes * H * W`` bytes (2 x 100 x 1344^2 = 361 MB: lower
+``max_boxes`` for large canvases). Not supported with ``ssd_augmentation``.
 
 Structure (and why): per-image labels enter as ragged tensor slices (no Python
 generator); images are decoded with OpenCV inside ``tf.numpy_function`` (grey, RGBA,
@@ -67,19 +66,15 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from .augment import MIN_VISIBLE_FRACTION, preprocess_example
+from .box_format import to_yxyx_source
 from .coco import DetectionSource, read_image
+from .geometry import MIN_VISIBLE_FRACTION, numpy_resized_shapes
+from .masks import MASK_MODES, mask_loader
+from .preprocess import preprocess_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionSource", "make_dataset", "decode_image", "numpy_resized_shapes",
-           "MASK_MODES", "check_segmentations", "rasterize_masks"]
-
-#: Values of ``make_dataset(masks=...)``.
-MASK_MODES = (None, "union", "instances")
-#: ``labels["foreground"]`` value of crowd-only pixels: ignore them in a loss.
-IGNORE = 255
-
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES"]
 
 def _decode_numpy(path, height, width, cache=None):
     path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
@@ -107,221 +102,6 @@ def decode_image(path, height, width, cache=None):
     image = tf.numpy_function(fn, [path, height, width], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
-
-
-# --------------------------------------------------------------------------------------
-# Masks: host-side checking and rasterization of COCO segmentations
-# --------------------------------------------------------------------------------------
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def _check_segmentation(segm, height, width, where, stats):
-    """A cleaned copy of one COCO ``segmentation`` (None: no usable mask -> filled box).
-
-    Raises ValueError (prefixed with ``where``) for an entry pycocotools cannot read.
-    """
-    if segm is None or (isinstance(segm, (list, tuple)) and len(segm) == 0):
-        return None
-    if isinstance(segm, (list, tuple)):  # polygons: [[x0, y0, x1, y1, ...], ...]
-        parts = []
-        for part in segm:
-            if not isinstance(part, (list, tuple)) or not all(_is_num(v) for v in part):
-                raise ValueError(f"{where}: bad polygon segmentation (each polygon must be "
-                                 f"a list of numbers), got {str(part)[:80]}")
-            coords = np.asarray(part, np.float64)
-            if not np.isfinite(coords).all():
-                raise ValueError(f"{where}: polygon segmentation has non-finite coordinates")
-            if len(coords) < 6 or len(coords) % 2:
-                stats["dropped_polygons"] += 1
-                continue
-            parts.append([float(v) for v in coords])
-        return parts or None
-    if isinstance(segm, dict):  # RLE
-        if "counts" not in segm or "size" not in segm:
-            raise ValueError(f"{where}: RLE segmentation needs 'counts' and 'size', got "
-                             f"keys {sorted(segm)}")
-        size = segm["size"]
-        if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or [v for v in size] != [height, width]):
-            raise ValueError(f"{where}: RLE segmentation size {size!r} differs from the "
-                             f"image size [height, width]=[{height}, {width}]")
-        counts = segm["counts"]
-        if isinstance(counts, (list, tuple)):
-            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
-                       for v in counts):
-                raise ValueError(f"{where}: uncompressed RLE counts must be non-negative "
-                                 "integers")
-            if sum(counts) != height * width:
-                raise ValueError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, "
-                                 f"not height * width = {height * width}")
-            return {"size": [height, width], "counts": [int(v) for v in counts]}
-        if isinstance(counts, (str, bytes)):
-            return {"size": [height, width], "counts": counts}
-        raise ValueError(f"{where}: RLE counts must be a list or a string, got "
-                         f"{type(counts).__name__}")
-    raise ValueError(f"{where}: segmentation must be a polygon list or an RLE dict, got "
-                     f"{type(segm).__name__}")
-
-
-def check_segmentations(source: DetectionSource):
-    """Check and clean every ``segmentation`` of ``source`` (once, on the host).
-
-    Returns ``(entries, stats)``: ``entries[i][j]`` is the cleaned segmentation of object
-    ``j`` of image ``i`` or None (no usable mask: its filled box is used); ``stats``
-    counts ``fallback_images``, ``fallback_annotations`` and ``dropped_polygons``
-    (polygon parts with < 3 points or an odd number of coordinates).
-
-    Raises:
-      ValueError: naming the annotation file, annotation id and image id of an entry
-        that is not a polygon list / RLE, has non-numeric or non-finite coordinates, or
-        an RLE whose size is not the image's or whose counts do not add up.
-    """
-    stats = {"fallback_images": 0, "fallback_annotations": 0, "dropped_polygons": 0}
-    entries = []
-    for i in range(len(source)):
-        n = len(source.boxes[i])
-        segms = source.masks[i] if source.masks is not None else None
-        segms = [None] * n if segms is None else list(segms)
-        if len(segms) != n:
-            raise ValueError(f"{source.annotation_file}: image id {source.image_ids[i]} has "
-                             f"{len(segms)} segmentation entries for {n} boxes")
-        h, w = int(source.heights[i]), int(source.widths[i])
-        cleaned = []
-        for j, segm in enumerate(segms):
-            ann_id = int(source.annotation_ids[i][j]) if source.annotation_ids else -1
-            where = (f"{source.annotation_file}: annotation id {ann_id} (image id "
-                     f"{source.image_ids[i]})")
-            cleaned.append(_check_segmentation(segm, h, w, where, stats))
-        missing = sum(c is None for c in cleaned)
-        stats["fallback_annotations"] += missing
-        stats["fallback_images"] += int(missing > 0)
-        entries.append(cleaned)
-    return entries, stats
-
-
-def _filled_box(box, height, width):
-    """uint8 [h, w]: 1 on the pixels whose centres lie inside the yxyx ``box`` (at least
-    one pixel per axis)."""
-    out = np.zeros((height, width), np.uint8)
-    y0, x0, y1, x1 = (float(v) for v in box)
-    r0 = min(max(int(np.ceil(y0 - 0.5)), 0), height - 1)
-    c0 = min(max(int(np.ceil(x0 - 0.5)), 0), width - 1)
-    r1 = min(max(int(np.ceil(y1 - 0.5)), r0 + 1), height)
-    c1 = min(max(int(np.ceil(x1 - 0.5)), c0 + 1), width)
-    out[r0:r1, c0:c1] = 1
-    return out
-
-
-def _decode_segmentation(segm, height, width):
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segm, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    elif isinstance(segm["counts"], list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segm, height, width)
-    else:  # compressed RLE
-        counts = segm["counts"]
-        rle = {"size": segm["size"],
-               "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return np.asarray(mask_utils.decode(rle), np.uint8)
-
-
-def rasterize_masks(segms, boxes, is_crowd, height, width, mode, where="",
-                    annotation_ids=None):
-    """Host rasterization of one image's objects at its original size.
-
-    ``segms``: cleaned entries (:func:`check_segmentations`; None -> filled box).
-    Returns uint8 ``[h, w, 1]`` (``mode="union"``: 1 non-crowd foreground, 255 crowd
-    only, 0 background) or ``[h, w, n]`` (``"instances"``: 0/1 per object).
-    """
-    n = len(segms)
-    objs = []
-    for j in range(n):
-        if segms[j] is None:
-            objs.append(_filled_box(boxes[j], height, width))
-            continue
-        name = (f"{where}: annotation id {annotation_ids[j]}" if annotation_ids is not None
-                else f"{where}: object {j}")
-        try:
-            m = _decode_segmentation(segms[j], height, width)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the annotation
-            raise ValueError(f"{name}: could not decode its segmentation "
-                             f"({type(e).__name__}: {e})") from None
-        if m.shape != (height, width):
-            raise ValueError(f"{name}: segmentation decodes to {m.shape}, not the image "
-                             f"size {(height, width)}")
-        objs.append(m)
-    if mode == "instances":
-        out = np.zeros((height, width, n), np.uint8)
-        for j, m in enumerate(objs):
-            out[..., j] = m != 0
-        return out
-    fg = np.zeros((height, width), bool)
-    crowd = np.zeros((height, width), bool)
-    for j, m in enumerate(objs):
-        if is_crowd[j]:
-            crowd |= m != 0
-        else:
-            fg |= m != 0
-    out = np.where(fg, np.uint8(1), np.where(crowd, np.uint8(IGNORE), np.uint8(0)))
-    return out[..., None]
-
-
-def _mask_loader(source, mode, cache=None):
-    """``index -> uint8 [h, w, k]`` graph op rasterizing image ``index``'s masks (checked
-    now; logs the filled-box fallback); ``cache``: optional dict index -> masks."""
-    entries, stats = check_segmentations(source)
-    if stats["fallback_annotations"] or stats["dropped_polygons"]:
-        logger.warning(
-            "make_dataset(masks=%r) on %s: %d annotation(s) in %d image(s) have no usable "
-            "segmentation (box-only or degenerate; %d degenerate polygon part(s) dropped); "
-            "their filled boxes are used as masks (our extension: spec 004 section 5, "
-            "'Attention supervision from boxes')", mode, source.annotation_file,
-            stats["fallback_annotations"], stats["fallback_images"],
-            stats["dropped_polygons"])
-    boxes = [np.asarray(b, np.float32).reshape(-1, 4) for b in source.boxes]
-    crowd = [np.asarray(c, bool).reshape(-1) for c in source.is_crowd]
-    heights = [int(h) for h in source.heights]
-    widths = [int(w) for w in source.widths]
-    ann_ids = [None if not source.annotation_ids else [int(a) for a in source.annotation_ids[i]]
-               for i in range(len(source))]
-
-    def numpy_fn(index):
-        i = int(index)
-        if cache is not None and i in cache:
-            return cache[i]
-        out = rasterize_masks(entries[i], boxes[i], crowd[i], heights[i], widths[i], mode,
-                              where=f"{source.annotation_file} (image id "
-                                    f"{source.image_ids[i]}, {source.image_paths[i]})",
-                              annotation_ids=ann_ids[i])
-        if cache is not None:
-            cache[i] = out
-        return out
-
-    def load(index):
-        masks = tf.numpy_function(numpy_fn, [index], tf.uint8, stateful=False)
-        masks.set_shape([None, None, 1 if mode == "union" else None])
-        return masks
-
-    return load, stats
-
-
-def numpy_resized_shapes(heights, widths, image_size, min_size=None, max_size=None):
-    """Resized ``(h, w)`` arrays per image, as :mod:`kerasdet.data.augment` computes them
-    (without jitter); used to check the canvas at construction time."""
-    h = np.asarray(heights, np.float32)
-    w = np.asarray(widths, np.float32)
-    if min_size is None and max_size is None:
-        scale = np.minimum(np.float32(image_size[0]) / h, np.float32(image_size[1]) / w)
-    elif min_size is None:
-        scale = np.float32(max_size) / np.maximum(h, w)
-    else:
-        scale = np.float32(min_size) / np.minimum(h, w)
-        if max_size is not None:
-            scale = np.minimum(scale, np.float32(max_size) / np.maximum(h, w))
-    return (np.maximum(np.round(h * scale), 1).astype(np.int64),
-            np.maximum(np.round(w * scale), 1).astype(np.int64))
 
 
 def _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes):
@@ -390,6 +170,7 @@ def make_dataset(
     start_batch: int = 0,
     ssd_augmentation: bool = False,
     masks: str | None = None,
+    bounding_box_format: str = "yxyx",
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -430,14 +211,22 @@ def make_dataset(
       min_visible_fraction: a box cut by a jitter crop is kept when at least this
         fraction of its area stays visible.
       ssd_augmentation: SSD's photometric distortion, expand and IoU-constrained crop
-        before the resize (training only; :mod:`kerasdet.data.ssd_augment`). Default False.
+        before the resize (training only; :func:`kerasdet.data.preprocess.ssd_augment`). Default False.
       masks: None (default, no masks), ``"union"`` (``labels["foreground"]`` [B, H, W],
         255 = ignore on crowd regions) or ``"instances"`` (``labels["masks"]``
         [B, max_boxes, H, W] aligned with ``labels["boxes"]``); see the module doc for
         the rasterization, the filled-box fallback and the memory cost.
+      bounding_box_format: the format of ``source.boxes``, a Keras name: ``"xyxy"``,
+        ``"yxyx"``, ``"xywh"``, ``"center_xywh"``, ``"center_yxhw"`` (pixels) or
+        ``"rel_xyxy"``, ``"rel_yxyx"``, ``"rel_xywh"``, ``"rel_center_xywh"`` (fractions
+        of each image's own height and width; :data:`kerasdet.boxes.BOX_FORMATS`). Default ``"yxyx"`` (original-image pixels,
+        what ``load_coco`` / ``load_voc`` give). Converted once here
+        (:func:`kerasdet.data.box_format.to_yxyx_source`); the dataset's
+        ``labels["boxes"]`` are always yxyx network-input pixels.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
+    source = to_yxyx_source(source, bounding_box_format=bounding_box_format)
     shuffle = training if shuffle is None else bool(shuffle)
     flip = training if flip is None else bool(flip)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
@@ -476,7 +265,7 @@ def make_dataset(
         "is_crowd": _ragged(source.is_crowd, bool),
     }
     ds = tf.data.Dataset.from_tensor_slices(slices)
-    load_masks = _mask_loader(source, masks)[0] if masks else None
+    load_masks = mask_loader(source, masks)[0] if masks else None
 
     def load(example):
         example = dict(example)
@@ -582,7 +371,7 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
              .flat_map(epoch_order).skip(start - first_epoch * n))
     positions = tf.data.Dataset.counter(start, dtype=tf.int64)
     cache = {} if cache_images else None
-    load_masks = (_mask_loader(source, masks, {} if cache_images else None)[0]
+    load_masks = (mask_loader(source, masks, {} if cache_images else None)[0]
                   if masks else None)
 
     def load(position, index):

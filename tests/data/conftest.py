@@ -5,6 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from kerasdet.data.digits import generate_digits
 
@@ -67,3 +68,66 @@ def make_tiny_coco(root, *, annotations=None, images=None, categories=None, extr
     with open(ann_file, "w") as f:
         json.dump(data, f)
     return ann_file, image_dir
+
+
+#: Image 1 of :func:`make_mask_coco` is MASK_H1 x MASK_W1.
+MASK_H1, MASK_W1 = 40, 60
+
+
+def uncompressed_rle(mask):
+    """COCO uncompressed RLE (column-major runs, starting with zeros)."""
+    flat = np.asarray(mask, np.uint8).flatten(order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v != value:
+            counts.append(run)
+            value, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def _bbox_of(rle):
+    return [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def make_mask_coco(root, annotations=None):
+    """Image 1 (40x60): polygon (2 parts), compressed RLE with a hole, box-only object,
+    crowd with an uncompressed RLE overlapping the polygon; image 2 (30x50): box-only;
+    image 3 (20x20): no objects. Boxes are the masks' tight boxes."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a.png": (MASK_H1, MASK_W1), "b.png": (30, 50), "c.png": (20, 20)}.items():
+        assert cv2.imwrite(os.path.join(root, "images", name),
+                           rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    poly = [[4, 3, 24, 3, 24, 18, 4, 18], [8, 19, 14, 19, 14, 23, 8, 23]]
+    poly_rle = mask_utils.merge(mask_utils.frPyObjects(poly, MASK_H1, MASK_W1))
+    m2 = np.zeros((MASK_H1, MASK_W1), np.uint8, order="F")
+    m2[22:36, 30:51] = 1
+    m2[26:30, 36:44] = 0  # a hole
+    rle2 = mask_utils.encode(m2)
+    crowd = np.zeros((MASK_H1, MASK_W1), np.uint8)
+    crowd[14:30, 0:20] = 1  # overlaps the polygon (rows 14..18)
+    crowd_rle = uncompressed_rle(crowd)
+    if annotations is None:
+        annotations = [
+            {"id": 101, "image_id": 1, "category_id": 1, "bbox": _bbox_of(poly_rle),
+             "segmentation": poly, "iscrowd": 0},
+            {"id": 102, "image_id": 1, "category_id": 2, "bbox": _bbox_of(rle2),
+             "segmentation": {"size": [MASK_H1, MASK_W1], "counts": rle2["counts"].decode("ascii")},
+             "iscrowd": 0},
+            {"id": 103, "image_id": 1, "category_id": 1, "bbox": [52, 2, 6, 10], "iscrowd": 0},
+            {"id": 104, "image_id": 1, "category_id": 2, "bbox": [0, 14, 20, 16],
+             "segmentation": crowd_rle, "iscrowd": 1},
+            {"id": 201, "image_id": 2, "category_id": 1, "bbox": [10, 5, 20, 12],
+             "segmentation": [], "iscrowd": 0},
+        ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": MASK_H1, "width": MASK_W1},
+                       {"id": 2, "file_name": "b.png", "height": 30, "width": 50},
+                       {"id": 3, "file_name": "c.png", "height": 20, "width": 20}],
+            "annotations": annotations,
+            "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]}
+    ann_file = os.path.join(root, "instances.json")
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    return ann_file, os.path.join(root, "images"), data

@@ -142,7 +142,7 @@ def test_json_is_coco_with_tight_boxes_masks_and_bounded_iou(digits_set):
 
 
 def test_class_subset_clutter_grayscale_and_paper_protocol(tmp_path):
-    # Seed 001's protocol (100x100, 5-10 digits, scale 0.5-2, IoU <= 0.2, 30 strokes,
+    # The recurrent-decomposer paper's protocol (§3.1) (100x100, 5-10 digits, scale 0.5-2, IoU <= 0.2, 30 strokes,
     # digits 3/6/9), shrunk to a few images.
     paths = generate_digits(str(tmp_path / "p"), num_train=4, num_val=2, image_size=(100, 100),
                             min_digits=5, max_digits=10, scale_range=(0.5, 2.0), max_iou=0.2,

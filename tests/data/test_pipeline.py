@@ -156,3 +156,24 @@ def test_bad_arguments(tiny):
         make_dataset(tiny.subset([]), batch_size=1, image_size=(32, 32))
     with pytest.raises(TypeError, match="DetectionSource"):
         make_dataset([1, 2], batch_size=1, image_size=(32, 32))
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_make_dataset_with_ssd_augmentation_is_seeded_and_boxes_stay_valid(digits_set, repeat):
+    source = load_coco(digits_set["train_annotations"], digits_set["train_images"])
+
+    def first_batches(seed):
+        ds = make_dataset(source, batch_size=4, image_size=(64, 64), training=True, flip=False, seed=seed,
+                          ssd_augmentation=True, repeat=repeat)
+        return [(x.numpy(), y["boxes"].numpy(), y["classes"].numpy()) for x, y in ds.take(3)]
+
+    a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    for (xa, ba, ca), (xb, bb, cb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ba, bb)
+    assert any(not np.array_equal(xa, xc) for (xa, _, _), (xc, _, _) in zip(a, c))
+    for x, boxes, classes in a:
+        assert x.shape == (4, 64, 64, 3) and x.min() >= 0 and x.max() <= 255
+        real = classes >= 0
+        assert real.any()
+        assert (boxes[real][:, 2] > boxes[real][:, 0]).all() and (boxes[real] <= 64).all() and (boxes[real] >= 0).all()

@@ -1,86 +1,24 @@
 """make_dataset(masks="union" / "instances"): rasterization, alignment with the boxes under
 flip / scale jitter / crop, crowd = 255, padding, fallback to filled boxes, epoch == stream,
 digits masks inside their boxes, errors for bad segmentations."""
-import json
 import logging
-import os
 
-import cv2
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
 from kerasdet.data.coco import load_coco
-from kerasdet.data.pipeline import IGNORE, check_segmentations, make_dataset
+from kerasdet.data.masks import IGNORE
+from kerasdet.data.pipeline import make_dataset
+
+from .conftest import MASK_H1 as H1, MASK_W1 as W1, make_mask_coco
 
 # pycocotools' mask.decode trips a numpy 2 DeprecationWarning (copy keyword); not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-H1, W1 = 40, 60  # image 1
-
-
-def _uncompressed_rle(mask):
-    """COCO uncompressed RLE (column-major runs, starting with zeros)."""
-    flat = np.asarray(mask, np.uint8).flatten(order="F")
-    counts, value, run = [], 0, 0
-    for v in flat:
-        if v != value:
-            counts.append(run)
-            value, run = v, 0
-        run += 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
-
-
-def _bbox_of(rle):
-    return [float(v) for v in mask_utils.toBbox(rle)]
-
-
-def _write_set(root, annotations=None):
-    """Image 1 (40x60): polygon (2 parts), compressed RLE with a hole, box-only object,
-    crowd with an uncompressed RLE overlapping the polygon; image 2 (30x50): box-only;
-    image 3 (20x20): no objects. Boxes are the masks' tight boxes."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, (h, w) in {"a.png": (H1, W1), "b.png": (30, 50), "c.png": (20, 20)}.items():
-        assert cv2.imwrite(os.path.join(root, "images", name),
-                           rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    poly = [[4, 3, 24, 3, 24, 18, 4, 18], [8, 19, 14, 19, 14, 23, 8, 23]]
-    poly_rle = mask_utils.merge(mask_utils.frPyObjects(poly, H1, W1))
-    m2 = np.zeros((H1, W1), np.uint8, order="F")
-    m2[22:36, 30:51] = 1
-    m2[26:30, 36:44] = 0  # a hole
-    rle2 = mask_utils.encode(m2)
-    crowd = np.zeros((H1, W1), np.uint8)
-    crowd[14:30, 0:20] = 1  # overlaps the polygon (rows 14..18)
-    crowd_rle = _uncompressed_rle(crowd)
-    if annotations is None:
-        annotations = [
-            {"id": 101, "image_id": 1, "category_id": 1, "bbox": _bbox_of(poly_rle),
-             "segmentation": poly, "iscrowd": 0},
-            {"id": 102, "image_id": 1, "category_id": 2, "bbox": _bbox_of(rle2),
-             "segmentation": {"size": [H1, W1], "counts": rle2["counts"].decode("ascii")},
-             "iscrowd": 0},
-            {"id": 103, "image_id": 1, "category_id": 1, "bbox": [52, 2, 6, 10], "iscrowd": 0},
-            {"id": 104, "image_id": 1, "category_id": 2, "bbox": [0, 14, 20, 16],
-             "segmentation": crowd_rle, "iscrowd": 1},
-            {"id": 201, "image_id": 2, "category_id": 1, "bbox": [10, 5, 20, 12],
-             "segmentation": [], "iscrowd": 0},
-        ]
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": H1, "width": W1},
-                       {"id": 2, "file_name": "b.png", "height": 30, "width": 50},
-                       {"id": 3, "file_name": "c.png", "height": 20, "width": 20}],
-            "annotations": annotations,
-            "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]}
-    ann_file = os.path.join(root, "instances.json")
-    with open(ann_file, "w") as f:
-        json.dump(data, f)
-    return ann_file, os.path.join(root, "images"), data
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ann_file, image_dir, data = _write_set(str(tmp_path_factory.mktemp("masks")))
+    ann_file, image_dir, data = make_mask_coco(str(tmp_path_factory.mktemp("masks")))
     return load_coco(ann_file, image_dir), data
 
 
@@ -128,9 +66,9 @@ def test_rasterization_at_scale_one_padding_crowd_and_fallback(tiny, caplog):
     src, data = tiny
     assert src.masks is not None
     kw = dict(batch_size=3, image_size=(H1, W1), max_boxes=6)
-    with caplog.at_level(logging.WARNING, logger="kerasdet.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="kerasdet.data.masks"):
         ds_i = make_dataset(src, masks="instances", **kw)
-    assert "2 annotation(s) in 2 image(s)" in caplog.text and "spec 004" in caplog.text
+    assert "2 annotation(s) in 2 image(s)" in caplog.text and "Attention CoupleNet" in caplog.text
     ds_u = make_dataset(src, masks="union", **kw)
     assert ds_i.element_spec[1]["masks"].shape.as_list() == [None, 6, H1, W1]
     assert ds_u.element_spec[1]["foreground"].shape.as_list() == [None, H1, W1]
@@ -223,7 +161,7 @@ def test_digits_instance_masks_lie_inside_their_boxes(digits_set, caplog):
         range(8))
     kw = dict(batch_size=4, image_size=(64, 80), training=True, scale_jitter=(0.7, 1.3),
               max_boxes=6, seed=0)
-    with caplog.at_level(logging.WARNING, logger="kerasdet.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="kerasdet.data.masks"):
         yi = _collect(make_dataset(src, masks="instances", **kw))
         yu = _collect(make_dataset(src, masks="union", **kw))
     assert "no usable segmentation" not in caplog.text  # digits carry real masks
@@ -236,38 +174,6 @@ def test_digits_instance_masks_lie_inside_their_boxes(digits_set, caplog):
             assert xs.min() >= np.floor(x0) - 1 and xs.max() + 1 <= np.ceil(x1) + 1
         assert ((_union_from_rows(yi, b) == 1) <= (yu["foreground"][b] == 1)).all()
     assert set(np.unique(yu["foreground"])) <= {0, 1}  # no crowd in digits
-
-
-def test_bad_segmentations_are_named_or_counted(tmp_path, caplog):
-    good = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 0}
-    cases = [
-        ([["a", 1, 2, 3, 4, 5]], "polygon"),
-        ({"size": [10, 10], "counts": "abc"}, r"size \[10, 10\] differs"),
-        ({"size": [H1, W1], "counts": [5, 5]}, "sum to 10"),
-        ({"counts": "abc"}, "needs 'counts' and 'size'"),
-        (42, "polygon list or an RLE dict"),
-    ]
-    for k, (segm, match) in enumerate(cases):
-        root = str(tmp_path / f"bad{k}")
-        ann_file, image_dir, _ = _write_set(root, annotations=[dict(good, segmentation=segm)])
-        src = load_coco(ann_file, image_dir)
-        with pytest.raises(ValueError, match=match) as err:
-            make_dataset(src, batch_size=1, image_size=(32, 32), masks="union")
-        assert "instances.json" in str(err.value) and "annotation id 7" in str(err.value)
-        assert "image id 1" in str(err.value)
-    # A degenerate polygon part (< 3 points) is dropped and counted; nothing usable left
-    # -> the filled box.
-    root = str(tmp_path / "degenerate")
-    ann_file, image_dir, _ = _write_set(
-        root, annotations=[dict(good, segmentation=[[1, 1, 11, 11]])])
-    src = load_coco(ann_file, image_dir)
-    _, stats = check_segmentations(src)
-    assert stats == {"fallback_images": 1, "fallback_annotations": 1, "dropped_polygons": 1}
-    with caplog.at_level(logging.WARNING, logger="kerasdet.data.pipeline"):
-        y = _collect(make_dataset(src.subset([0]), batch_size=1, image_size=(H1, W1),
-                                  masks="instances", max_boxes=2))
-    assert "1 degenerate polygon part(s)" in caplog.text
-    assert y["masks"][0, 0, 1:11, 1:11].all() and y["masks"][0, 0].sum() == 100
 
 
 def test_bad_arguments(tiny):

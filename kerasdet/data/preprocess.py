@@ -1,25 +1,52 @@
-"""SSD's training augmentation (Liu et al. 2016 §2.2.3; used unchanged by ASSD, seed 002 §4).
+"""Per-example preprocessing for detection: the standard path and SSD's augmentation.
 
-Per example, before :func:`kerasdet.data.augment.preprocess_example` resizes onto the
-canvas (kept in its own module next to ``augment.py`` because it changes the image content
-and the object set, not only the geometry):
+Graph ops over one decoded example (``tf.data`` map functions), built from the
+primitives of :mod:`kerasdet.data.geometry`; vectorized over boxes (and crop trials), with
+stateless randomness (``seed``: ``[2]`` int tensor). Images are ``[h, w, 3]`` (uint8 or
+float32 0..255); boxes yxyx absolute pixels.
+
+Order of operations in :func:`preprocess_example` (and why):
+
+1. optionally SSD's augmentation, :func:`ssd_augment` (below), which changes the image
+   content and the object set, before anything is resized;
+2. ``scale = resize_scale(...)`` -- letterbox fit into the canvas, or the Detectron rule
+   (short side -> ``min_size``, long side capped at ``max_size``), times a random
+   scale-jitter factor when training;
+3. resize the image to ``round(h * scale), round(w * scale)`` (bilinear); boxes are
+   scaled by the *per-axis* ratios ``new_h / h``, ``new_w / w`` so they follow the pixels
+   exactly;
+4. horizontal flip (p = 0.5) of the resized image: ``xmin' = new_w - xmax`` with
+   ``new_w`` the resized width *before* padding;
+5. crop to the canvas at a random offset if the resized image is larger (offset 0 when
+   not training), then pad bottom/right with zeros to the canvas size;
+6. boxes are shifted, clipped to the visible image region and dropped when less than
+   ``min_visible_fraction`` of their area remains; kept boxes are compacted to the front
+   (non-crowd first) and padded to ``max_boxes`` with class ``-1``.
+
+Optional masks (``preprocess_example(masks=...)``): a uint8 ``[h, w, k]`` stack on the
+original image's pixel grid follows the image through steps 3-5 with *the same* size,
+flip decision and crop offset, resized with nearest neighbour
+(:func:`~kerasdet.data.geometry.resize_masks`). With ``mask_rows=True`` the ``k``
+channels are per-object masks that are compacted, dropped and padded row-for-row with
+the boxes in step 6.
+
+SSD's training augmentation (Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016,
+§2.2 "Training", paragraph "Data augmentation"; used unchanged by ASSD, Yi et al., "ASSD:
+Attentive Single Shot Multibox Detector", §4 "Implementation Details"):
 
 1. :func:`photometric_distort` -- brightness +-32, then contrast [0.5, 1.5] before or after
    the HSV step (saturation [0.5, 1.5], hue +-18 degrees), then a random channel swap; each
    with p = 0.5 (the ssd.pytorch order the ASSD authors use);
 2. :func:`random_expand` -- zoom out: p = 0.5, the image placed at a random offset on a
    canvas ``U(1, 4)`` times larger filled with the mean pixel (123.7, 116.3, 103.5) (the
-   authors' code fills with a normalised mean on a 0-255 image, i.e. black: spec ambiguity
-   12; we fill with the mean pixel as SSD intends);
+   authors' code fills with a normalised mean on a 0-255 image, i.e. black; we fill with
+   the mean pixel as SSD intends);
 3. :func:`iou_random_crop` -- one of {whole image, min IoU 0.1/0.3/0.5/0.7/0.9, any patch}
    (SSD's set; the authors' code drops 0.5), sides ``U(0.3, 1)`` of the image, aspect
    ``h / w`` in [0.5, 2]; up to 50 trials drawn AT ONCE (vectorised) and the first that
    satisfies the mode wins; objects whose centre falls inside are kept and clipped. When
    no trial qualifies the image is kept whole (ssd.pytorch redraws the mode forever);
 4. horizontal flip (p = 0.5), optional (off for digits: a mirrored digit is another glyph).
-
-All graph ops with stateless randomness (``seed``: ``[2]`` int tensor), vectorised over
-boxes and trials. Images are float32 0..255 ``[h, w, 3]``; boxes yxyx absolute pixels.
 
 Where we differ from SSD: the final resize keeps the aspect ratio and pads (kerasdet's
 pipeline), where SSD squashes to a square.
@@ -31,7 +58,20 @@ from typing import Sequence
 import tensorflow as tf
 
 from kerasdet import boxes as box_ops
-from kerasdet.data.augment import random_horizontal_flip
+from kerasdet.data.geometry import (
+    MIN_VISIBLE_FRACTION,
+    clip_boxes_to_region,
+    compact_and_pad,
+    compaction_order,
+    crop_and_pad,
+    random_crop_offset,
+    random_horizontal_flip,
+    random_scale_factor,
+    resize_image_and_boxes,
+    resize_masks,
+    resize_scale,
+    resized_shape,
+)
 
 MEAN_PIXEL = (123.7, 116.3, 103.5)
 #: SSD's crop modes: 0 = whole image, -1 = any patch, else the minimum IoU with every object.
@@ -183,3 +223,93 @@ def ssd_augment(image, boxes, classes, is_crowd, seed, *, photometric=True, expa
     if flip:
         image, boxes, _ = random_horizontal_flip(image, boxes, s[3])
     return image, boxes, classes, is_crowd
+
+
+def preprocess_example(
+    image,
+    boxes,
+    classes,
+    is_crowd,
+    *,
+    image_size: Sequence[int],
+    min_size: int | None = None,
+    max_size: int | None = None,
+    flip: bool = False,
+    scale_jitter: Sequence[float] | None = None,
+    seed=None,
+    max_boxes: int = 100,
+    min_visible_fraction: float = MIN_VISIBLE_FRACTION,
+    ssd_augmentation: bool = False,
+    masks=None,
+    mask_rows: bool = False,
+):
+    """Resize (+ optional random flip / scale jitter), crop/pad to the canvas, pad labels.
+
+    Args:
+      image: [h, w, 3] uint8 or float image.
+      boxes: [n, 4] yxyx boxes in ``image`` pixels; ``classes`` [n] int32;
+        ``is_crowd`` [n] bool.
+      image_size: canvas ``(H, W)``.
+      min_size, max_size: see :func:`resize_scale`.
+      flip: random horizontal flip with p = 0.5.
+      scale_jitter: ``(low, high)`` multiplies the resize scale by a uniform factor; the
+        result is randomly cropped to the canvas when larger.
+      seed: ``[2]`` int tensor, required when ``flip`` or ``scale_jitter`` is used.
+      max_boxes: label rows after padding.
+      ssd_augmentation: first apply SSD's photometric distortion, expand and IoU crop
+        (:func:`ssd_augment`; its flip is this function's ``flip``). Needs ``seed``.
+      masks: optional uint8 ``[h, w, k]`` on ``image``'s pixel grid, transformed exactly
+        like the image (nearest-neighbour resize, same flip and crop offset, zero pad).
+        Not supported with ``ssd_augmentation``.
+      mask_rows: ``masks`` holds one channel per box (``k == n``): return them as
+        ``[max_boxes, H, W]`` compacted/dropped/padded (zeros) like the boxes; otherwise
+        the canvas ``[H, W, k]`` is returned as is.
+
+    Returns:
+      ``(image float32 [H, W, 3], boxes [max_boxes, 4], classes [max_boxes],
+      is_crowd [max_boxes], scale float32 scalar)``, plus the transformed ``masks`` as a
+      sixth item when ``masks`` is given.
+    """
+    random = flip or scale_jitter is not None or ssd_augmentation
+    if random and seed is None:
+        raise ValueError("preprocess_example: a seed is required for flip/scale_jitter/ssd_augmentation")
+    if masks is not None and ssd_augmentation:
+        raise ValueError("preprocess_example: masks are not supported with ssd_augmentation "
+                         "(its expand/crop does not transform masks)")
+    if random:
+        flip_seed, scale_seed, crop_seed, ssd_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4))
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    if ssd_augmentation:
+        image, boxes, classes, is_crowd = ssd_augment(image, boxes, classes, is_crowd, ssd_seed, flip=False)
+    shape = tf.shape(image)
+    scale = resize_scale(shape[0], shape[1], image_size, min_size, max_size)
+    if scale_jitter is not None:
+        scale = scale * random_scale_factor(scale_seed, scale_jitter)
+    new_h, new_w = resized_shape(shape[0], shape[1], scale)
+    image, boxes = resize_image_and_boxes(image, boxes, new_h, new_w)
+    if masks is not None:
+        masks = resize_masks(masks, new_h, new_w)
+    if flip:
+        image, boxes, flipped = random_horizontal_flip(image, boxes, flip_seed)
+        if masks is not None:
+            masks = tf.cond(flipped, lambda: tf.reverse(masks, axis=[1]), lambda: masks)
+    if scale_jitter is not None:
+        offset = random_crop_offset(new_h, new_w, image_size, crop_seed)
+    else:
+        offset = tf.zeros([2], tf.int32)
+    image, boxes, visible = crop_and_pad(image, boxes, offset, image_size)
+    boxes, keep = clip_boxes_to_region(boxes, visible, min_visible_fraction)
+    is_crowd = tf.cast(is_crowd, tf.bool)
+    if masks is not None:
+        masks, _, _ = crop_and_pad(masks, tf.zeros([0, 4], tf.float32), offset, image_size)
+        if mask_rows:
+            order = compaction_order(is_crowd, keep, max_boxes)
+            masks = tf.gather(tf.transpose(masks, [2, 0, 1]), order)
+            masks = tf.pad(masks, [[0, max_boxes - tf.shape(order)[0]], [0, 0], [0, 0]])
+            masks.set_shape([max_boxes, int(image_size[0]), int(image_size[1])])
+    boxes, classes, is_crowd = compact_and_pad(
+        boxes, tf.cast(classes, tf.int32), is_crowd, keep, max_boxes)
+    if masks is not None:
+        return image, boxes, classes, is_crowd, scale, masks
+    return image, boxes, classes, is_crowd, scale

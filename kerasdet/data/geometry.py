@@ -1,39 +1,39 @@
-"""Per-example geometry for detection input pipelines: resize, flip, scale jitter, crop/pad.
+"""Geometry primitives of the detection input pipeline: resize, flip, crop offsets,
+crop/pad, clipping, compaction/padding of the label rows.
 
 Pure TensorFlow graph ops, vectorized over the boxes of an image (no Python loops over
-boxes), usable inside ``tf.data`` map functions. Boxes are ``[ymin, xmin, ymax, xmax]``
-float32 in absolute pixels with the pixel-edge convention (a box covering pixel columns
-0..9 has ``xmin = 0``, ``xmax = 10``). Randomness is stateless: every random op takes an
-explicit ``seed`` (shape ``[2]`` integer tensor), so results are reproducible.
+boxes), usable inside ``tf.data`` map functions; :mod:`kerasdet.data.preprocess` chains
+them into the per-example preprocessing. Boxes are ``[ymin, xmin, ymax, xmax]`` float32
+in absolute pixels with the pixel-edge convention (a box covering pixel columns 0..9 has
+``xmin = 0``, ``xmax = 10``). Randomness is stateless: every random op takes an explicit
+``seed`` (shape ``[2]`` integer tensor), so results are reproducible.
 
-Order of operations in :func:`preprocess_example` (and why):
-
-1. ``scale = resize_scale(...)`` -- letterbox fit into the canvas, or the Detectron rule
-   (short side -> ``min_size``, long side capped at ``max_size``), times a random
-   scale-jitter factor when training.
-2. Resize the image to ``round(h * scale), round(w * scale)`` (bilinear); boxes are scaled
-   by the *per-axis* ratios ``new_h / h``, ``new_w / w`` so they follow the pixels exactly.
-3. Horizontal flip (p = 0.5) of the resized image: ``xmin' = new_w - xmax`` with
-   ``new_w`` the resized width *before* padding.
-4. Crop to the canvas at a random offset if the resized image is larger (offset 0 when
-   not training), then pad bottom/right with zeros to the canvas size.
-5. Boxes are shifted, clipped to the visible image region and dropped when less than
-   ``min_visible_fraction`` of their area remains; kept boxes are compacted to the front
-   (non-crowd first) and padded to ``max_boxes`` with class ``-1``.
-
-Optional masks (``preprocess_example(masks=...)``): a uint8 ``[h, w, k]`` stack on the
-original image's pixel grid follows the image through steps 2-4 with *the same* size,
-flip decision and crop offset. They are resized with **nearest neighbour** (TF2's
-``half_pixel_centers`` sampling, the same pixel-centre mapping as the image's bilinear
-resize), so label values (0/1, or 255 = "ignore") survive unchanged and a union of
-masks commutes with the resize (nearest neighbour only selects source pixels). With
-``mask_rows=True`` the ``k`` channels are per-object masks that are compacted, dropped
-and padded row-for-row with the boxes in step 5.
+* :func:`resize_scale` / :func:`resized_shape`: the resize rule (letterbox fit into the
+  canvas, or Detectron's short side -> ``min_size`` with the long side capped at
+  ``max_size``) and the resized size ``round(h * scale), round(w * scale)``;
+  :func:`numpy_resized_shapes` is the same rule in numpy for whole sources (checking the
+  canvas when a dataset is made) and :mod:`kerasdet.export` reuses the graph ops, so
+  training and serving resize alike.
+* :func:`resize_image_and_boxes`: bilinear image resize; boxes scaled by the *per-axis*
+  ratios ``new_h / h``, ``new_w / w`` so they follow the pixels exactly.
+* :func:`resize_masks`: **nearest neighbour** (TF2's ``half_pixel_centers`` sampling, the
+  same pixel-centre mapping as the image's bilinear resize), so label values (0/1, or
+  255 = "ignore") survive unchanged and a union of masks commutes with the resize
+  (nearest neighbour only selects source pixels).
+* :func:`flip_boxes_horizontal` / :func:`random_horizontal_flip`: ``xmin' = w - xmax``
+  with ``w`` the image's own width (before padding).
+* :func:`random_crop_offset` / :func:`crop_and_pad`: a canvas-sized crop of a larger
+  image, zero padding bottom/right of a smaller one.
+* :func:`clip_boxes_to_region` / :func:`compaction_order` / :func:`compact_and_pad`:
+  boxes clipped to the visible region, dropped when less than ``min_visible_fraction``
+  of their area remains, kept rows compacted to the front (non-crowd first) and padded
+  to ``max_boxes`` with class ``-1``.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 #: A box cut by the crop survives when at least this fraction of its area stays visible.
@@ -67,6 +67,24 @@ def resized_shape(height, width, scale):
     w = tf.cast(width, tf.float32) * scale
     return (tf.maximum(tf.cast(tf.round(h), tf.int32), 1),
             tf.maximum(tf.cast(tf.round(w), tf.int32), 1))
+
+
+def numpy_resized_shapes(heights, widths, image_size, min_size=None, max_size=None):
+    """Resized ``(h, w)`` int64 arrays per image: :func:`resize_scale` and
+    :func:`resized_shape` (without jitter) in numpy, vectorized over a whole source (used
+    to check the canvas when a dataset is made, without building graph ops per image)."""
+    h = np.asarray(heights, np.float32)
+    w = np.asarray(widths, np.float32)
+    if min_size is None and max_size is None:
+        scale = np.minimum(np.float32(image_size[0]) / h, np.float32(image_size[1]) / w)
+    elif min_size is None:
+        scale = np.float32(max_size) / np.maximum(h, w)
+    else:
+        scale = np.float32(min_size) / np.minimum(h, w)
+        if max_size is not None:
+            scale = np.minimum(scale, np.float32(max_size) / np.maximum(h, w))
+    return (np.maximum(np.round(h * scale), 1).astype(np.int64),
+            np.maximum(np.round(w * scale), 1).astype(np.int64))
 
 
 def resize_image_and_boxes(image, boxes, new_height, new_width):
@@ -195,96 +213,3 @@ def compact_and_pad(boxes, classes, is_crowd, keep, max_boxes: int):
     classes.set_shape([max_boxes])
     is_crowd.set_shape([max_boxes])
     return boxes, classes, is_crowd
-
-
-def preprocess_example(
-    image,
-    boxes,
-    classes,
-    is_crowd,
-    *,
-    image_size: Sequence[int],
-    min_size: int | None = None,
-    max_size: int | None = None,
-    flip: bool = False,
-    scale_jitter: Sequence[float] | None = None,
-    seed=None,
-    max_boxes: int = 100,
-    min_visible_fraction: float = MIN_VISIBLE_FRACTION,
-    ssd_augmentation: bool = False,
-    masks=None,
-    mask_rows: bool = False,
-):
-    """Resize (+ optional random flip / scale jitter), crop/pad to the canvas, pad labels.
-
-    Args:
-      image: [h, w, 3] uint8 or float image.
-      boxes: [n, 4] yxyx boxes in ``image`` pixels; ``classes`` [n] int32;
-        ``is_crowd`` [n] bool.
-      image_size: canvas ``(H, W)``.
-      min_size, max_size: see :func:`resize_scale`.
-      flip: random horizontal flip with p = 0.5.
-      scale_jitter: ``(low, high)`` multiplies the resize scale by a uniform factor; the
-        result is randomly cropped to the canvas when larger.
-      seed: ``[2]`` int tensor, required when ``flip`` or ``scale_jitter`` is used.
-      max_boxes: label rows after padding.
-      ssd_augmentation: first apply SSD's photometric distortion, expand and IoU crop
-        (:func:`kerasdet.data.ssd_augment.ssd_augment`; its flip is this function's
-        ``flip``). Needs ``seed``.
-      masks: optional uint8 ``[h, w, k]`` on ``image``'s pixel grid, transformed exactly
-        like the image (nearest-neighbour resize, same flip and crop offset, zero pad).
-        Not supported with ``ssd_augmentation``.
-      mask_rows: ``masks`` holds one channel per box (``k == n``): return them as
-        ``[max_boxes, H, W]`` compacted/dropped/padded (zeros) like the boxes; otherwise
-        the canvas ``[H, W, k]`` is returned as is.
-
-    Returns:
-      ``(image float32 [H, W, 3], boxes [max_boxes, 4], classes [max_boxes],
-      is_crowd [max_boxes], scale float32 scalar)``, plus the transformed ``masks`` as a
-      sixth item when ``masks`` is given.
-    """
-    random = flip or scale_jitter is not None or ssd_augmentation
-    if random and seed is None:
-        raise ValueError("preprocess_example: a seed is required for flip/scale_jitter/ssd_augmentation")
-    if masks is not None and ssd_augmentation:
-        raise ValueError("preprocess_example: masks are not supported with ssd_augmentation "
-                         "(its expand/crop does not transform masks)")
-    if random:
-        flip_seed, scale_seed, crop_seed, ssd_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4))
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
-    if ssd_augmentation:
-        from kerasdet.data.ssd_augment import ssd_augment
-
-        image, boxes, classes, is_crowd = ssd_augment(image, boxes, classes, is_crowd, ssd_seed, flip=False)
-    shape = tf.shape(image)
-    scale = resize_scale(shape[0], shape[1], image_size, min_size, max_size)
-    if scale_jitter is not None:
-        scale = scale * random_scale_factor(scale_seed, scale_jitter)
-    new_h, new_w = resized_shape(shape[0], shape[1], scale)
-    image, boxes = resize_image_and_boxes(image, boxes, new_h, new_w)
-    if masks is not None:
-        masks = resize_masks(masks, new_h, new_w)
-    if flip:
-        image, boxes, flipped = random_horizontal_flip(image, boxes, flip_seed)
-        if masks is not None:
-            masks = tf.cond(flipped, lambda: tf.reverse(masks, axis=[1]), lambda: masks)
-    if scale_jitter is not None:
-        offset = random_crop_offset(new_h, new_w, image_size, crop_seed)
-    else:
-        offset = tf.zeros([2], tf.int32)
-    image, boxes, visible = crop_and_pad(image, boxes, offset, image_size)
-    boxes, keep = clip_boxes_to_region(boxes, visible, min_visible_fraction)
-    is_crowd = tf.cast(is_crowd, tf.bool)
-    if masks is not None:
-        masks, _, _ = crop_and_pad(masks, tf.zeros([0, 4], tf.float32), offset, image_size)
-        if mask_rows:
-            order = compaction_order(is_crowd, keep, max_boxes)
-            masks = tf.gather(tf.transpose(masks, [2, 0, 1]), order)
-            masks = tf.pad(masks, [[0, max_boxes - tf.shape(order)[0]], [0, 0], [0, 0]])
-            masks.set_shape([max_boxes, int(image_size[0]), int(image_size[1])])
-    boxes, classes, is_crowd = compact_and_pad(
-        boxes, tf.cast(classes, tf.int32), is_crowd, keep, max_boxes)
-    if masks is not None:
-        return image, boxes, classes, is_crowd, scale, masks
-    return image, boxes, classes, is_crowd, scale
