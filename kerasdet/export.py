@@ -10,7 +10,7 @@ same-size RGB images, any size) and returns:
   ids); padding rows are -1;
 * ``num_detections``: int32 ``[B]``.
 
-Resizing (the same ops as the training pipeline, :mod:`kerasdet.data.augment`),
+Resizing (the same ops as the training pipeline, :mod:`kerasdet.data.geometry`),
 normalization (inside the backbone), decoding and NMS are all inside the graph. The
 SavedModel loads and runs with TensorFlow alone (no kerasdet import), with
 ``tf.saved_model.load`` and with ``saved_model_cli run`` (the C++ loader TF Serving uses).
@@ -32,7 +32,7 @@ import os
 import keras
 import tensorflow as tf
 
-from kerasdet.data.augment import resize_scale, resized_shape
+from kerasdet.data.geometry import resize_scale, resized_shape
 
 SIGNATURE_INPUT = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 
