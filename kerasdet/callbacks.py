@@ -29,6 +29,8 @@ import shutil
 
 import keras
 
+from kerasdet.random_state import load_seed_states, save_seed_states
+
 logger = logging.getLogger(__name__)
 
 _METADATA = "training_metadata.json"
@@ -97,6 +99,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
             with self.model.distribute_strategy.scope():
                 optimizer.build(self.model.trainable_variables)
         self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
+        load_seed_states(self.model, os.path.join(self.backup_dir, state["weights"]))  # dropout/sampling streams
         self.step = self.restored_step = self._saved_step = int(state["step"])
         logger.info("Restored the backup of step %d from %s", self.step, self.backup_dir)
         return self.step
@@ -123,6 +126,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"ckpt-{self.step}.weights.h5"
         self.model.save_weights(os.path.join(self.backup_dir, name), overwrite=True)
+        save_seed_states(self.model, os.path.join(self.backup_dir, name))
         state = {"step": self.step, "epoch": self._current_epoch, "weights": name}
         tmp = os.path.join(self.backup_dir, _METADATA + ".tmp")
         with open(tmp, "w") as f:
@@ -131,7 +135,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.backup_dir, _METADATA))  # the commit point
         for old in os.listdir(self.backup_dir):
-            if old.startswith("ckpt-") and old != name:
+            if old.startswith("ckpt-") and not old.startswith(name):  # keeps name's .seeds.npz
                 try:
                     os.remove(os.path.join(self.backup_dir, old))
                 except OSError:

@@ -32,6 +32,7 @@ from kerasdet.engine import builders
 from kerasdet.engine.config import Config, to_plain
 from kerasdet.engine.recipes import Recipe, load_recipe
 from kerasdet.errors import DataFileNotFoundError, UserInputError
+from kerasdet.random_state import load_seed_states, save_seed_states
 
 logger = logging.getLogger("kerasdet")
 
@@ -134,6 +135,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
     if done:
         last = state["done"][-1]
         model.load_weights(os.path.join(work_dir, "stages", last["weights"]))
+        load_seed_states(model, os.path.join(work_dir, "stages", last["weights"]))
         logger.info("stages %s already done; continuing after %s", list(done), last["name"])
 
     metric = config.eval.metric
@@ -153,6 +155,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
         weights = f"{index}_{stage.name}.weights.h5"
         if chief:
             model.save_weights(os.path.join(work_dir, "stages", weights))
+            save_seed_states(model, os.path.join(work_dir, "stages", weights))
             record["weights"] = weights
             state["done"].append(record)
             _write_json(state_path, state)
