@@ -1,4 +1,4 @@
-"""R-FCN, CoupleNet and Attention CoupleNet (seed 004, spec ``004_attention_couplenet.md``).
+"""R-FCN, CoupleNet and Attention CoupleNet (the Attention CoupleNet paper, Zhu et al., and the CoupleNet it extends).
 
 Launcher of the recipe :mod:`kerasdet.recipes.couplenet` (presets and model builder live there):
 ``python recipes/couplenet.py --preset <preset> [--set key=value ...]`` is

@@ -1,4 +1,4 @@
-"""decompNet, the recurrent instance decomposer (seed 001, spec ``001_recurrent_decomposer.md``).
+"""decompNet, the recurrent instance decomposer (Park & Berg, "Learning to decompose for object detection and instance segmentation", 2016).
 
 Launcher of the recipe :mod:`kerasdet.recipes.decompnet` (presets and model builder live there):
 ``python recipes/decompnet.py --preset <preset> [--set key=value ...]`` is

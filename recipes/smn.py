@@ -1,4 +1,4 @@
-"""Spatial Memory Network (seed 000, spec ``000_smn.md``): stage-wise training recipe.
+"""Spatial Memory Network (Chen & Gupta, "Spatial Memory for Context Reasoning in Object Detection", ICCV 2017): stage-wise training recipe.
 
 Launcher of the recipe :mod:`kerasdet.recipes.smn` (presets and model builder live there):
 ``python recipes/smn.py --preset <preset> [--set key=value ...]`` is

@@ -2,12 +2,13 @@
 
 Presets:
 
-* ``assd321`` / ``assd513``: the paper's COCO configurations (spec ``002_assd.md`` §3):
+* ``assd321`` / ``assd513``: the paper's COCO configurations (Xu et al., "ASSD: Attentive Single Shot
+  Multibox Detector", §4-§5):
   ResNet-101 (local ImageNet weights via ``--set backbone.weights=...``), 7 sources
   conv3..conv9, fusion on conv3, one attention unit per source, SGD lr 1e-3 (for the
   paper's batch: 80 at 321, 64 at 513), momentum 0.9, weight decay 5e-4, no warm-up,
   x0.1 at epochs 100/150 of 160 (321) and 80/130 of 140 (513), SSD augmentation
-  (photometric, expand, IoU crop, flip). Backbone BN is frozen (spec ambiguity 10: the
+  (photometric, expand, IoU crop, flip). Backbone BN is frozen (our choice; the paper is silent: the
   authors train BN at 8-10 images per GPU; with the small per-device batches of most
   machines frozen statistics are the safe default).
 * ``ssd_digits`` / ``assd_digits``: the same two architectures scaled to the embedded digits

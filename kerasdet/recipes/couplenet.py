@@ -1,4 +1,5 @@
-"""R-FCN, CoupleNet and Attention CoupleNet (seed 004, spec ``004_attention_couplenet.md``).
+"""R-FCN, CoupleNet and Attention CoupleNet (the Attention CoupleNet paper, Zhu et al., and the CoupleNet it
+extends).
 
 One model class (:class:`kerasdet.models.rfcn.RFCN`) serves the three detectors: R-FCN is
 ``global_branch=False``, CoupleNet adds the global branch with the context box and the
@@ -8,7 +9,7 @@ attention blocks at conv2/3/4 (supervised by the union of the instance masks,
 
 Presets:
 
-* ``rfcn`` / ``couplenet`` / ``acouplenet``: the paper's VOC07 configurations (spec §1-§3):
+* ``rfcn`` / ``couplenet`` / ``acouplenet``: the VOC07 configurations of the Attention CoupleNet paper's §IV (Experiments):
   ResNet-101 with dilated conv5 (stride 16), frozen BN, conv1 + res2 frozen
   (``freeze_at=2``; local ImageNet weights via ``--set backbone.weights=...``), RPN on C4
   (512 ch, 9 anchors 128-512 px, 300 proposals), ``conv_new_1`` 1024, k = 7 PSRoI pooling,
@@ -22,7 +23,7 @@ Presets:
   from a VOCdevkit the targets are the filled boxes; for SBD masks use ``data.kind=coco``
   with a COCO JSON carrying the segmentations (``kerasdet convert voc2coco`` writes the
   boxes part). VOC is read from a VOCdevkit folder
-  (``--set data.voc_root=/path/VOCdevkit``) and scored with the VOC07 11-point mAP. Other schedules of spec §2.3 (VOC12: 60k + 20k
+  (``--set data.voc_root=/path/VOCdevkit``) and scored with the VOC07 11-point mAP. Other schedules of the papers (VOC12: 60k + 20k
   at 4 images; COCO: 510k + 70k at 4 images, or with attention 150k + 30k at 16) are a
   ``--set train.decay_steps=... --set train.epochs=... --set train.batch_size=...`` away.
 * ``rfcn_digits`` / ``couplenet_digits`` / ``acouplenet_digits``: the same three models

@@ -1,4 +1,5 @@
-"""decompNet, the recurrent instance decomposer (seed 001, spec ``001_recurrent_decomposer.md``).
+"""decompNet, the recurrent instance decomposer (Park & Berg, "Learning to decompose for object detection and instance
+segmentation", 2016).
 
 Presets (data: the paper's protocol from the embedded digits generator, §3.1: 100x100
 grayscale images, 5-10 digits of classes {3, 6, 9}, scale 0.5-2, tight-box IoU <= 0.2, 30
@@ -8,18 +9,18 @@ disjoint source pools; instance masks are the digits' ink):
 * ``paper``: 30,000 / 10,000 images, the App. B networks (category net, 2 x 2048-unit
   recurrent layers, T = 11 steps, 50x50 maps, box regressor 4096 hidden), the paper's
   three stages by ``model.fit`` with the 0.3 -> 1.0 warm-up of lambda/gamma (and p) after
-  the first epoch of stages 1 and 2. The paper gives no optimizer settings: the spec's
+  the first epoch of stages 1 and 2. The paper gives no optimizer settings: our
   choices (SGD momentum 0.9, lr 1e-2, batch 32, weight decay 5e-4, x0.1 at 2/3 of each
   stage; stage epochs 20 / 30 / 10, the last at lr 1e-3) and a final box stage of 5 epochs.
 * ``paper_full``: the same with 100x100 maps ("decomp full").
 * ``digits``: a 2-core CPU budget (9.7 min end to end, measured), the configuration measured best there by
   ``benchmarks/decompnet_digits.py``: 1,500 / 300 protocol images, batch 8, the detection
-  variant (filled box masks as instance targets, spec §3.1: the paper's detection
+  variant (filled box masks as instance targets, §3.1: the paper's detection
   experiment has no segmentation label), the paper's "all convolutional recurrent"
   alternative (``cell="conv_gru"``, one ConvGRU layer of 32 channels on the 7x7 grid; it
   learned faster than the fully connected 2048-unit cell, which at 8.9 s/step is not a
   CPU model), 16-channel instance convolutions, stop rule ``"bright"`` (the ConvGRU puts
-  its black maps first, see :mod:`kerasdet.models.decompnet`); Adam (the spec's fallback
+  its black maps first, see :mod:`kerasdet.models.decompnet`); Adam (our fallback
   when SGD stalls; the sum-over-pixels loss makes SGD's step size data dependent), stages
   15 / 8 / 1 epochs + 1 box epoch, lambda = gamma = p = 0.3 for the first 6 epochs of
   stages 1-2 (the paper's warm-up is one epoch of 30,000 images, more than this whole

@@ -1,4 +1,5 @@
-"""Spatial Memory Network (seed 000, spec ``000_smn.md``): stage-wise training recipe.
+"""Spatial Memory Network (Chen & Gupta, "Spatial Memory for Context Reasoning in Object
+Detection", ICCV 2017): stage-wise training recipe.
 
 SMN is trained in stages (Sec. 5.4): the base C4 Faster R-CNN first, then the memory with
 the base frozen, with the unroll length grown N = 2 -> 5 -> 10 (de-duplication is learned
@@ -18,7 +19,7 @@ in the short rollouts, then longer ones are bootstrapped from them). The runner
 
 Presets:
 
-* ``paper`` (Sec. 5.5, spec §2.5): VGG16 ``conv5_3`` C4 base (tf-faster-rcnn: crop pool
+* ``paper`` (Sec. 5.5): VGG16 ``conv5_3`` C4 base (tf-faster-rcnn: crop pool
   14 -> 7, fc6/fc7 4096 with dropout 0.5, RPN 512 channels, anchors 128-512 px (scales
   8/16/32 x 16) x 3 ratios, 256 anchors / 256 RoIs at 0.25 foreground, 2000 train / 300
   test proposals at NMS 0.7, test NMS 0.3), shorter side 600 / longer <= 1000, flip,
