@@ -46,6 +46,7 @@ def train(args):
 def evaluate(args):
     from kerasdet.engine.builders import format_stats
     from kerasdet.engine.runner import evaluate_run
+
     stats = evaluate_run(args.run, weights=args.weights, metric=args.metric)
     print(format_stats(stats))
     return stats
@@ -54,8 +55,7 @@ def evaluate(args):
 def export(args):
     from kerasdet.engine.runner import export_run
 
-    export_run(args.run, args.output, weights=args.weights)
-    print(f"SavedModel written to {args.output}")
+    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights)}")
     return args.output
 
 
@@ -68,7 +68,7 @@ def predict(args):
 
 
 def show_config(args):
-    _, config = _recipe_config(args)
+    config = _recipe_config(args)[1]
     print(json.dumps(config.to_dict(), indent=2))
     return config
 
@@ -76,8 +76,7 @@ def show_config(args):
 def convert(args):
     from kerasdet.data.convert import voc_to_coco
 
-    voc_to_coco(args.voc_root, args.output, sets=args.sets)
-    print(f"COCO JSON written to {args.output}")
+    print(f"COCO JSON written to {voc_to_coco(args.voc_root, args.output, sets=args.sets)}")
     return args.output
 
 
@@ -92,15 +91,17 @@ def build_parser():
 
     t = sub.add_parser("train", help="train every stage, evaluate, export, draw detections; writes run.json")
     recipe_args(t)
-    t.add_argument("--data-dir", default=None, help="where the digits set is generated (default: data.dir)")
-    t.add_argument("--epochs", type=int, default=None, help="shortcut for --set train.epochs=N")
-    t.add_argument("--work-dir", default=None, help="default runs/<recipe>_<preset>")
-    t.add_argument("--export-dir", default=None, help="default saved_models/<recipe>_<preset>")
+    for flag, default, text in (("--data-dir", None, "where the digits set is generated (default: data.dir)"),
+                                ("--work-dir", None, "default runs/<recipe>_<preset>"),
+                                ("--export-dir", None, "default saved_models/<recipe>_<preset>")):
+        t.add_argument(flag, default=default, help=text)
+    for flag, default, text in (("--epochs", None, "shortcut for --set train.epochs=N"),
+                                ("--num-draw", None, "validation images to draw (export.num_draw)"),
+                                ("--seed", 0, "initialization, data order, augmentation"),
+                                ("--verbose", 2, "fit verbosity")):
+        t.add_argument(flag, type=int, default=default, help=text)
     t.add_argument("--no-export", action="store_true")
-    t.add_argument("--num-draw", type=int, default=None, help="validation images to draw (export.num_draw)")
     t.add_argument("--strategy", default="auto", choices=["auto", "default", "mirrored", "multiworker"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--verbose", type=int, default=2)
     t.set_defaults(func=train)
 
     for name, func, text in (("evaluate", evaluate, "score a run's weights on its validation split"),
