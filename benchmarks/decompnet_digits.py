@@ -54,6 +54,7 @@ Needs matplotlib for the PNG (``pip install -e ".[bench]"``).
 """
 import argparse
 import json
+import logging
 import os
 import time
 
@@ -120,6 +121,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     variants = [_variant(v) for v in args.variants.split(",") if v]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")  # runner progress
 
     import keras
     import numpy as np

@@ -94,6 +94,7 @@ Usage::
 """
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -176,6 +177,7 @@ def main(argv=None):
     if args.base_only and (args.mlp_only or args.base_weights):
         parser.error("--base-only trains the base: not with --base-weights or --mlp-only")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")  # runner progress
 
     from kerasdet.engine import builders
     from kerasdet.engine.config import parse_overrides
