@@ -1,18 +1,20 @@
 """R-FCN vs CoupleNet vs Attention CoupleNet on the embedded digits set under one budget (seed 004).
 
 Trains the ``rfcn_digits``, ``couplenet_digits`` and ``acouplenet_digits`` presets of
-``recipes/couplenet.py`` one after the other through the shared CLI (same data, seed,
-epochs, optimizer and schedule: the presets differ only in the global branch and the
-attention blocks), scores each with pycocotools on the validation split (the CLI's
-``evaluate_model``) and prints AP / AP50 / AP75 and wall time as a table. ``--ablation``
+``recipes/couplenet.py`` one after the other, each as a subprocess of the recipe's command
+line (``python recipes/couplenet.py --preset P --epochs E --work-dir <work-dir>/<run>
+--no-export [--set ...]``, i.e. ``kerasdet train``: the runner; same data, seed, epochs,
+optimizer and schedule: the presets differ only in the global branch and the attention
+blocks), reads each run's ``run.json`` (the runner's pycocotools evaluation of the
+validation split, train time) and prints AP / AP50 / AP75 and train / wall time as a table. ``--ablation``
 adds the coupling ablation of the paper's Table I: ``couplenet_digits`` with
 ``coupling_norm`` in {none, l2, conv} x ``coupling_op`` in {sum, product, max} (the
 conv + sum cell is the ``couplenet_digits`` run itself, so 8 more runs).
 
 ``--num-train N --num-val M`` generate (once) a smaller digits set under
 ``<work-dir>/digits_<N>_<M>`` for a smoke run; by default the presets' own 4000/500 set is
-used. Results go to ``<work-dir>/results.json`` (one entry per run: preset, overrides,
-COCO stats, train/total seconds).
+used. Results go to ``<work-dir>/results.json`` (one entry per run: its ``run.json`` record
+with the preset, overrides and wall seconds added).
 
 Usage::
 
@@ -25,6 +27,8 @@ import os
 import subprocess
 import sys
 import time
+
+from kerasdet.engine.runner import read_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("rfcn_digits", "couplenet_digits", "acouplenet_digits")
@@ -49,8 +53,7 @@ def run(name, preset, overrides, args):
         cmd += ["--data-dir", args.data_dir]
     t = time.time()
     subprocess.run(cmd, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
+    summary = read_run(out)  # the run.json the runner wrote
     summary.update(preset=preset, overrides=overrides, wall_seconds=time.time() - t)
     return summary
 
@@ -90,7 +93,7 @@ def main(argv=None):
         ov = s["overrides"]
         coupling = "-" if name == "rfcn" else f"{ov.get('model.coupling_norm', 'conv')}+{ov.get('model.coupling_op', 'sum')}"
         print(f"| {name} | {s['preset']} | {coupling} | {args.epochs} | {st['AP']:.3f} | {st['AP50']:.3f} | "
-              f"{st['AP75']:.3f} | {s['train_seconds'] / 60:.1f} | {s['wall_seconds'] / 60:.1f} |")
+              f"{st['AP75']:.3f} | {s['times']['train_seconds'] / 60:.1f} | {s['wall_seconds'] / 60:.1f} |")
     print(f"\nJSON: {os.path.join(args.work_dir, 'results.json')}")
     return results
 

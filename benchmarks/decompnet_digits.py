@@ -2,41 +2,61 @@
 
 One run: generate the set (100x100, 5-10 digits of classes 3/6/9, scale 0.5-2, IoU <= 0.2,
 30 clutter patches, disjoint digit pools; 1,500 / 300 images by default), train decompNet
-variants in their stages (``recipes/decompnet.py``; default ``fc:boxes`` = the paper's fully
+variants, each a run of the ``decompnet`` recipe's ``digits`` preset
+(:mod:`kerasdet.recipes.decompnet`) through the runner (:func:`kerasdet.engine.runner.run`,
+the code of ``kerasdet train``) with ``--set``-style overrides (the flags below) in its own
+work dir ``<work-dir>/<cell>_<target>`` (default variants: ``fc:boxes`` = the paper's fully
 connected recurrent cell, ``conv_gru:boxes`` = its all-convolutional alternative, both on
 filled box masks, the detection variant, and ``conv_gru:masks`` = the segmentation variant
-on the digits' ink; one category network per target, trained once and shared by the
-cells), then the sliding-window CNN + NMS 0.3 baseline
+on the digits' ink), then the sliding-window CNN + NMS 0.3 baseline
 (:class:`kerasdet.models.sliding_window.SlidingWindowDetector`), and report, with
-pycocotools on the validation split:
+pycocotools on the validation split, each decompNet rebuilt from its ``run.json``
+(:func:`kerasdet.engine.runner.load_run`, once per stop rule via ``model.stop``):
 
 * per-class box AP50 (decompNet boxes scored by Eq. 5; baseline windows by class probability),
 * per-class mask AP50 (decompNet masks thresholded at 0.1, scored by Eq. 6),
 * count accuracy (exact number of instances per category; per class, per image, MAE;
   decompNet with the ``--stop`` rule and with the paper's ``first_black``; the baseline
   counts its detections with score >= ``--baseline-count-threshold``),
-* precision-recall curves per class saved as a PNG like the paper's Fig. 4 / Fig. 5.
+* precision-recall curves per class saved as a PNG like the paper's Fig. 4 / Fig. 5
+  (``<work-dir>/pr_curves.png``), every figure in ``<work-dir>/results.json``.
 
-Run: ``python benchmarks/decompnet_digits.py`` (~37 min on 2 quiet CPU cores, see ``--help`` for
-sizes); ``--reuse-weights`` re-evaluates the weights a run saved in ``--work-dir``.
+Every variant trains all of its stages (category / instance / joint / box). The
+pre-engine script trained the category network once per target and shared it between
+the cells (``conv_gru:boxes`` reused ``fc:boxes``'); through the runner each variant
+trains its own, which costs one more category stage for the default variants (~2.5 min of
+the ~37, measured 146 s) and means the two box variants no longer start their instance
+stage from the very same category network.
+
+The sliding-window baseline is not a recipe: it is the comparison model of the paper,
+trained here by its own plain ``fit`` (Adam, cosine decay, ``--baseline-epochs``, batch 16)
+on the same training stream (:func:`kerasdet.engine.builders.build_dataset`); its weights go
+to ``<work-dir>/baseline.weights.h5``.
+
+Flags: ``--work-dir``; ``--data-dir`` (default ``data/digits369_<train>_<val>``);
+``--num-train``, ``--num-val`` (``data.generate``); ``--batch-size`` (``train.batch_size``);
+``--variants CELL:TARGET,...``; ``--units``, ``--instance-filters``, ``--conv-gru-filters``,
+``--conv-gru-layers`` (``model.*``; ``fc`` variants use 2 recurrent layers);
+``--stage-epochs C,I,J,B`` (each stage's epochs; a 0 drops the stage); ``--warmup-epochs``
+(``params.warmup_epochs`` of the category and instance stages); ``--stop`` (``model.stop``);
+``--baseline-epochs``, ``--baseline-count-threshold``; ``--reuse-weights``: a variant whose
+``<work-dir>/<cell>_<target>/run.json`` exists is not trained again (its run is scored), the
+baseline's ``baseline.weights.h5`` is loaded (its train time from the previous
+``results.json``); ``--seed``.
+
+Run: ``python benchmarks/decompnet_digits.py`` (~40 min on 2 quiet CPU cores, see ``--help`` for
+sizes); ``--reuse-weights`` re-evaluates the runs in ``--work-dir``. Smoke::
+
+    python benchmarks/decompnet_digits.py --work-dir /tmp/decomp_smoke --num-train 16 --num-val 8 \
+        --batch-size 8 --variants conv_gru:boxes --stage-epochs 1,1,0,1 --warmup-epochs 0 --baseline-epochs 1
+
 Needs matplotlib for the PNG (``pip install -e ".[bench]"``).
 """
 import argparse
-import importlib.util
 import json
+import logging
 import os
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("decompnet_recipe", os.path.join(ROOT, "recipes", "decompnet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _collect(predict, dataset, count_fn=None):
@@ -85,7 +105,8 @@ def main(argv=None):
     parser.add_argument("--instance-filters", type=int, default=16, help="instance conv width (paper: 32)")
     parser.add_argument("--conv-gru-filters", type=int, default=32)
     parser.add_argument("--conv-gru-layers", type=int, default=1)
-    parser.add_argument("--stage-epochs", default="15,8,1,1", help="category,instance,joint,box epochs")
+    parser.add_argument("--stage-epochs", default="15,8,1,1",
+                        help="category,instance,joint,box epochs (0 drops the stage)")
     parser.add_argument("--warmup-epochs", type=int, default=6,
                         help="epochs of the category and instance stages at lambda = gamma = p = 0.3 before 1.0 "
                              "(the paper: one epoch of its 30,000 images)")
@@ -93,37 +114,52 @@ def main(argv=None):
     parser.add_argument("--baseline-epochs", type=int, default=4)
     parser.add_argument("--baseline-count-threshold", type=float, default=0.5)
     parser.add_argument("--reuse-weights", action="store_true",
-                        help="load the weights an earlier run saved in --work-dir (decompNet variants and the "
-                             "baseline) instead of training them; train times are taken from its results.json")
+                        help="do not train a variant whose <work-dir>/<cell>_<target>/run.json exists, and load "
+                             "the baseline's weights saved in --work-dir; train times are taken from the runs and "
+                             "the previous results.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     variants = [_variant(v) for v in args.variants.split(",") if v]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")  # runner progress
 
     import keras
     import numpy as np
 
-    from kerasdet.cli import get_config, make_datasets, prepare_sources
+    from kerasdet.engine import builders
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.engine.runner import load_run, run, val_source_of_run
     from kerasdet.evaluation.coco_eval import detections_to_coco_results
     from kerasdet.evaluation.per_class import count_accuracy, masks_to_coco_results, per_class_pr
     from kerasdet.models.sliding_window import SlidingWindowDetector
 
     os.makedirs(args.work_dir, exist_ok=True)
-    recipe = _recipe()
-    epochs = [int(e) for e in args.stage_epochs.split(",")]
+    recipe = load_recipe("decompnet")
+    epochs = [float(e) for e in args.stage_epochs.split(",")]
     data_dir = args.data_dir or os.path.join("data", f"digits369_{args.num_train}_{args.num_val}")
-    config = get_config(recipe, "digits", {
-        "data.dir": data_dir, "data.generate.num_train": args.num_train, "data.generate.num_val": args.num_val,
-        "train.batch_size": args.batch_size, "model.units": args.units, "model.instance_filters": args.instance_filters,
-        "model.conv_gru_filters": args.conv_gru_filters, "model.stop": args.stop})
-    stages = [dict(s, epochs=e) for s, e in zip(config["train"]["stages"], epochs)]
-    for s in stages:
-        if "warmup_epochs" in s:
-            s["warmup_epochs"] = args.warmup_epochs
-    keras.utils.set_random_seed(args.seed)
-    train_source, val_source = prepare_sources(config)
-    train_ds, val_ds = make_datasets(config, train_source, val_source, seed=args.seed, repeat=True)
-    steps = len(train_source) // args.batch_size
+    common = {"data.dir": data_dir, "data.generate.num_train": args.num_train, "data.generate.num_val": args.num_val,
+              "train.batch_size": args.batch_size, "model.units": args.units,
+              "model.instance_filters": args.instance_filters, "model.conv_gru_filters": args.conv_gru_filters,
+              "model.stop": args.stop, "export.enabled": False}
+    preset_stages = recipe.config("digits", common).to_dict()["train"]["stages"]
+    if len(epochs) != len(preset_stages):
+        parser.error(f"--stage-epochs needs {len(preset_stages)} values "
+                     f"({','.join(s['name'] for s in preset_stages)}), got {args.stage_epochs!r}")
+    stages = []
+    for stage, e in zip(preset_stages, epochs):
+        if e <= 0:
+            continue  # a stage of 0 epochs is dropped
+        stage = dict(stage, epochs=e, params=dict(stage["params"]))
+        if stage["kind"] in ("category", "instance"):
+            stage["params"]["warmup_epochs"] = args.warmup_epochs
+        stages.append(stage)
+    if not stages:
+        parser.error("--stage-epochs: every stage has 0 epochs")
+    common["train.stages"] = stages
+
+    # The data set (generated once; the runs find it in data.dir) and its classes.
+    config = recipe.config("digits", common)
+    train_source, val_source = builders.build_sources(config)
     num_classes = train_source.num_classes
     cat_ids = list(val_source.category_ids)
     names = list(val_source.category_names)
@@ -134,45 +170,27 @@ def main(argv=None):
         with open(os.path.join(args.work_dir, "results.json")) as f:
             previous = json.load(f)
 
-    # --- decompNet variants (one category network per target, shared by the cells) ----------
-    category_weights, category_owner = {}, {}  # target -> stage-1 weights, variant that trained them
+    # --- decompNet variants, each a run of the digits preset --------------------------------
     for cell, target in variants:
         name = f"decomp {cell} {target}"
-        model_cfg = {"target": target, "cell": cell,
-                     "recurrent_layers": args.conv_gru_layers if cell == "conv_gru" else 2}
-        vcfg = dict(config, model=dict(config["model"], **model_cfg))
-        keras.utils.set_random_seed(args.seed)
-        model = recipe.build_model(vcfg, num_classes)
-        entry = {"params": model.count_params(), "stage_seconds": []}
-        todo = [s for s in stages if s["epochs"] > 0]
-        t0 = time.time()
-        done = []
-        weights = os.path.join(args.work_dir, f"{cell}_{target}.weights.h5")
-        if args.reuse_weights and os.path.exists(weights):
-            model.load_weights(weights)
-            todo = []
-            entry.update({k: v for k, v in previous.get("decompnet", {}).get(name, {}).items()
-                          if k in ("train_seconds", "stage_seconds", "final_losses", "category_shared_with")})
-            entry["weights_reused"] = weights
-        elif target in category_weights:  # stage 1 of this target already ran: reuse its weights
-            model.category_net.set_weights(category_weights[target])
-            entry["category_shared_with"] = category_owner[target]
-        else:  # stage 1 alone first, so the next variant can start from the same category net
-            first = [x for x in todo if x["stage"] == "category"]
-            done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=first)),
-                                        steps_per_epoch=steps, verbose=2)
-            category_weights[target] = model.category_net.get_weights()
-            category_owner[target] = name
-        rest = [s for s in todo if s["stage"] != "category"]
-        if rest:
-            done += recipe.train_stages(model, train_ds, dict(vcfg, train=dict(vcfg["train"], stages=rest)),
-                                        steps_per_epoch=steps, verbose=2)
-            entry["train_seconds"] = time.time() - t0
-            entry["stage_seconds"] = [(s, sec) for s, sec, _ in done]
-            entry["final_losses"] = {s: {k: float(v[-1]) for k, v in h.items()} for s, _, h in done}
-            model.save_weights(weights)
+        vdir = os.path.join(args.work_dir, f"{cell}_{target}")
+        overrides = {**common, "model.target": target, "model.cell": cell,
+                     "model.recurrent_layers": args.conv_gru_layers if cell == "conv_gru" else 2}
+        entry = {"work_dir": vdir}
+        if args.reuse_weights and os.path.exists(os.path.join(vdir, "run.json")):
+            entry["run_reused"] = vdir
+        else:
+            run(recipe, recipe.config("digits", overrides), preset="digits", work_dir=vdir, seed=args.seed)
+        _, vconfig, model, record = load_run(vdir)
+        entry.update(params=record["parameters"], train_seconds=record["times"]["train_seconds"],
+                     stage_seconds=[(s["name"], s["seconds"]) for s in record["stages"]],
+                     final_losses={s["name"]: {k: v[-1] for k, v in s["history"].items() if v}
+                                   for s in record["stages"]})
+        vsource = val_source_of_run(vconfig, record)
+        val_ds = builders.build_dataset(vconfig, vsource, training=False)
         for stop in dict.fromkeys([args.stop, "first_black"]):
-            model.stop = stop  # (the property drops the traced predict function)
+            if model.stop != stop:  # the same run's model built with this stop rule
+                _, _, model, _ = load_run(vdir, overrides={"model.stop": stop})
             t0 = time.time()
             det = _collect(model.predict_on_batch, val_ds, count_fn=model.count_instances)
             seconds = time.time() - t0
@@ -183,8 +201,8 @@ def main(argv=None):
             mask_results = masks_to_coco_results(
                 image_ids=det["image_ids"], masks=det["masks"], scores=det["mask_scores"], classes=det["classes"],
                 num_detections=det["num_detections"], category_ids=cat_ids)
-            box = per_class_pr(val_source.annotation_file, box_results, iou_type="bbox")
-            mask = per_class_pr(val_source.annotation_file, mask_results, iou_type="segm")
+            box = per_class_pr(vsource.annotation_file, box_results, iou_type="bbox")
+            mask = per_class_pr(vsource.annotation_file, mask_results, iou_type="segm")
             entry[stop] = {"box_ap50": _ap_table(box, cat_ids, names), "mask_ap50": _ap_table(mask, cat_ids, names),
                            "counts": count_accuracy(det["counts"], gt_counts), "predict_seconds": seconds,
                            "detections_per_image": float(det["num_detections"].mean())}
@@ -195,18 +213,19 @@ def main(argv=None):
         results["decompnet"][name] = entry
         print(f"{name}: " + json.dumps({k: entry[k] for k in dict.fromkeys([args.stop, "first_black"])}), flush=True)
 
-    # --- sliding-window baseline ------------------------------------------------------------
+    # --- sliding-window baseline (not a recipe: its own plain fit) ---------------------------
     keras.utils.set_random_seed(args.seed)
-    base_cfg = dict(config, train=dict(config["train"], batch_size=16))
-    base_train, _ = make_datasets(base_cfg, train_source, val_source, seed=args.seed, repeat=True)
-    baseline = SlidingWindowDetector(num_classes=num_classes, image_size=config["input"]["image_size"])
-    base_steps = len(train_source) // 16
+    base_cfg = recipe.config("digits", {**common, "train.batch_size": 16})
+    base_train = builders.build_dataset(base_cfg, train_source, training=True, seed=args.seed)
+    val_ds = builders.build_dataset(base_cfg, val_source, training=False)
+    baseline = SlidingWindowDetector(num_classes=num_classes, image_size=config.input.image_size)
+    base_steps = builders.steps_per_epoch(base_cfg, len(train_source))
     baseline.compile(optimizer=keras.optimizers.Adam(
         keras.optimizers.schedules.CosineDecay(2e-3, args.baseline_epochs * base_steps)))
     entry = {"params": baseline.count_params()}
     weights = os.path.join(args.work_dir, "baseline.weights.h5")
     if args.reuse_weights and os.path.exists(weights):
-        baseline.build((None, *config["input"]["image_size"], 3))
+        baseline.build((None, *config.input.image_size, 3))
         baseline.load_weights(weights)
         entry["train_seconds"] = previous.get("baseline", {}).get("train_seconds", float("nan"))
         entry["weights_reused"] = weights

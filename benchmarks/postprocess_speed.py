@@ -12,11 +12,9 @@ Usage: ``python benchmarks/postprocess_speed.py [--repeats 10] [--batches 1 4]``
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -5,8 +5,9 @@ Prints medians over repeated runs (after warm-up) for
 * R50-FPN (P3-P7, 9 anchors, 4x256 subnets, 80 classes, random init) at 512x512, batch 1
   and 4: predict (forward + decode + NMS, a static-batch ``tf.function``) and one
   ``train_on_batch`` step (SGD);
-* the ``digits`` preset of ``recipes/retinanet.py`` at its 128x128 input and at 512x512,
-  batch 1 and 16.
+* the ``digits`` preset of the ``retinanet`` recipe (:mod:`kerasdet.recipes.retinanet`,
+  built from ``load_recipe("retinanet").config("digits")``) at its 128x128 input and at
+  512x512, batch 1 and 16.
 
 ``jit_compile=True`` compiles the predict function with XLA (using the XLA-compatible
 padded NMS) and the train step via ``model.compile(jit_compile=True)``.
@@ -16,11 +17,9 @@ Usage: ``python benchmarks/retinanet_speed.py [--repeats 5] [--skip-r50] [--skip
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -91,16 +90,16 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
 
-    import retinanet as recipe
-
     from kerasdet.backbones import resnet_backbone
-    from kerasdet.cli import get_config
+    from kerasdet.engine.recipes import load_recipe
     from kerasdet.models.retinanet import RetinaNet
+
+    recipe = load_recipe("retinanet")
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}, CPUs: {os.cpu_count()}")
     rows = []
-    digits = get_config(recipe, "digits")
+    digits = recipe.config("digits")
     rows += bench("digits preset", lambda: recipe.build_model(digits, 10), 128, (1, 16), 10, args.repeats,
                   train=not args.skip_train)
     rows += bench("digits preset", lambda: recipe.build_model(digits, 10), 512, (1, 4), 10, args.repeats,

@@ -18,12 +18,9 @@ Usage: ``python benchmarks/roofline.py [--repeats 5] [--size 512] [--batch 1] [-
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -117,7 +114,7 @@ def main():
 
     import keras
 
-    from vs_keras_hub import kerasdet_retinanet, keras_hub_retinanet
+    from vs_keras_hub import kerasdet_retinanet, keras_hub_retinanet  # benchmarks/ (the script's folder)
 
     print(f"TensorFlow {tf.__version__}, CPUs: {os.cpu_count()}, load average at start: {os.getloadavg()}")
     keras.utils.set_random_seed(0)

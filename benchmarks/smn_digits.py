@@ -1,32 +1,73 @@
 """Base Faster R-CNN vs the MLP control vs SMN on the embedded digits set under one budget (seed 000).
 
-One process, one data set, one seed (``recipes/smn.py``'s ``digits`` preset):
+Two runs of the ``smn`` recipe (:mod:`kerasdet.recipes.smn`) through the runner
+(:func:`kerasdet.engine.runner.run`, the same code as ``kerasdet train``), one data set,
+one seed:
 
-1. the C4 base Faster R-CNN is trained once (the preset's base stage);
-2. SMN trains on the frozen base with the curriculum N = 2 -> 5 -> 10 (the preset's
-   memory stages: 100 + 75 + 50 steps);
-3. the MLP control (``context="mlp"``: the same context net on ``conv5_3``, the same output
-   modules, no memory) trains on the same frozen base for the same number of memory
-   steps (225) and images, with the same optimizer and learning rate.
+1. ``<work-dir>/smn``: the ``digits`` preset: the C4 base Faster R-CNN's stages
+   (``base_1``, ``base_2``: 2 + 2 epochs), then SMN on the frozen base with the curriculum
+   N = 2 -> 5 -> 10 (the memory stages: 100 + 75 + 50 steps). The trained base is saved
+   from that run (rebuilt by :func:`~kerasdet.engine.runner.load_run`) as
+   ``<work-dir>/base.weights.h5`` (train time in ``base_seconds.json`` beside it);
+2. ``<work-dir>/mlp``: the MLP control, the ``digits_mlp`` preset (``context="mlp"``: the
+   same context net on ``conv5_3``, the same output modules, no memory) with
+   ``base.weights`` = that base and only its ``mlp`` stage (225 steps: the memory stages'
+   steps and images, same optimizer and learning rate), at the context width whose
+   inference-time parameter count matches SMN's
+   (:func:`kerasdet.models.smn.matched_mlp_channels`, ``model.mlp_channels``).
 
-Each is scored with pycocotools on the validation split (AP, AP50), and the *duplicate
-detections* are counted: a detection is a duplicate when a higher-scored detection of the
-same class in the same image overlaps it with IoU > 0.5 (counted among detections with
-score >= 0.05 and >= 0.3). Rows:
+Both runs use ``--seed`` (the memory / MLP weights are initialised from the run's seed;
+the pre-engine script used ``seed + 1`` for them) and do not export. The runner evaluates
+each run itself (``run.json``); the rows below are scored again here from the rebuilt
+models so that each writes its COCO results file for the duplicate count.
+
+Each variant is scored with pycocotools on the validation split (AP, AP50), and the
+*duplicate detections* are counted: a detection is a duplicate when a higher-scored
+detection of the same class in the same image overlaps it with IoU > 0.5 (counted among
+detections with score >= 0.05 and >= 0.3). Rows:
 
 * ``base (NMS)``: the base's own per-class NMS (0.5) output (up to 100 detections);
-* ``base (NMS, top-10)``: the same, at most N = 10 detections (the paper's "Baseline" at N);
+* ``base (NMS, top-10)``: the same, at most N = 10 detections (the paper's "Baseline" at
+  N): a second base built from the run's config with ``base.max_detections = 10``
+  (:func:`kerasdet.recipes.smn.build_base`) and the trained base weights;
 * ``base top-N (no NMS)``: the top N = 10 RoIs by base score, no NMS (what the greedy
-  selection outputs without memory: the control for "SMN replaces NMS");
-* ``MLP control``: base + MLP residual logits, per-class NMS;
+  selection outputs without memory: the control for "SMN replaces NMS";
+  ``SMN.configure(inference="base_topn")``);
 * ``SMN final``: N1 = 5 base (NMS) detections written, then N2 = 5 memory steps, no NMS on
   the memory steps (spec §3 final mode);
-* ``SMN steps``: N = 10 memory steps from the start, no NMS anywhere (ablation mode).
+* ``SMN steps``: N = 10 memory steps from the start, no NMS anywhere (ablation mode);
+* ``MLP control``: base + MLP residual logits, per-class NMS.
 
-Results go to ``<work-dir>/results.json``.
+Results go to ``<work-dir>/results.json`` (and ``<work-dir>/<row>_results.json``, the
+COCO detections of each row).
 
-Measured (seed 0; the base trained 2 epochs in one run, ``--base-only``, then 2 more with
-``--base-weights ... --base-continue 2``, which is the preset's 2 + 2 base stages):
+Flags:
+
+* ``--work-dir`` (default ``runs/smn_bench``), ``--data-dir`` (the digits folder; default
+  the preset's ``data/digits``), ``--seed``, ``--verbose`` (``fit`` verbosity);
+* ``--base-weights FILE``: reuse a base trained earlier (e.g. ``<old-work-dir>/base.weights.h5``):
+  the SMN run gets ``base.weights=FILE`` and only its memory stages; the base's train time
+  is read from ``base_seconds.json`` next to FILE (nan if absent);
+* ``--base-only``: train only the base stages (the SMN run; its own end-of-run evaluation
+  scores the SMN with an untrained memory and is ignored), score the two base rows, stop;
+* ``--mlp-only`` (with ``--base-weights``): train and score only the MLP control (and the
+  base rows), no SMN run;
+* ``--mlp-unmatched``: the MLP control at the memory width instead of SMN's parameter count;
+* ``--epoch-scale F``: multiply every stage's length (epochs or steps; at least 1 step);
+* ``--set KEY=VALUE`` (repeatable): a config override for both runs (e.g.
+  ``train.batch_size=8``, ``base.rpn_post_nms_topk_test=32``); ``--smn-set KEY=VALUE``: one
+  for the SMN run only, applied to the ``digits`` preset before its stages are selected
+  (e.g. ``train.stages.4.params.num_steps=3``: the N = 10 stage unrolled 3 steps);
+* smoke: ``--num-train N --num-val M`` generate (once) a set of that size under
+  ``<work-dir>/digits_<N>_<M>``.
+
+Dropped with the move to the runner: ``--base-continue`` (train a loaded base more
+epochs): the preset's two base stages are that 2 + 2 schedule in one run; a different base
+schedule is ``--smn-set 'train.stages.1.epochs=...'``.
+
+Measured (seed 0, pre-engine script; the base trained 2 epochs in one run, ``--base-only``,
+then 2 more with ``--base-weights ... --base-continue 2``, which is the preset's 2 + 2 base
+stages):
 
 =====================  =====  =====  ===============  ===============  ==========
 model                  AP     AP50   dup (>=0.05)     dup (>=0.3)      train min
@@ -47,17 +88,16 @@ memory) is best: the paper's context gain does not show at this scale.
 Usage::
 
     python benchmarks/smn_digits.py [--work-dir runs/smn_bench]
-    python benchmarks/smn_digits.py --num-train 64 --num-val 16 --epoch-scale 0.25   # smoke
+    python benchmarks/smn_digits.py --work-dir runs/smn_mlp --base-weights runs/smn_bench/base.weights.h5 --mlp-only
+    python benchmarks/smn_digits.py --work-dir /tmp/smn_smoke --num-train 32 --num-val 8 --epoch-scale 0.05 \
+        --smn-set train.stages.3.params.num_steps=2 --smn-set train.stages.4.params.num_steps=2   # smoke
 """
 import argparse
 import json
+import logging
+import math
 import os
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 
 def count_duplicates(results, *, iou_threshold=0.5, score_thresholds=(0.05, 0.3)):
@@ -91,6 +131,26 @@ def count_duplicates(results, *, iou_threshold=0.5, score_thresholds=(0.05, 0.3)
     return out
 
 
+def scaled_stages(stages, scale):
+    """Plain stage dicts with every length multiplied by ``scale`` (``steps`` at least 1;
+    fractional ``epochs`` are allowed: the runner rounds them to steps, at least 1)."""
+    out = []
+    for stage in stages:
+        stage = dict(stage)
+        if scale != 1.0:
+            if stage.get("steps") is not None:
+                stage["steps"] = max(1, int(round(stage["steps"] * scale)))
+            if stage.get("epochs") is not None:
+                stage["epochs"] = stage["epochs"] * scale
+        out.append(stage)
+    return out
+
+
+def stage_seconds(record, kind):
+    """Train seconds of a run's stages of ``kind`` (``base`` / ``memory``)."""
+    return sum(s.get("seconds", 0.0) for s in record["stages"] if s["kind"] == kind)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default=os.path.join("runs", "smn_bench"))
@@ -98,51 +158,54 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train", type=int, default=0, help="smoke: a generated set of this many train images")
     parser.add_argument("--num-val", type=int, default=32)
-    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every stage's steps (min 1 step)")
+    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every stage's length (min 1 step)")
     parser.add_argument("--verbose", type=int, default=2)
-    parser.add_argument("--base-weights", default=None, help="load a base trained by an earlier run (skips its stage)")
-    parser.add_argument("--base-only", action="store_true", help="train and evaluate the base, then stop")
+    parser.add_argument("--base-weights", default=None,
+                        help="a base trained earlier (base.weights.h5): the SMN run trains only its memory stages")
+    parser.add_argument("--base-only", action="store_true", help="train and score the base, then stop")
     parser.add_argument("--mlp-only", action="store_true",
-                        help="with --base-weights: train and evaluate only the MLP control (skips SMN)")
+                        help="with --base-weights: train and score only the MLP control (no SMN run)")
     parser.add_argument("--mlp-unmatched", action="store_true",
                         help="MLP control at the memory width instead of SMN's parameter count")
-    parser.add_argument("--base-continue", type=float, default=0.0, metavar="EPOCHS",
-                        help="with --base-weights: train the loaded base this many more epochs (lr 1e-3, x0.1 at 75%%)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both runs (JSON value)")
+    parser.add_argument("--smn-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the SMN (digits) run only, before its stages are selected")
     args = parser.parse_args(argv)
+    if args.mlp_only and not args.base_weights:
+        parser.error("--mlp-only needs --base-weights (the base the MLP control trains on)")
+    if args.base_only and (args.mlp_only or args.base_weights):
+        parser.error("--base-only trains the base: not with --base-weights or --mlp-only")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")  # runner progress
 
-    import smn as recipe
-    from kerasdet.cli import get_config, make_datasets, prepare_sources
-    from kerasdet.evaluation.callback import evaluate_model
-    from kerasdet.models.smn import SMN, inference_parameters, matched_mlp_channels
+    from kerasdet.engine import builders
+    from kerasdet.engine.config import parse_overrides
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.engine.runner import load_run, run, val_source_of_run
+    from kerasdet.models.smn import inference_parameters, matched_mlp_channels
+    from kerasdet.recipes.smn import build_base
 
     os.makedirs(args.work_dir, exist_ok=True)
-    config = get_config(recipe, "digits")
+    recipe = load_recipe("smn")
+    common = {"export.enabled": False}
     data_dir = args.data_dir
     if args.num_train:
-        config["data"]["generate"].update(num_train=args.num_train, num_val=args.num_val)
+        common.update({"data.generate.num_train": args.num_train, "data.generate.num_val": args.num_val})
         data_dir = os.path.join(args.work_dir, f"digits_{args.num_train}_{args.num_val}")
+    common.update(parse_overrides(args.set))
+    smn_dir, mlp_dir = os.path.join(args.work_dir, "smn"), os.path.join(args.work_dir, "mlp")
     t_start = time.time()
-    train_source, val_source = prepare_sources(config, data_dir)
-    train_ds, val_ds = make_datasets(config, train_source, val_source, seed=args.seed, repeat=True)
-    steps_per_epoch = len(train_source) // config["train"]["batch_size"]
+    results = {"seed": args.seed, "runs": {}}
+    scoring = {}  # the validation split, shared by every row
 
-    def run_stages(model, stages):
-        seconds = 0.0
-        for stage in stages:
-            _, sec = recipe.fit_stage(model, config, stage, train_ds, steps_per_epoch, verbose=args.verbose,
-                                      scale=args.epoch_scale)
-            seconds += sec
-        return seconds
-
-    results = {"seed": args.seed, "steps_per_epoch": steps_per_epoch, "runs": {}}
-
-    def evaluate(name, model, train_seconds, **extra):
+    def evaluate(name, model, config, record, train_seconds, **extra):
+        if not scoring:
+            source = val_source_of_run(config, record)
+            scoring.update(source=source, dataset=builders.build_dataset(config, source, training=False))
         t = time.time()
         path = os.path.join(args.work_dir, f"{name.replace(' ', '_')}_results.json")
-        stats = evaluate_model(model, val_ds, val_source.annotation_file, category_ids=val_source.category_ids,
-                               results_file=path)
+        stats = builders.evaluate(model, scoring["dataset"], scoring["source"], metric="coco", results_file=path)
         with open(path) as f:
             dets = json.load(f)
         row = {"AP": stats["AP"], "AP50": stats["AP50"], "AP75": stats["AP75"], "train_seconds": train_seconds,
@@ -152,72 +215,100 @@ def main(argv=None):
             json.dump(results, f, indent=2)
         print(name, json.dumps(row), flush=True)
 
-    size = config["input"]["image_size"]
-    keras.utils.set_random_seed(args.seed)
-    base = recipe.build_base(config, train_source.num_classes)
-    base.build((None, size[0], size[1], 3))
-    base_stages = [s for s in config["stages"] if s["kind"] == "base"]
+    def score_base(base, config, record, base_path, base_seconds):
+        evaluate("base (NMS)", base, config, record, base_seconds, params=base.count_params())
+        top = int(config.model["num_steps"])  # the paper's "Baseline" at N: a base built to keep N detections
+        top_config = recipe.config_from_dict(record["config"], {"base.max_detections": top, "base.weights": base_path})
+        evaluate(f"base (NMS, top-{top})", build_base(top_config, record["num_classes"]), config, record, base_seconds)
+        return top
+
+    # --- 1. the SMN run: base stages + memory stages (or a subset) ---------------------------
+    smn_overrides = {**common, **parse_overrides(args.smn_set)}
     if args.base_weights:
-        base.load_weights(args.base_weights)
-        with open(os.path.join(os.path.dirname(args.base_weights), "base_seconds.json")) as f:
-            base_seconds = json.load(f)["train_seconds"]
-        if args.base_continue:
-            stage = {"kind": "base", "epochs": args.base_continue, "lr": 1e-3, "decay_at": (0.75,), "warmup_steps": 0}
-            base_seconds += run_stages(base, [stage])
-            base.save_weights(os.path.join(args.work_dir, "base.weights.h5"))
-            with open(os.path.join(args.work_dir, "base_seconds.json"), "w") as f:
-                json.dump({"train_seconds": base_seconds, "continued_epochs": args.base_continue}, f)
+        smn_overrides["base.weights"] = os.path.abspath(args.base_weights)
+    preset_stages = [s for s in recipe.config("digits", smn_overrides).to_dict()["train"]["stages"]]
+    if args.base_weights:
+        kinds = ("memory",)
+    elif args.base_only:
+        kinds = ("base",)
     else:
-        base_seconds = run_stages(base, base_stages)
-        base.save_weights(os.path.join(args.work_dir, "base.weights.h5"))
-        with open(os.path.join(args.work_dir, "base_seconds.json"), "w") as f:
-            json.dump({"train_seconds": base_seconds}, f)
-    evaluate("base (NMS)", base, base_seconds, params=base.count_params())
-    top = config["model"]["num_steps"]
-    base.max_detections, base.predict_function = top, None
-    evaluate(f"base (NMS, top-{top})", base, base_seconds)  # the paper's "Baseline" at N
-    base.max_detections, base.predict_function = config["base"].get("max_detections", 100), None
-    if args.base_only:
-        return results
+        kinds = ("base", "memory")
+    smn_stages = scaled_stages([s for s in preset_stages if s["kind"] in kinds], args.epoch_scale)
 
-    model_args = dict(config["model"])
-    mem_stages = [s for s in config["stages"] if s["kind"] == "memory"]
-    keras.utils.set_random_seed(args.seed + 1)
+    if args.base_weights:
+        base_path = os.path.abspath(args.base_weights)
+        seconds_file = os.path.join(os.path.dirname(base_path), "base_seconds.json")
+        base_seconds = float("nan")
+        if os.path.isfile(seconds_file):
+            with open(seconds_file) as f:
+                base_seconds = json.load(f)["train_seconds"]
+    else:
+        base_path = os.path.abspath(os.path.join(args.work_dir, "base.weights.h5"))
+
+    smn = smn_record = None
     if not args.mlp_only:
-        smn = SMN(base=base, weight_decay=config["train"]["weight_decay"], **model_args)
-        smn.build((None, size[0], size[1], 3))
+        config = recipe.config("digits", {**smn_overrides, "train.stages": smn_stages})
+        run(recipe, config, preset="digits", work_dir=smn_dir, data_dir=data_dir, seed=args.seed,
+            verbose=args.verbose)
+        _, config, smn, smn_record = load_run(smn_dir)
+        base = smn.base
+        if not args.base_weights:  # the base this run trained, for the MLP control (and later runs)
+            base.save_weights(base_path)
+            base_seconds = stage_seconds(smn_record, "base")
+            with open(os.path.join(args.work_dir, "base_seconds.json"), "w") as f:
+                json.dump({"train_seconds": base_seconds, "run": os.path.abspath(smn_dir)}, f)
+        top = score_base(base, config, smn_record, base_path, base_seconds)
+        if args.base_only:
+            return _report(results, args, t_start)
+        smn_seconds = stage_seconds(smn_record, "memory")
         smn_params = smn.count_params() - base.count_params()
-        smn.configure(inference="base_topn", num_steps=10)
-        evaluate("base top-N (no NMS)", smn, 0.0)
-        smn_seconds = run_stages(smn, mem_stages)
-        smn.save_weights(os.path.join(args.work_dir, "smn.weights.h5"))
+        smn.configure(inference="base_topn", num_steps=top)
+        evaluate("base top-N (no NMS)", smn, config, smn_record, 0.0)
         smn.configure(inference="final")
-        evaluate("SMN final", smn, smn_seconds, memory_params=smn_params)
-        smn.configure(inference="steps", num_steps=10)
-        evaluate("SMN steps", smn, smn_seconds, memory_params=smn_params)
+        evaluate("SMN final", smn, config, smn_record, smn_seconds, memory_params=smn_params)
+        smn.configure(inference="steps", num_steps=top)
+        evaluate("SMN steps", smn, config, smn_record, smn_seconds, memory_params=smn_params)
 
-    keras.utils.set_random_seed(args.seed + 1)
-    shape = (None, size[0], size[1], 3)
-    channels, smn_params, mlp_params = (None, None, None) if args.mlp_unmatched else matched_mlp_channels(
-        base, shape, weight_decay=config["train"]["weight_decay"], **model_args)
-    print(f"MLP control: context width {channels}: {mlp_params:,} inference parameters vs SMN's {smn_params:,}"
-          if channels else "MLP control at the memory width (not matched)")
-    keras.utils.set_random_seed(args.seed + 1)
-    mlp = SMN(base=base, weight_decay=config["train"]["weight_decay"],
-              **dict(model_args, context="mlp", mlp_channels=channels))
-    mlp.build(shape)
-    mlp_seconds = run_stages(mlp, config["mlp_stages"])
-    mlp.save_weights(os.path.join(args.work_dir, "mlp.weights.h5"))
-    evaluate("MLP control", mlp, mlp_seconds, memory_params=inference_parameters(mlp))
+    # --- 2. the MLP control: digits_mlp with the trained base, only its mlp stage ------------
+    mlp_overrides = {**common, "base.weights": base_path}
+    mlp_preset = recipe.config("digits_mlp", mlp_overrides)
+    mlp_stages = scaled_stages([s for s in mlp_preset.to_dict()["train"]["stages"] if s["kind"] == "memory"],
+                               args.epoch_scale)
+    if not args.mlp_unmatched:
+        shape = (None, *mlp_preset.input.image_size, 3)
+        if smn is not None:
+            base, num_classes = smn.base, smn_record["num_classes"]
+        else:  # --mlp-only: the classes of the data set, the base as given
+            num_classes = builders.build_source(mlp_preset, "train", data_dir=data_dir).num_classes
+            base = build_base(mlp_preset, num_classes)
+        smn_args = dict(recipe.config("digits", smn_overrides).model)
+        channels, smn_params, mlp_params = matched_mlp_channels(
+            base, shape, weight_decay=mlp_preset.train.weight_decay, **smn_args)
+        mlp_overrides["model.mlp_channels"] = channels
+        print(f"MLP control: context width {channels}: {mlp_params:,} inference parameters vs SMN's {smn_params:,}")
+    else:
+        print("MLP control at the memory width (not matched)")
+    config = recipe.config("digits_mlp", {**mlp_overrides, "train.stages": mlp_stages})
+    run(recipe, config, preset="digits_mlp", work_dir=mlp_dir, data_dir=data_dir, seed=args.seed,
+        verbose=args.verbose)
+    _, config, mlp, mlp_record = load_run(mlp_dir)
+    if smn is None:  # --mlp-only: the base rows from the MLP run's (frozen, as given) base
+        score_base(mlp.base, config, mlp_record, base_path, base_seconds)
+    evaluate("MLP control", mlp, config, mlp_record, stage_seconds(mlp_record, "memory"),
+             memory_params=inference_parameters(mlp))
+    return _report(results, args, t_start)
 
+
+def _report(results, args, t_start):
     results["total_seconds"] = time.time() - t_start
     with open(os.path.join(args.work_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print("\n| model | AP | AP50 | dup (score>=0.05) | dets (>=0.05) | dup (>=0.3) | train min |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
+        minutes = r["train_seconds"] / 60 if math.isfinite(r["train_seconds"]) else float("nan")
         print(f"| {name} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['dup@0.05']} | {r['dets@0.05']} | {r['dup@0.3']} | "
-              f"{r['train_seconds'] / 60:.1f} |")
+              f"{minutes:.1f} |")
     print(f"\ntotal {results['total_seconds'] / 60:.1f} min; JSON: {os.path.join(args.work_dir, 'results.json')}")
     return results
 

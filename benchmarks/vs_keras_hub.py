@@ -36,19 +36,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from retinanet_speed import fake_batch  # noqa: E402
+from retinanet_speed import fake_batch  # noqa: E402  (benchmarks/, the script's folder, is on the path)
 
 
 def keras_hub_retinanet(num_classes, dtype=None):
@@ -110,7 +107,7 @@ def alternate(fns, repeats, warmup=1):
     return times
 
 
-def predict_function(model):
+def predict_fn(model):
     """The model's ``predict_step`` body as one ``tf.function``: forward pass plus its own
     post-processing (keras-hub: ``decode_predictions``, i.e. anchor decoding and NMS;
     kerasdet: ``detect``). keras-hub's ``predict_on_batch`` cannot be used: its
@@ -169,14 +166,14 @@ def main():
     variants = {}
     for precision in args.precisions:
         hub_p = hub if precision == "float32" else keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
-        variants[f"keras-hub {precision}"] = predict_function(hub_p)
+        variants[f"keras-hub {precision}"] = predict_fn(hub_p)
         set_compute_dtype(kd, precision)
-        variants[f"kerasdet {precision}"] = predict_function(kd)
+        variants[f"kerasdet {precision}"] = predict_fn(kd)
         for b in args.batches:
             variants[f"kerasdet {precision}"](x_by_batch[b])
         if args.fold_bn:
             folded = set_compute_dtype(fold_detector_batchnorm(kd), precision)
-            variants[f"kerasdet folded-BN {precision}"] = predict_function(folded)
+            variants[f"kerasdet folded-BN {precision}"] = predict_fn(folded)
     set_compute_dtype(kd, "float32")
     for b in args.batches:
         x = x_by_batch[b]
