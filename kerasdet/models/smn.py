@@ -81,7 +81,7 @@ from kerasdet.layers.postprocess import format_detections, per_class_nms
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.spatial_memory import ContextNet, MemoryPrior, MemoryWrite
 from kerasdet.models.base import Detector
-from kerasdet.sampling import _kth_largest
+from kerasdet.sampling import kth_largest
 
 CONTEXTS = ("memory", "mlp")
 SELECTIONS = ("softmax", "hardmax")
@@ -107,7 +107,7 @@ def sample_groups(groups, quotas, num_samples, seed=None):
         room = num_samples - taken
         n = tf.minimum(count, room if quota is None else tf.minimum(quota, room))
         scores = tf.where(group, rand, -1.0)
-        sel = group & (scores >= _kth_largest(scores, n)[:, None])
+        sel = group & (scores >= kth_largest(scores, n)[:, None])
         out.append(sel)
         taken = taken + n
     return out
