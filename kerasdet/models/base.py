@@ -120,6 +120,15 @@ def _fixed_length(values, fill):
     return tf.pad(values, [[0, pad]], constant_values=fill)
 
 
+def json_like(value):
+    """``value`` with every tuple turned into a list, recursively through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: json_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_like(v) for v in value]
+    return value
+
+
 def split_data(data):
     """``(images, labels)`` from a Keras data tuple (labels may be None)."""
     if isinstance(data, (tuple, list)):
@@ -371,14 +380,37 @@ class Detector(keras.Model):
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
+    # --- serialization ------------------------------------------------------------------
     def get_config(self):
         """Base fields, the subclass's constructor arguments (``self._config``) and the
-        serialized ``backbone`` (when the model has one)."""
+        serialized ``backbone`` (when the model has one). Tuples are written as lists (what
+        a ``.keras`` file's JSON gives back), so a loaded model's config equals this one."""
         config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
         config.update(getattr(self, "_config", {}))
         if getattr(self, "backbone", None) is not None:
             config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        return config
+        return json_like(config)
+
+    def get_build_config(self):
+        """Always a build config, so ``keras.models.load_model`` creates every weight
+        before restoring them. A model only run through ``predict`` (Keras never calls the
+        model itself there, so it is not marked built although its layers are) is built
+        here first, which creates any weight its inference path does not use."""
+        if not self.built:
+            self.build(None)
+        return super().get_build_config() or {"input_shape": None}
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """``keras.Model.save``, building the model first (see :meth:`get_build_config`;
+        this also spares the "model has not yet been built" warning after ``predict``)."""
+        if not self.built:
+            self.build(None)
+        return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+
+    def build_from_config(self, config):
+        """Builds like :meth:`build` (errors surface; Keras' default would only warn)."""
+        shape = (config or {}).get("input_shape")
+        self.build(None if shape is None else tuple(shape))
 
     @classmethod
     def from_config(cls, config):

@@ -71,6 +71,8 @@ default Keras initializers for the memory layers, the residual logits' last laye
 N(0, 0.01) so training starts at the base's scores (§5.2 item 12: the paper hand-tuned
 variances; no normalisation layers).
 """
+import copy
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -80,7 +82,7 @@ from kerasdet import losses as loss_ops
 from kerasdet.layers.postprocess import format_detections, per_class_nms
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.spatial_memory import ContextNet, MemoryPrior, MemoryWrite
-from kerasdet.models.base import Detector
+from kerasdet.models.base import Detector, json_like
 from kerasdet.sampling import kth_largest
 
 CONTEXTS = ("memory", "mlp")
@@ -283,14 +285,15 @@ class SMN(Detector):
 
     # --- config -------------------------------------------------------------------------
     def get_config(self):
-        config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
-        config.update(self._config)
-        config["base"] = keras.saving.serialize_keras_object(self.base)
+        """:class:`Detector`'s fields and the base :class:`FasterRCNN`, serialized nested
+        (its config, its backbone's and its build config: ``load_model`` rebuilds it)."""
+        config = super().get_config()
+        config["base"] = json_like(keras.saving.serialize_keras_object(self.base))
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
         if isinstance(config.get("base"), dict):
             config["base"] = keras.saving.deserialize_keras_object(config["base"])
         return cls(**config)
