@@ -263,6 +263,9 @@ class RFCN(Detector):
         detections_pre_nms_topk: candidates of the padded NMS. Default 1000.
         nms_method: ``"auto"`` (padded under ``jit_compile``), ``"combined"`` or ``"padded"``.
         weight_decay: coupled L2 decay. Default 5e-4 (the spec's solver).
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss", "attention_loss")

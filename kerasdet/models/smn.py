@@ -162,6 +162,9 @@ class SMN(Detector):
             ``memory_channels``). :func:`matched_mlp_channels` picks the width that gives the
             MLP control SMN's inference-time parameter count, as in the paper's Table 2.
         weight_decay: coupled L2 on the trainable (memory) kernels.
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("mem_cls_loss", "mem_rpn_loss", "recon_cls_loss", "recon_rpn_loss")
