@@ -1,6 +1,8 @@
 """kerasdet.models.decompnet: targets grouped by category, the three training stages by
 model.fit (which parts train, losses fall), detection without NMS, the stop rule, an
 absent category's maps black after training, config and SavedModel round trips."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -158,6 +160,10 @@ def test_config_round_trip_and_export_with_masks(tmp_path):
     images, _ = _data(2)
     ref = model.predict(images, verbose=0)
     export_saved_model(model, str(tmp_path / "sm"), image_size=(40, 40), category_ids=[4, 7, 10])
+    with open(str(tmp_path / "sm" / "kerasdet_export.json")) as f:
+        meta = json.load(f)
+    assert meta["has_masks"] is True and meta["max_detections"] == 12 and meta["class_name"] == "DecompNet"
+    assert {"detection_masks", "detection_mask_scores"} <= set(meta["signature"]["outputs"])
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     out = loaded.signatures["serving_default"](images=tf.constant(images.astype(np.uint8)))
     assert out["detection_masks"].shape == (2, 12, 40, 40)
