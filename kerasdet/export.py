@@ -14,8 +14,16 @@ Resizing (the same ops as the training pipeline, :mod:`kerasdet.data.geometry`),
 normalization (inside the backbone), decoding and NMS are all inside the graph. The
 SavedModel loads and runs with TensorFlow alone (no kerasdet import), with
 ``tf.saved_model.load`` and with ``saved_model_cli run`` (the C++ loader TF Serving uses).
-A ``kerasdet_export.json`` next to ``saved_model.pb`` records the label map and the input
-geometry for humans and tools.
+A ``kerasdet_export.json`` next to ``saved_model.pb`` records the label map, the input
+geometry and what the model is, for humans and tools (``kerasdet predict`` reads it; see
+:func:`export_metadata` for the fields).
+
+Box format: ``detection_boxes`` are ``rel_yxyx`` of the original image, the TF Object
+Detection API's convention that TF Serving clients expect, whatever ``bounding_box_format``
+the model was built with: that setting only changes the boxes of ``fit``/``predict`` (the
+Keras edges), while the serving graph runs ``model.detect``, which always gives ``yxyx``
+network-input pixels, and maps them to the original image itself. The metadata records
+``"bounding_box_format": "rel_yxyx"``.
 
 Any image from 1x1 up (odd aspect ratios such as 1x3000, any batch size) is served; ``K``
 is fixed by the model (``max_detections``), so outputs always have the shapes above.
@@ -141,6 +149,76 @@ def make_serving_function(model, *, image_size, min_size=None, max_size=None, ca
     return serve
 
 
+#: The box format of ``detection_boxes`` (and of the export metadata's ``bounding_box_format``).
+SERVING_BOX_FORMAT = "rel_yxyx"
+#: Version of the ``kerasdet_export.json`` layout.
+METADATA_VERSION = 2
+
+_OUTPUT_DOCS = {
+    "detection_boxes": "normalized [ymin, xmin, ymax, xmax] of the original image (rel_yxyx)",
+    "detection_scores": "",
+    "detection_classes": "dataset category ids, -1 padding",
+    "num_detections": "",
+    "detection_masks": "0/1 instance masks at the original image size",
+    "detection_mask_scores": "",
+}
+
+
+def export_metadata(model, serve, *, image_size, min_size=None, max_size=None, category_ids=None,
+                    category_names=None):
+    """The ``kerasdet_export.json`` dict of an export of ``model`` served by ``serve``.
+
+    Fields: ``format_version``; ``kerasdet_version``; ``class_name`` (the model class, also
+    under the older key ``model``); ``num_classes``; ``model_config`` (the model's
+    ``get_config()`` without the nested ``backbone``/``base``, which ``backbone`` /
+    ``base`` name by class and name); ``image_size``, ``min_size``, ``max_size`` (the
+    resize rule of the serving graph); ``category_ids`` (contiguous class index -> dataset
+    id) and ``category_names`` (or None); ``bounding_box_format`` (``"rel_yxyx"``: the
+    serving boxes, relative to the original image); ``max_detections`` (K, the second
+    dimension of every per-detection output); ``has_masks``; ``signature`` (the inputs and
+    each output's dtype, shape and meaning).
+    """
+    import kerasdet
+
+    outputs = serve.get_concrete_function().structured_outputs
+    num_classes = int(model.num_classes)
+    ids = [int(c) for c in category_ids] if category_ids is not None else list(range(num_classes))
+    config = model.get_config()
+    nested = {}
+    for key in ("backbone", "base"):
+        if isinstance(config.get(key), dict):
+            nested[key] = {"class_name": config[key].get("class_name"),
+                           "name": config[key].get("config", {}).get("name")}
+    signature_outputs = {}
+    for key, spec in outputs.items():
+        dims = ["B" if i == 0 else ("K" if i == 1 else (str(d) if d is not None else "?"))
+                for i, d in enumerate(spec.shape.as_list())]
+        text = f"{spec.dtype.name} [{', '.join(dims)}]"
+        doc = _OUTPUT_DOCS.get(key, "")
+        signature_outputs[key] = f"{text} {doc}".strip()
+    return {
+        "format_version": METADATA_VERSION,
+        "kerasdet_version": kerasdet.__version__,
+        "class_name": type(model).__name__,
+        "model": type(model).__name__,
+        "num_classes": num_classes,
+        "model_config": {k: v for k, v in config.items() if k not in ("backbone", "base")},
+        **nested,
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "min_size": min_size,
+        "max_size": max_size,
+        "category_ids": ids,
+        "category_names": list(category_names) if category_names is not None else None,
+        "bounding_box_format": SERVING_BOX_FORMAT,
+        "max_detections": int(outputs["detection_boxes"].shape[1]),
+        "has_masks": "detection_masks" in outputs,
+        "signature": {
+            "inputs": {"images": "uint8 [None, None, None, 3] RGB, any size, same size within a batch"},
+            "outputs": signature_outputs,
+        },
+    }
+
+
 def export_saved_model(
     model,
     export_dir,
@@ -151,10 +229,12 @@ def export_saved_model(
     category_ids=None,
     category_names=None,
 ):
-    """Writes a SavedModel with the ``serving_default`` signature to ``export_dir``.
+    """Writes a SavedModel with the ``serving_default`` signature to ``export_dir``, and
+    ``kerasdet_export.json`` (:func:`export_metadata`) next to it.
 
     Uses ``keras.export.ExportArchive`` (tracks every variable, so the C++ loader finds
-    them). Returns ``export_dir``.
+    them). The serving graph calls ``model.detect`` (``yxyx`` network pixels), so the
+    model's ``bounding_box_format`` does not change it. Returns ``export_dir``.
     """
     if not model.built:
         model(tf.zeros((1, image_size[0], image_size[1], 3), tf.float32))
@@ -165,23 +245,8 @@ def export_saved_model(
     archive.track(model)
     archive.add_endpoint(name="serving_default", fn=serve)
     archive.write_out(export_dir, verbose=False)
-    meta = {
-        "model": type(model).__name__,
-        "image_size": list(image_size),
-        "min_size": min_size,
-        "max_size": max_size,
-        "category_ids": list(category_ids) if category_ids is not None else list(range(model.num_classes)),
-        "category_names": list(category_names) if category_names is not None else None,
-        "signature": {
-            "inputs": {"images": "uint8 [None, None, None, 3]"},
-            "outputs": {
-                "detection_boxes": "float32 [B, K, 4] normalized yxyx",
-                "detection_scores": "float32 [B, K]",
-                "detection_classes": "int32 [B, K] dataset ids, -1 padding",
-                "num_detections": "int32 [B]",
-            },
-        },
-    }
+    meta = export_metadata(model, serve, image_size=image_size, min_size=min_size, max_size=max_size,
+                           category_ids=category_ids, category_names=category_names)
     with open(os.path.join(export_dir, "kerasdet_export.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        json.dump(meta, f, indent=2, default=str)
     return export_dir

@@ -17,7 +17,7 @@ import tensorflow as tf
 from kerasdet import boxes as box_ops
 
 
-def _kth_largest(values, k):
+def kth_largest(values, k):
     """Per-row k-th largest of ``values [B, N]`` for a per-row ``k [B]`` (1-based).
 
     Rows with ``k <= 0`` get ``+inf`` (nothing passes ``>=``); ``k`` is capped at ``N``.
@@ -56,8 +56,8 @@ def sample_balanced(positive, negative, *, num_samples, positive_fraction, seed=
     neg_scores = tf.where(negative, rand, -1.0)
     num_pos = tf.minimum(tf.reduce_sum(tf.cast(positive, tf.int32), axis=1), quota)
     num_neg = tf.minimum(tf.reduce_sum(tf.cast(negative, tf.int32), axis=1), num_samples - num_pos)
-    sampled_pos = positive & (pos_scores >= _kth_largest(pos_scores, num_pos)[:, None])
-    sampled_neg = negative & (neg_scores >= _kth_largest(neg_scores, num_neg)[:, None])
+    sampled_pos = positive & (pos_scores >= kth_largest(pos_scores, num_pos)[:, None])
+    sampled_neg = negative & (neg_scores >= kth_largest(neg_scores, num_neg)[:, None])
     return sampled_pos, sampled_neg
 
 

@@ -152,6 +152,45 @@ def test_export_metadata(exported):
     assert meta["category_ids"] == CATEGORY_IDS and meta["image_size"] == [64, 64]
 
 
+def test_serving_ignores_the_models_bounding_box_format(tmp_path):
+    """A model predicting ``xywh`` boxes exports the same graph as its ``yxyx`` twin:
+    ``detection_boxes`` stay ``rel_yxyx`` of the original image, and the metadata says so."""
+    import tensorflow as tf
+
+    yxyx = _model("retinanet")
+    yxyx.build((None, 64, 64, 3))
+    xywh = RetinaNet.from_config(dict(yxyx.get_config(), bounding_box_format="xywh"))
+    xywh.build((None, 64, 64, 3))
+    xywh.set_weights(yxyx.get_weights())
+    rng = np.random.RandomState(1)
+    batch = tf.constant(rng.randint(0, 255, (2, 96, 80, 3), dtype=np.uint8))
+    served = []
+    for name, model in (("yxyx", yxyx), ("xywh", xywh)):
+        path = str(tmp_path / name)
+        export_saved_model(model, path, image_size=(64, 64), category_ids=CATEGORY_IDS, category_names=["a", "b", "c"])
+        out = tf.saved_model.load(path).signatures["serving_default"](images=batch)
+        served.append({k: v.numpy() for k, v in out.items()})
+        with open(os.path.join(path, "kerasdet_export.json")) as f:
+            meta = json.load(f)
+        assert meta["bounding_box_format"] == "rel_yxyx" and meta["model_config"]["bounding_box_format"] == name
+        assert meta["class_name"] == meta["model"] == "RetinaNet" and meta["num_classes"] == 3
+        assert meta["max_detections"] == 20 and meta["has_masks"] is False
+        assert meta["category_ids"] == CATEGORY_IDS and meta["category_names"] == ["a", "b", "c"]
+        assert meta["image_size"] == [64, 64] and meta["min_size"] is None and meta["max_size"] is None
+        assert meta["backbone"] == {"class_name": "Functional", "name": "small_backbone"}
+        assert set(meta["signature"]["outputs"]) == set(out)
+        assert meta["signature"]["outputs"]["detection_boxes"].startswith("float32 [B, K, 4]")
+    assert served[0]["num_detections"].min() > 0
+    for key in served[0]:
+        np.testing.assert_array_equal(served[1][key], served[0][key], err_msg=key)
+    # and the xywh model's predict does answer in xywh (the user edge)
+    canvas = tf.image.pad_to_bounding_box(tf.image.resize(tf.cast(batch, tf.float32), (64, 53)), 0, 0, 64, 64)
+    ref = yxyx.predict(canvas, verbose=0)["boxes"]
+    got = xywh.predict(canvas, verbose=0)["boxes"]
+    np.testing.assert_allclose(got, np.stack([ref[..., 1], ref[..., 0], ref[..., 3] - ref[..., 1],
+                                              ref[..., 2] - ref[..., 0]], -1), atol=1e-4)
+
+
 # --- R-FCN / CoupleNet / Attention CoupleNet (issue 8) ----------------------------------------
 def _rfcn_model(kind):
     from kerasdet.models.rfcn import RFCN

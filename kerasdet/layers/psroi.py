@@ -70,7 +70,7 @@ stride 7), giving ``[B, R, D]``.
 import keras
 import tensorflow as tf
 
-from kerasdet.layers.roi_align import _bilinear_axis
+from kerasdet.layers.roi_align import bilinear_axis
 
 PSROI_METHODS = ("pool", "align")
 
@@ -220,8 +220,8 @@ def ps_roi_align(score_maps, boxes, *, group_size, output_dim, spatial_scale, sa
     cells = tf.range(k, dtype=tf.float32)[:, None] + steps[None, :]  # [k, S]
     ys = y0[..., None, None] + (h / float(k))[..., None, None] * cells
     xs = x0[..., None, None] + (w / float(k))[..., None, None] * cells
-    y_lo, y_hi, wy_lo, wy_hi, vy = _bilinear_axis(ys, height)
-    x_lo, x_hi, wx_lo, wx_hi, vx = _bilinear_axis(xs, width)
+    y_lo, y_hi, wy_lo, wy_hi, vy = bilinear_axis(ys, height)
+    x_lo, x_hi, wx_lo, wx_hi, vx = bilinear_axis(xs, width)
 
     flat = tf.reshape(_bin_major(tf.cast(score_maps, tf.float32), k, d), [batch, -1, d])  # [B, k*k*H*W, D]
     plane = height * width

@@ -78,7 +78,7 @@ def _sample_coords(start, size, output_size, sampling_ratio):
     return start[..., None] + size[..., None] * steps
 
 
-def _bilinear_axis(coord, length):
+def bilinear_axis(coord, length):
     """torchvision's per-axis bilinear rule: ``(low, high, w_low, w_high, valid)``."""
     length_f = tf.cast(length, tf.float32)
     valid = (coord >= -1.0) & (coord <= length_f)
@@ -128,8 +128,8 @@ def roi_align_gather(features, boxes, levels, strides, *, output_size=7, samplin
         w = tf.maximum(w, 1.0)
     ys = _sample_coords(y0, h, output_size, sampling_ratio)  # [B, R, N]
     xs = _sample_coords(x0, w, output_size, sampling_ratio)
-    y_lo, y_hi, wy_lo, wy_hi, vy = _bilinear_axis(ys, height[..., None])
-    x_lo, x_hi, wx_lo, wx_hi, vx = _bilinear_axis(xs, width[..., None])
+    y_lo, y_hi, wy_lo, wy_hi, vy = bilinear_axis(ys, height[..., None])
+    x_lo, x_hi, wx_lo, wx_hi, vx = bilinear_axis(xs, width[..., None])
 
     base = offset[..., None, None]
     row_w = width[..., None, None]

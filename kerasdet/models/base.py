@@ -41,6 +41,8 @@ import logging
 import keras
 import tensorflow as tf
 
+from kerasdet import boxes as box_ops
+
 logger = logging.getLogger(__name__)
 
 NAN_POLICIES = ("raise", "skip", "off")
@@ -120,6 +122,15 @@ def _fixed_length(values, fill):
     return tf.pad(values, [[0, pad]], constant_values=fill)
 
 
+def json_like(value):
+    """``value`` with every tuple turned into a list, recursively through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: json_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_like(v) for v in value]
+    return value
+
+
 def split_data(data):
     """``(images, labels)`` from a Keras data tuple (labels may be None)."""
     if isinstance(data, (tuple, list)):
@@ -141,16 +152,30 @@ class Detector(keras.Model):
             ``optimizer(weight_decay=...)`` is not once momentum is involved. Default 1e-4.
         nan_policy: what a training step with a non-finite loss/gradient does:
             ``"raise"`` (default), ``"skip"`` or ``"off"`` (see the module doc).
+        bounding_box_format: the box format of the public edges, one of Keras' names
+            (:data:`kerasdet.boxes.BOX_FORMATS`: ``"xyxy"``, ``"yxyx"``, ``"xywh"``,
+            ``"center_xywh"``, ``"center_yxhw"``, ``"rel_xyxy"``, ``"rel_yxyx"``,
+            ``"rel_xywh"``, ``"rel_center_xywh"``). ``labels["boxes"]`` given to ``fit`` /
+            ``evaluate`` / ``train_step`` / ``test_step`` / :meth:`compute_loss` are read in
+            it and the ``"boxes"`` that ``predict`` / ``predict_step`` return are written in
+            it; ``rel_*`` coordinates are fractions of the network input's height and width
+            (the canvas the images are resized onto before they reach the model). Inside the
+            model (``detect``, ``call``, ``detection_losses``, the SavedModel export) boxes
+            are always ``yxyx`` pixels of the network input. Default ``"yxyx"``.
     """
 
     #: Names of the terms ``detection_losses`` returns (a tracker is made for each).
     LOSS_NAMES = ()
 
-    def __init__(self, *, weight_decay=1e-4, nan_policy="raise", **kwargs):
+    def __init__(self, *, weight_decay=1e-4, nan_policy="raise", bounding_box_format="yxyx", **kwargs):
         super().__init__(**kwargs)
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
+        if bounding_box_format not in box_ops.BOX_FORMATS:
+            raise ValueError(
+                f"bounding_box_format must be one of {box_ops.BOX_FORMATS}, got {bounding_box_format!r}.")
         self.nan_policy = nan_policy
+        self.bounding_box_format = bounding_box_format
         self.weight_decay = float(weight_decay)
         names = ["loss", *self.LOSS_NAMES] + (["weight_decay"] if self.weight_decay else [])
         # Trackers are made here, under whatever strategy scope builds the model, never
@@ -182,7 +207,46 @@ class Detector(keras.Model):
             return tf.constant(0.0)
         return 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in kernels])
 
+    # --- bounding box format at the public edges ---------------------------------------
+    def boxes_to_internal(self, boxes, image_shape):
+        """``[..., 4]`` boxes in ``bounding_box_format`` -> ``yxyx`` pixels of an
+        ``image_shape = (height, width)`` network input."""
+        return box_ops.convert_format(boxes, source=self.bounding_box_format, target="yxyx",
+                                      height=image_shape[0], width=image_shape[1])
+
+    def boxes_from_internal(self, boxes, image_shape):
+        """``[..., 4]`` ``yxyx`` pixel boxes -> ``bounding_box_format`` (inverse of
+        :meth:`boxes_to_internal`)."""
+        return box_ops.convert_format(boxes, source="yxyx", target=self.bounding_box_format,
+                                      height=image_shape[0], width=image_shape[1])
+
+    def labels_to_internal(self, images, labels):
+        """``labels`` with ``"boxes"`` converted from ``bounding_box_format`` to ``yxyx``
+        network-input pixels (other keys untouched; the labels as given for ``"yxyx"``)."""
+        if self.bounding_box_format == "yxyx" or not isinstance(labels, dict) or "boxes" not in labels:
+            return labels
+        shape = tf.shape(images)
+        return dict(labels, boxes=self.boxes_to_internal(labels["boxes"], (shape[1], shape[2])))
+
+    def detections_from_internal(self, images, detections):
+        """``detect``'s dict with ``"boxes"`` converted to ``bounding_box_format``."""
+        if self.bounding_box_format == "yxyx":
+            return detections
+        shape = tf.shape(images)
+        return dict(detections, boxes=self.boxes_from_internal(detections["boxes"], (shape[1], shape[2])))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The total loss of a batch: images ``x`` and label dict ``y`` (boxes in
+        ``bounding_box_format``), the same scalar ``train_step`` (``training=True``: with
+        weight decay and layer losses) or ``test_step`` (``training=False``) minimizes or
+        reports. ``y_pred`` and ``sample_weight`` are not used (the detection losses need
+        the model's intermediate outputs, not only its predictions)."""
+        del y_pred, sample_weight
+        total, _ = self._total_loss(x, y, training=training)
+        return total
+
     def _total_loss(self, images, labels, training):
+        labels = self.labels_to_internal(images, labels)
         terms = self.detection_losses(images, labels, training=training)
         total = tf.add_n([tf.cast(v, tf.float32) for v in terms.values()])
         if training and self.weight_decay:
@@ -353,8 +417,9 @@ class Detector(keras.Model):
         return self._log(total, terms)
 
     def predict_step(self, data):
+        """``detect``'s detections with ``"boxes"`` in ``bounding_box_format``."""
         images, _ = split_data(data)
-        return self.detect(images)
+        return self.detections_from_internal(images, self.detect(images))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # keras-team/keras#20585 (open): under MultiWorkerMirroredStrategy Keras builds the
@@ -371,14 +436,38 @@ class Detector(keras.Model):
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
+    # --- serialization ------------------------------------------------------------------
     def get_config(self):
         """Base fields, the subclass's constructor arguments (``self._config``) and the
-        serialized ``backbone`` (when the model has one)."""
-        config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
+        serialized ``backbone`` (when the model has one). Tuples are written as lists (what
+        a ``.keras`` file's JSON gives back), so a loaded model's config equals this one."""
+        config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy,
+                  "bounding_box_format": self.bounding_box_format, "name": self.name}
         config.update(getattr(self, "_config", {}))
         if getattr(self, "backbone", None) is not None:
             config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
-        return config
+        return json_like(config)
+
+    def get_build_config(self):
+        """Always a build config, so ``keras.models.load_model`` creates every weight
+        before restoring them. A model only run through ``predict`` (Keras never calls the
+        model itself there, so it is not marked built although its layers are) is built
+        here first, which creates any weight its inference path does not use."""
+        if not self.built:
+            self.build(None)
+        return super().get_build_config() or {"input_shape": None}
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """``keras.Model.save``, building the model first (see :meth:`get_build_config`;
+        this also spares the "model has not yet been built" warning after ``predict``)."""
+        if not self.built:
+            self.build(None)
+        return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+
+    def build_from_config(self, config):
+        """Builds like :meth:`build` (errors surface; Keras' default would only warn)."""
+        shape = (config or {}).get("input_shape")
+        self.build(None if shape is None else tuple(shape))
 
     @classmethod
     def from_config(cls, config):

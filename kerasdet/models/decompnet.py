@@ -95,7 +95,8 @@ class DecompNet(Detector):
       stop: ``"first_black"`` (default), ``"bright"`` or ``"none"`` (see the module doc);
         stop_threshold: a map is black when its peak is below this (default 0.5).
       mask_threshold: segmentation threshold and Eq. 6's delta (default 0.1, Fig. 6).
-      weight_decay, nan_policy: :class:`~kerasdet.models.base.Detector`.
+      weight_decay, nan_policy, bounding_box_format: :class:`~kerasdet.models.base.Detector`
+        (label boxes and ``predict``'s boxes in ``bounding_box_format``; masks unchanged).
     """
 
     LOSS_NAMES = ("category", "instance", "sum", "box")

@@ -119,7 +119,7 @@ class FasterRCNN(Detector):
     """Two-stage detector (see the module docstring).
 
     Input: float images ``[B, H, W, 3]``, RGB 0..255 (the backbone normalizes). Targets:
-    ``{"boxes": [B, N, 4] yxyx network px, "classes": [B, N] int32 (-1 padding), optional
+    ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N] int32 (-1 padding), optional
     "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
 
     All arguments are keyword-only:
@@ -150,6 +150,9 @@ class FasterRCNN(Detector):
         detections_pre_nms_topk: (RoI, class) candidates before the padded (XLA) NMS.
         nms_method: ``"auto"``, ``"combined"`` or ``"padded"``.
         weight_decay: coupled L2 on kernels. Default 1e-4.
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss")

@@ -17,7 +17,7 @@ class RetinaNet(Detector):
     """One-stage detector of thesis §5.4.
 
     Input: float images ``[B, H, W, 3]``, RGB, 0..255 (the backbone normalizes inside).
-    Training targets: ``{"boxes": [B, N, 4] yxyx network-input px, "classes": [B, N] int32
+    Training targets: ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N] int32
     (-1 padding), optional "is_crowd": [B, N] bool}``. ``predict`` returns decoded,
     NMS-filtered detections ``{"boxes", "scores", "classes", "num_detections"}``.
 
@@ -50,6 +50,9 @@ class RetinaNet(Detector):
         nms_method: ``"auto"`` (default: ``"padded"`` when the predict function is
             XLA-compiled, else ``"combined"``), ``"combined"`` or ``"padded"``.
         weight_decay: coupled L2 on kernels. Default 1e-4.
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("cls_loss", "box_loss")

@@ -263,6 +263,9 @@ class RFCN(Detector):
         detections_pre_nms_topk: candidates of the padded NMS. Default 1000.
         nms_method: ``"auto"`` (padded under ``jit_compile``), ``"combined"`` or ``"padded"``.
         weight_decay: coupled L2 decay. Default 5e-4 (the spec's solver).
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss", "attention_loss")
@@ -417,15 +420,16 @@ class RFCN(Detector):
         outputs = self.backbone.output
         c_rpn = outputs[self.rpn_feature].shape[-1]
         c_head = outputs[self.head_feature].shape[-1]
-        self.rpn_head.build((None, None, None, c_rpn))
-        self.conv_new.build((None, None, None, c_head))
         d = self.conv_new.filters
-        self.cls_maps.build((None, None, None, d))
-        self.box_maps.build((None, None, None, d))
+        shapes = [(self.rpn_head, (None, None, None, c_rpn)), (self.conv_new, (None, None, None, c_head)),
+                  (self.cls_maps, (None, None, None, d)), (self.box_maps, (None, None, None, d))]
         if self.global_branch:
             p = self.global_head.pool_size
-            self.global_head.build((None, None, p, p, d * (2 if self.context else 1)))
-            self.coupling.build((None, None, self.num_classes + 1))
+            shapes += [(self.global_head, (None, None, p, p, d * (2 if self.context else 1))),
+                       (self.coupling, (None, None, self.num_classes + 1))]
+        for layer, shape in shapes:  # layers already built by a forward pass keep their weights
+            if not layer.built:
+                layer.build(shape)
         self.built = True
 
     @property

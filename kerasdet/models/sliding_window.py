@@ -115,10 +115,11 @@ class SlidingWindowDetector(Detector):
     """Sliding-window CNN classifier with per-class NMS (decompNet's baseline, see module doc).
 
     Input: float images ``[B, H, W, 3]`` RGB 0..255 with ``(H, W) = image_size``.
-    Training targets: ``{"boxes": [B, N, 4] yxyx px, "classes": [B, N] int32 (-1 padding),
-    optional "is_crowd"}``. ``detect`` / ``predict`` return ``{"boxes" [B, D, 4] yxyx px,
-    "scores" [B, D], "classes" [B, D] int32 (0-based, -1 padding), "num_detections" [B]}``
-    with ``D = max_detections``.
+    Training targets: ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N]
+    int32 (-1 padding), optional "is_crowd"}``. ``detect`` returns ``{"boxes" [B, D, 4] yxyx
+    px, "scores" [B, D], "classes" [B, D] int32 (0-based, -1 padding), "num_detections"
+    [B]}`` with ``D = max_detections``; ``predict`` the same with the boxes in
+    ``bounding_box_format``.
 
     All arguments are keyword-only:
         num_classes: K object classes (the paper: 3). Required.
@@ -144,6 +145,9 @@ class SlidingWindowDetector(Detector):
             ``"padded"`` (see :func:`kerasdet.layers.postprocess.per_class_nms`).
         pre_nms_topk: (window, class) candidates of the padded NMS. Default 1000.
         weight_decay: coupled L2 on kernels. Default 1e-4.
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
         nan_policy: see :class:`~kerasdet.models.base.Detector`.
     """
 

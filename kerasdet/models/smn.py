@@ -71,6 +71,8 @@ default Keras initializers for the memory layers, the residual logits' last laye
 N(0, 0.01) so training starts at the base's scores (§5.2 item 12: the paper hand-tuned
 variances; no normalisation layers).
 """
+import copy
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -80,8 +82,8 @@ from kerasdet import losses as loss_ops
 from kerasdet.layers.postprocess import format_detections, per_class_nms
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.spatial_memory import ContextNet, MemoryPrior, MemoryWrite
-from kerasdet.models.base import Detector
-from kerasdet.sampling import _kth_largest
+from kerasdet.models.base import Detector, json_like
+from kerasdet.sampling import kth_largest
 
 CONTEXTS = ("memory", "mlp")
 SELECTIONS = ("softmax", "hardmax")
@@ -107,7 +109,7 @@ def sample_groups(groups, quotas, num_samples, seed=None):
         room = num_samples - taken
         n = tf.minimum(count, room if quota is None else tf.minimum(quota, room))
         scores = tf.where(group, rand, -1.0)
-        sel = group & (scores >= _kth_largest(scores, n)[:, None])
+        sel = group & (scores >= kth_largest(scores, n)[:, None])
         out.append(sel)
         taken = taken + n
     return out
@@ -160,6 +162,9 @@ class SMN(Detector):
             ``memory_channels``). :func:`matched_mlp_channels` picks the width that gives the
             MLP control SMN's inference-time parameter count, as in the paper's Table 2.
         weight_decay: coupled L2 on the trainable (memory) kernels.
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("mem_cls_loss", "mem_rpn_loss", "recon_cls_loss", "recon_rpn_loss")
@@ -283,14 +288,15 @@ class SMN(Detector):
 
     # --- config -------------------------------------------------------------------------
     def get_config(self):
-        config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy, "name": self.name}
-        config.update(self._config)
-        config["base"] = keras.saving.serialize_keras_object(self.base)
+        """:class:`Detector`'s fields and the base :class:`FasterRCNN`, serialized nested
+        (its config, its backbone's and its build config: ``load_model`` rebuilds it)."""
+        config = super().get_config()
+        config["base"] = json_like(keras.saving.serialize_keras_object(self.base))
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
         if isinstance(config.get("base"), dict):
             config["base"] = keras.saving.deserialize_keras_object(config["base"])
         return cls(**config)

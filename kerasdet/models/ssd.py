@@ -84,8 +84,8 @@ class SSD(Detector):
     """SSD / ASSD single-shot detector.
 
     Input: float RGB images 0..255 ``[B, H, W, 3]`` (normalization inside the backbone).
-    Targets: ``{"boxes" [B, N, 4] yxyx px, "classes" [B, N] (-1 padding), optional
-    "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
+    Targets: ``{"boxes" [B, N, 4] (``bounding_box_format``), "classes" [B, N] (-1 padding),
+    optional "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
 
     All arguments are keyword-only:
         backbone: ``keras.Model`` returning a dict of feature maps. Required.
@@ -116,6 +116,9 @@ class SSD(Detector):
             Default 1000 / 0.01 / 0.45 / 200.
         nms_method: ``"combined"`` (default) or ``"padded"`` (XLA-compilable).
         weight_decay: coupled L2 on kernels. Default 5e-4 (the paper).
+        bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
+            the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
+            :class:`~kerasdet.models.base.Detector`.
     """
 
     LOSS_NAMES = ("cls_loss", "box_loss")

@@ -1,6 +1,8 @@
 """kerasdet.models.decompnet: targets grouped by category, the three training stages by
 model.fit (which parts train, losses fall), detection without NMS, the stop rule, an
 absent category's maps black after training, config and SavedModel round trips."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +11,7 @@ import keras
 
 from kerasdet.callbacks import DecompositionWarmup
 from kerasdet.models.decompnet import DecompNet
+from model_testutils import assert_keras_file_round_trip
 
 TINY = dict(num_classes=3, image_size=(40, 40), steps=4, max_instances=3, units=32, instance_filters=8,
             category_widths=(8, 8, 8, 8, 8, 8), box_hidden=16, weight_decay=0.0)
@@ -157,6 +160,10 @@ def test_config_round_trip_and_export_with_masks(tmp_path):
     images, _ = _data(2)
     ref = model.predict(images, verbose=0)
     export_saved_model(model, str(tmp_path / "sm"), image_size=(40, 40), category_ids=[4, 7, 10])
+    with open(str(tmp_path / "sm" / "kerasdet_export.json")) as f:
+        meta = json.load(f)
+    assert meta["has_masks"] is True and meta["max_detections"] == 12 and meta["class_name"] == "DecompNet"
+    assert {"detection_masks", "detection_mask_scores"} <= set(meta["signature"]["outputs"])
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     out = loaded.signatures["serving_default"](images=tf.constant(images.astype(np.uint8)))
     assert out["detection_masks"].shape == (2, 12, 40, 40)
@@ -167,3 +174,20 @@ def test_config_round_trip_and_export_with_masks(tmp_path):
     # an 80x80 input: masks come back at the input size
     big = tf.image.resize(images, (80, 80)).numpy().astype(np.uint8)
     assert loaded.signatures["serving_default"](images=tf.constant(big))["detection_masks"].shape[2:] == (80, 80)
+
+
+def test_keras_file_round_trip_keeps_stage_stop_rule_and_loss_weights(tmp_path):
+    keras.utils.set_random_seed(8)
+    model = DecompNet(**TINY)
+    model.build((None, 40, 40, 3))
+    model.set_stage("box")
+    model.stop = "bright"
+    model.stop_threshold = 0.0  # every map is emitted (the untrained maps are dim)
+    for var, value in ((model.p, 1.0), (model.lam, 0.7), (model.gamma, 0.9)):  # the warm-up's variables
+        var.assign(value)
+    images, _ = _data(2)
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert loaded.stage == "box" and loaded.stop == "bright" and loaded.stop_threshold == 0.0
+    assert not loaded.category_net.trainable and not loaded.decomposer.trainable and loaded.box_regressor.trainable
+    assert [float(v.numpy()) for v in (loaded.p, loaded.lam, loaded.gamma)] == [1.0, np.float32(0.7),
+                                                                                 np.float32(0.9)]

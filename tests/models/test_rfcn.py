@@ -8,7 +8,7 @@ import tensorflow as tf
 from kerasdet.backbones import get_backbone, small_backbone
 from kerasdet.models.rfcn import COUPLING_NORMS, COUPLING_OPS, RFCN, Coupling, context_boxes
 from kerasdet.sampling import ohem_indices, ohem_select, sample_rois
-from model_testutils import tiny_batch
+from model_testutils import assert_keras_file_round_trip, tiny_batch
 
 VARIANTS = {
     "rfcn": dict(global_branch=False),
@@ -232,21 +232,23 @@ def test_predict_format_and_padded_nms_agrees():
     np.testing.assert_allclose(np.sort(padded["scores"].numpy(), 1), np.sort(out["scores"], 1), atol=1e-5)
 
 
-def test_get_config_round_trip_and_saving(tmp_path):
-    model = tiny_model("acouplenet", score_threshold=0.0, coupling_norm="l2", coupling_op="max")
-    images, _ = tiny_batch(batch=1)
-    model.build((None, 64, 64, 3))
-    ref = model.predict(images, verbose=0)
-    clone = RFCN.from_config(model.get_config())
-    assert clone.get_config() == model.get_config()
-    assert clone.is_attention and clone.coupling.norm == "l2" and clone.coupling.op == "max"
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    strip = lambda c: {k: v for k, v in c.items() if k != "backbone"}
-    assert strip(loaded.get_config()) == strip(model.get_config())
-    out = loaded.predict(images, verbose=0)
-    np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-5)
+@pytest.mark.parametrize("variant,kwargs", [
+    ("rfcn", {}),
+    ("couplenet", {}),
+    ("acouplenet", dict(coupling_norm="l2", coupling_op="max")),
+])
+def test_keras_file_round_trip(variant, kwargs, tmp_path):
+    keras.utils.set_random_seed(6)
+    model = tiny_model(variant, score_threshold=0.0, **kwargs)
+    images, _ = tiny_batch(batch=2)
+    if model.coupling is not None and model.coupling.norm == "l2":
+        model.build((None, 64, 64, 3))
+        model.coupling.local_scale.assign([3.0, 5.0, 7.0, 9.0])  # a learned (not initial) value
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert loaded.is_attention == (variant == "acouplenet") and loaded.global_branch == (variant != "rfcn")
+    if variant == "acouplenet":
+        assert loaded.coupling.norm == "l2" and loaded.coupling.op == "max"
+        np.testing.assert_array_equal(loaded.coupling.local_scale.numpy(), [3.0, 5.0, 7.0, 9.0])
 
 
 # --- paper configurations ----------------------------------------------------------------

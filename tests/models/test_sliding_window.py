@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.models.sliding_window import SlidingWindowDetector
+from model_testutils import assert_keras_file_round_trip
 
 TINY_TRUNK = ((8, 3, 2), (8, 3, 2))
 
@@ -203,6 +204,17 @@ def test_get_config_round_trip():
     paper = SlidingWindowDetector(num_classes=3)
     assert paper.get_config()["trunk"] == [[32, 5, 2], [32, 5, 2], [64, 3, 2], [64, 3, 1], [64, 3, 2], [64, 3, 1]]
     assert paper.nms_iou_threshold == 0.3 and paper.patch_size == 28 and paper.positive_iou == 0.5
+
+
+def test_keras_file_round_trip_after_training(tmp_path):
+    keras.utils.set_random_seed(9)
+    model = _tiny(score_threshold=0.0, stride=3, grayscale=False)
+    images, labels = _squares_batch(batch=2)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2))
+    model.train_on_batch(images, labels)  # moves the trunk's BatchNorm statistics
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert loaded.num_windows == model.num_windows and loaded.grayscale is False
+    np.testing.assert_array_equal(loaded.windows, model.windows)
 
 
 def test_saved_model_export_matches_detect(tmp_path):

@@ -9,7 +9,7 @@ from kerasdet.backbones import small_backbone
 from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.smn import SMN, sample_groups
 
-from model_testutils import tiny_batch
+from model_testutils import assert_keras_file_round_trip, tiny_batch
 
 K = 3
 
@@ -195,3 +195,18 @@ def test_mlp_control_matched_to_smn_parameter_count():
         assert abs(count - smn_params) >= abs(mlp_params - smn_params)
     assert abs(mlp_params - smn_params) < 0.05 * smn_params
     assert SMN.from_config(mlp.get_config()).context_net.channels == channels
+
+
+@pytest.mark.parametrize("context", ["memory", "mlp"])
+def test_keras_file_round_trip_with_the_nested_base(context, tmp_path):
+    model = _smn(_base(4), context=context, selection="hardmax")
+    images, _ = tiny_batch(batch=2)
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert isinstance(loaded.base, FasterRCNN) and loaded.base.architecture == "c4"
+    assert loaded.base.trainable is False and loaded.selection == "hardmax" and loaded.context == context
+    assert loaded.base.get_config() == model.base.get_config()
+    assert len(loaded.base.weights) == len(model.base.weights)
+    for mine, theirs in zip(model.base.weights, loaded.base.weights):
+        np.testing.assert_array_equal(theirs.numpy(), mine.numpy())
+    if context == "memory":  # the training-only reconstruction branches are saved too
+        assert any("rec_" in v.path for v in loaded.weights)

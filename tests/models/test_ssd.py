@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from kerasdet.backbones import resnet_backbone, small_backbone
 from kerasdet.models.ssd import ASSD321_EXTRAS, ASSD513_EXTRAS, SSD
-from model_testutils import tiny_batch
+from model_testutils import assert_keras_file_round_trip, tiny_batch
 
 TINY_EXTRAS = ((8, 16, 2, "same"), (8, 16, 2, "same"))
 
@@ -108,6 +108,20 @@ def test_config_round_trip_and_bad_arguments():
     with pytest.raises(ValueError, match="first three sources"):
         tiny_ssd(source_levels=("C5",), extra_layers=((8, 8, 2, "same"),), fusion=True, min_sizes=(0.2, 0.4),
                  aspect_ratios=((2.0,),) * 2)
+
+
+@pytest.mark.parametrize("assd", [False, True])
+def test_keras_file_round_trip_after_training(assd, tmp_path):
+    # One SGD step moves the extras' BatchNorm statistics too: the file must carry them.
+    keras.utils.set_random_seed(7)
+    model = tiny_ssd(attention=assd, fusion=assd, attention_block_size=16 if assd else None, score_threshold=0.0)
+    images, labels = tiny_batch(batch=2)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2))
+    model.train_on_batch(images, labels)
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert (loaded.attention is not None) == assd and (loaded.fusion is not None) == assd
+    moving = [v for v in model.weights if v.path.endswith("moving_mean") and "extra" in v.path]
+    assert moving and all(np.any(v.numpy() != 0) for v in moving)  # trained statistics, compared by the helper
 
 
 @pytest.mark.parametrize("size,count,params", [(304, 8_732, 29_421_486), (512, 24_564, 30_177_988)])
