@@ -49,19 +49,29 @@ def make_predictor(model):
     whole, undistributed batch to every replica and concatenates the copies (measured with
     Keras 3.15: a batch of 2 on 2 replicas comes back with 4 rows), so there the
     ``predict_step`` runs once, outside the strategy, in a ``tf.function`` of its own.
+    A model with another ``bounding_box_format`` has its boxes converted back to the
+    ``yxyx`` pixels the evaluation expects.
     """
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None or strategy.num_replicas_in_sync == 1:
-        return model.predict_on_batch
+        predict = model.predict_on_batch
+    else:
+        import tensorflow as tf
 
-    import tensorflow as tf
+        step = tf.function(lambda images: model.predict_step((images,)), reduce_retracing=True)
 
-    step = tf.function(lambda images: model.predict_step((images,)), reduce_retracing=True)
+        def predict(images):
+            return {k: v.numpy() for k, v in step(images).items()}
 
-    def predict(images):
-        return {k: v.numpy() for k, v in step(images).items()}
+    if getattr(model, "bounding_box_format", "yxyx") == "yxyx":
+        return predict
 
-    return predict
+    def in_pixels(images):  # a model that predicts in another box format: back to yxyx pixels
+        out = dict(predict(images))
+        out["boxes"] = np.asarray(model.boxes_to_internal(out["boxes"], tuple(images.shape[1:3])))
+        return out
+
+    return in_pixels
 
 
 def _collect_detections(model, dataset, evaluator: CocoEvaluator, predict=None):

@@ -193,3 +193,30 @@ def test_callback_under_mirrored_strategy(coco_gt_file, tmp_path):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     want = _reference(coco_gt_file, perturbed_results(seed=3))["AP"]
     assert json.loads(line[len("RESULT "):]) == [want]
+
+
+class XywhLookupDetector(LookupDetector):
+    """The same detections, predicted in the ``xywh`` box format (a model built with
+    ``bounding_box_format="xywh"``)."""
+
+    bounding_box_format = "xywh"
+
+    def predict_step(self, data):
+        out = super().predict_step(data)
+        y0, x0, y1, x1 = tf.unstack(tf.cast(out["boxes"], tf.float32), axis=-1)
+        return dict(out, boxes=tf.stack([x0, y0, x1 - x0, y1 - y0], axis=-1))
+
+    def boxes_to_internal(self, boxes, image_shape):
+        from kerasdet.boxes import convert_format
+
+        return convert_format(boxes, source="xywh", target="yxyx", height=image_shape[0], width=image_shape[1])
+
+
+def test_a_model_predicting_another_box_format_scores_the_same(coco_gt_file):
+    results = perturbed_results(seed=5)
+    plain = evaluate_model(LookupDetector(_make_table(results)), _dataset(), coco_gt_file, category_ids=CATEGORY_IDS)
+    xywh = evaluate_model(XywhLookupDetector(_make_table(results)), _dataset(), coco_gt_file,
+                          category_ids=CATEGORY_IDS)
+    assert plain["AP"] > 0.1
+    for key in STAT_KEYS:
+        np.testing.assert_allclose(xywh[key], plain[key], atol=1e-6)
