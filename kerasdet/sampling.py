@@ -12,6 +12,7 @@ or boxes, static output sizes, and well-defined results for images without objec
   to the proposals, match by IoU, sample a fixed number of RoIs per image with a
   foreground quota, and build class labels and class-specific box targets.
 """
+import keras
 import tensorflow as tf
 
 from kerasdet import boxes as box_ops
@@ -31,6 +32,20 @@ def kth_largest(values, k):
     return tf.where(k > 0, kth, float("inf"))
 
 
+def random_uniform(shape, minval=0.0, maxval=1.0, seed=None):
+    """Uniform random numbers for training-time sampling.
+
+    ``seed``: a ``keras.random.SeedGenerator`` (the detectors pass their own
+    ``sampling_seed``: its state is a variable, saved with
+    :mod:`kerasdet.random_state`, so a resumed run continues the same random stream), or
+    an int / None: TensorFlow's stateful ``tf.random.uniform`` with that op seed (its
+    stream restarts in every new process).
+    """
+    if isinstance(seed, keras.random.SeedGenerator):
+        return keras.random.uniform(shape, minval=minval, maxval=maxval, seed=seed)
+    return tf.random.uniform(shape, minval, maxval, seed=seed)
+
+
 def sample_balanced(positive, negative, *, num_samples, positive_fraction, seed=None):
     """Random positive/negative sampling with a positive quota, batched.
 
@@ -41,7 +56,7 @@ def sample_balanced(positive, negative, *, num_samples, positive_fraction, seed=
         num_samples: examples per image (e.g. 256 anchors or 512 RoIs).
         positive_fraction: at most ``int(num_samples * positive_fraction)`` positives; the
             rest are filled with negatives (Faster R-CNN: 0.5 for the RPN, 0.25 for RoIs).
-        seed: optional op seed for ``tf.random.uniform``.
+        seed: a ``keras.random.SeedGenerator`` or an op seed (see :func:`random_uniform`).
 
     Returns:
         ``(sampled_positive, sampled_negative)``: ``[B, N]`` bool masks. Per image
@@ -51,7 +66,7 @@ def sample_balanced(positive, negative, *, num_samples, positive_fraction, seed=
     negative = tf.convert_to_tensor(negative, tf.bool) & ~positive
     quota = int(num_samples * positive_fraction)
     # Distinct random scores (ties have probability ~0) in [0, 1); excluded entries get -1.
-    rand = tf.random.uniform(tf.shape(positive), 0.0, 1.0, seed=seed)
+    rand = random_uniform(tf.shape(positive), 0.0, 1.0, seed=seed)
     pos_scores = tf.where(positive, rand, -1.0)
     neg_scores = tf.where(negative, rand, -1.0)
     num_pos = tf.minimum(tf.reduce_sum(tf.cast(positive, tf.int32), axis=1), quota)
@@ -145,7 +160,7 @@ def sample_rois(
         foreground, background, num_samples=num_samples, positive_fraction=foreground_fraction, seed=seed
     )
     # Order: sampled fg, sampled bg, then fillers; top_k over a priority gives static size.
-    rand = tf.random.uniform(tf.shape(max_iou), 0.0, 1.0, seed=seed)
+    rand = random_uniform(tf.shape(max_iou), 0.0, 1.0, seed=seed)
     priority = tf.where(take_fg, 3.0, tf.where(take_bg, 2.0, tf.where(cand_valid, 1.0, 0.0))) + rand
     _, index = tf.math.top_k(priority, k=num_samples, sorted=True)  # [B, S]
 

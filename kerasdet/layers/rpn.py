@@ -133,7 +133,7 @@ def rpn_targets(
 
 def rpn_losses(
     logits, deltas, anchors, gt_boxes, gt_classes, *, matcher, gt_crowd=None, num_samples=256,
-    positive_fraction=0.5, smooth_l1_beta=1.0 / 9.0,
+    positive_fraction=0.5, smooth_l1_beta=1.0 / 9.0, seed=None,
 ):
     """The two RPN loss terms of every two-stage model (Faster R-CNN, R-FCN, CoupleNet).
 
@@ -146,6 +146,7 @@ def rpn_losses(
         anchors: ``[A, 4]``. gt_boxes, gt_classes, gt_crowd, matcher, num_samples,
             positive_fraction: as in :func:`rpn_targets`.
         smooth_l1_beta: Default 1/9 (Detectron; sigma 3 in the Caffe codes).
+        seed: the anchor sampling's seed generator (see :func:`kerasdet.sampling.random_uniform`).
 
     Returns:
         ``(rpn_cls_loss, rpn_box_loss)`` float32 scalars.
@@ -154,7 +155,7 @@ def rpn_losses(
     deltas = tf.cast(deltas, tf.float32)
     labels, box_targets = rpn_targets(
         anchors, gt_boxes, gt_classes, matcher=matcher, gt_crowd=gt_crowd, num_samples=num_samples,
-        positive_fraction=positive_fraction,
+        positive_fraction=positive_fraction, seed=seed,
     )
     sampled = tf.cast(labels >= 0, tf.float32)
     positive = tf.cast(labels == 1, tf.float32)

@@ -177,6 +177,10 @@ class Detector(keras.Model):
         self.nan_policy = nan_policy
         self.bounding_box_format = bounding_box_format
         self.weight_decay = float(weight_decay)
+        # Training-time sampling (anchors, RoIs, jitter) draws from this generator, whose
+        # state kerasdet.random_state saves with every backup: a resumed run continues the
+        # same random stream (TensorFlow's stateful ops restart theirs in a new process).
+        self.sampling_seed = keras.random.SeedGenerator(name="sampling_seed")
         names = ["loss", *self.LOSS_NAMES] + (["weight_decay"] if self.weight_decay else [])
         # Trackers are made here, under whatever strategy scope builds the model, never
         # lazily inside a replica function.

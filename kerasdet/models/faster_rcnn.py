@@ -364,6 +364,7 @@ class FasterRCNN(Detector):
             tf.concat(logits, axis=1), tf.concat(deltas, axis=1), tf.concat(anchors, axis=0), gt_boxes, gt_classes,
             matcher=self.rpn_matcher, gt_crowd=gt_crowd, num_samples=self.rpn_batch_size,
             positive_fraction=self.rpn_positive_fraction, smooth_l1_beta=self.rpn_smooth_l1_beta,
+            seed=self.sampling_seed,
         )
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
@@ -372,6 +373,7 @@ class FasterRCNN(Detector):
             num_samples=self.num_rois, foreground_fraction=self.foreground_fraction,
             foreground_iou=self.foreground_iou, background_iou_high=self.background_iou_high,
             background_iou_low=self.background_iou_low, box_weights=self.box_weights,
+            seed=self.sampling_seed,
         )
         class_logits, box_deltas = self.roi_heads(feats, samples["rois"], training=training)
         weights = samples["weights"]

@@ -502,7 +502,7 @@ class RFCN(Detector):
         rpn_cls, rpn_box = rpn_losses(
             logits, deltas, anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
             num_samples=self.rpn_batch_size, positive_fraction=self.rpn_positive_fraction,
-            smooth_l1_beta=self.rpn_smooth_l1_beta,
+            smooth_l1_beta=self.rpn_smooth_l1_beta, seed=self.sampling_seed,
         )
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
@@ -512,6 +512,7 @@ class RFCN(Detector):
             proposals, valid, gt_boxes, gt_classes, num_classes=self.num_classes, gt_crowd=gt_crowd,
             num_samples=num_candidates, foreground_fraction=1.0, foreground_iou=self.foreground_iou,
             background_iou_high=self.foreground_iou, background_iou_low=0.0, box_weights=self.box_weights,
+            seed=self.sampling_seed,
         )
         maps = self.head_maps(feats[self.head_feature])
         sampled_rois = samples["weights"] > 0

@@ -60,7 +60,7 @@ from kerasdet import losses as loss_ops
 from kerasdet.layers.postprocess import per_class_nms
 from kerasdet.matching import ArgMaxMatcher, match_labels as match_ground_truth
 from kerasdet.models.base import Detector
-from kerasdet.sampling import sample_balanced
+from kerasdet.sampling import random_uniform, sample_balanced
 
 #: The category network's conv trunk [P App. B]: ``(filters, kernel, stride)`` per layer.
 PAPER_TRUNK = ((32, 5, 2), (32, 5, 2), (64, 3, 2), (64, 3, 1), (64, 3, 2), (64, 3, 1))
@@ -311,7 +311,7 @@ class SlidingWindowDetector(Detector):
         boxes = tf.repeat(gt_boxes, copies, axis=1)  # [B, N*c, 4]
         ymin, xmin, ymax, xmax = tf.unstack(boxes, 4, axis=-1)
         side = tf.sqrt(tf.maximum(ymax - ymin, 0.0) * tf.maximum(xmax - xmin, 0.0))
-        rand = tf.random.uniform(tf.concat([tf.shape(side), [3]], 0), -self.jitter, self.jitter)
+        rand = random_uniform(tf.concat([tf.shape(side), [3]], 0), -self.jitter, self.jitter, seed=self.sampling_seed)
         cy = 0.5 * (ymin + ymax) + rand[..., 0] * side
         cx = 0.5 * (xmin + xmax) + rand[..., 1] * side
         side = side * (1.0 + rand[..., 2])
@@ -345,7 +345,8 @@ class SlidingWindowDetector(Detector):
         positive = valid & (targets > 0)
         negative = valid & (targets == 0)
         sampled_pos, sampled_neg = sample_balanced(
-            positive, negative, num_samples=self.samples_per_image, positive_fraction=self.positive_fraction)
+            positive, negative, num_samples=self.samples_per_image, positive_fraction=self.positive_fraction,
+            seed=self.sampling_seed)
         sampled = sampled_pos | sampled_neg  # at most samples_per_image per image
         # Every image has at least the grid's windows as candidates.
         num = windows.shape[1] if windows.shape[1] is not None else self.num_windows

@@ -83,7 +83,7 @@ from kerasdet.layers.postprocess import format_detections, per_class_nms
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.spatial_memory import ContextNet, MemoryPrior, MemoryWrite
 from kerasdet.models.base import Detector, json_like
-from kerasdet.sampling import kth_largest
+from kerasdet.sampling import kth_largest, random_uniform
 
 CONTEXTS = ("memory", "mlp")
 SELECTIONS = ("softmax", "hardmax")
@@ -100,7 +100,7 @@ def sample_groups(groups, quotas, num_samples, seed=None):
     Returns:
         List of ``[B, N]`` bool sampled masks, one per group.
     """
-    rand = tf.random.uniform(tf.shape(groups[0]), 0.0, 1.0, seed=seed)
+    rand = random_uniform(tf.shape(groups[0]), 0.0, 1.0, seed=seed)
     taken = tf.zeros(tf.shape(groups[0])[:1], tf.int32)
     out = []
     for i, group in enumerate(groups):
@@ -437,7 +437,7 @@ class SMN(Detector):
             # RoIs of this step: positive / flipped / negative under the covered set, 1:1:2
             pos, flip, neg, label, recon = self._labels(roi_iou, gt_classes, gt_valid, covered, 0.5, 0.5)
             s_pos, s_flip, s_neg = sample_groups([pos & roi_valid, flip & roi_valid, neg & roi_valid], q_roi,
-                                                 self.num_rois)
+                                                 self.num_rois, seed=self.sampling_seed)
             sampled = s_pos | s_flip | s_neg
             _, index = tf.math.top_k(tf.cast(sampled, tf.float32), k=num_sampled)  # sampled first
             take = lambda t: tf.gather(t, index, batch_dims=1)  # noqa: E731
@@ -454,7 +454,7 @@ class SMN(Detector):
                 step = {"mem_cls_loss": tf.reduce_sum(ce * w) / norm}
                 a_pos, a_flip, a_neg, _, a_recon = self._labels(
                     anchor_iou, gt_classes, gt_valid, covered, self.rpn_positive_iou, self.rpn_negative_iou)
-                sa = sample_groups([a_pos, a_flip, a_neg], q_rpn, self.rpn_batch_size)
+                sa = sample_groups([a_pos, a_flip, a_neg], q_rpn, self.rpn_batch_size, seed=self.sampling_seed)
                 wa = tf.cast(sa[0] | sa[1] | sa[2], tf.float32)
                 norm_a = loss_ops.global_normalizer(tf.reduce_sum(wa))
                 bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(sa[0], tf.float32),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kerasdet.engine.recipes import load_recipe
-from kerasdet.engine.runner import evaluate_run, load_run, run
+from kerasdet.engine.runner import evaluate_run, export_run, load_run, run
 
 COMMON = {"data.generate.num_train": 16, "data.generate.num_val": 4, "train.batch_size": 4, "eval.batch_size": 4,
           "export.enabled": False, "train.warmup_steps": 0}
@@ -97,11 +97,17 @@ def test_evaluate_and_export_read_run_json_not_the_training_data(tmp_path):
     data, work = str(tmp_path / "data"), str(tmp_path / "run")
     summary = run(r, r.config("digits", _overrides("retinanet", "digits")), preset="digits", work_dir=work,
                   data_dir=data, strategy="default", verbose=0)
-    os.rename(os.path.join(data, "annotations", "train.json"), os.path.join(data, "train.json.away"))
-    stats = evaluate_run(work)  # the training annotations are gone: not needed
+    import shutil
+
+    os.remove(os.path.join(data, "annotations", "instances_train.json"))  # the training data is gone:
+    shutil.rmtree(os.path.join(data, "images", "train"))  # evaluate and export never read it
+    stats = evaluate_run(work)
     np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
     _, _, model, record = load_run(work)
     assert model.num_classes == len(record["label_map"]["category_ids"]) == 10
+    export_run(work, str(tmp_path / "sm"))
+    assert os.path.isfile(str(tmp_path / "sm" / "saved_model.pb"))
+    assert not os.path.exists(os.path.join(data, "annotations", "instances_train.json"))  # nothing regenerated
 
 
 class _Crash(Exception):
