@@ -262,7 +262,7 @@ def test_cli_train_killed_and_rerun_resumes_to_the_same_weights(tmp_path):
     for proc, w in ((rerun, work), (ref, ref_work)):
         proc.wait(timeout=RUN_TIMEOUT_S)
         assert proc.returncode == 0, open(w + ".log").read()[-3000:]
-    with open(os.path.join(work, "summary.json")) as f:
+    with open(os.path.join(work, "run.json")) as f:
         summary = json.load(f)
     assert summary["resumed_from_step"] == committed and summary["nonfinite_steps"] == 0
     a = _h5_arrays(os.path.join(work, "model.weights.h5"))
