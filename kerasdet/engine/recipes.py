@@ -21,7 +21,6 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import pkgutil
 
 from kerasdet.engine.config import Config, load_config
 from kerasdet.errors import ConfigError, UserInputError
@@ -29,9 +28,9 @@ from kerasdet.errors import ConfigError, UserInputError
 
 def builtin_recipes() -> list:
     """Names of the recipes shipped in :mod:`kerasdet.recipes`."""
-    import kerasdet.recipes as package
+    from kerasdet.recipes import RECIPES
 
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    return sorted(RECIPES)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
-"""SSD and ASSD (seed 002, "ASSD: Attentive Single Shot Multibox Detector").
+"""SSD and ASSD (Yi, Wu & Metaxas 2019, "ASSD: Attentive Single Shot Multibox Detector").
 
 Presets:
 
-* ``assd321`` / ``assd513``: the paper's COCO configurations (Xu et al., "ASSD: Attentive Single Shot
+* ``assd321`` / ``assd513``: the paper's COCO configurations (Yi et al., "ASSD: Attentive Single Shot
   Multibox Detector", §4-§5):
   ResNet-101 (local ImageNet weights via ``--set backbone.weights=...``), 7 sources
   conv3..conv9, fusion on conv3, one attention unit per source, SGD lr 1e-3 (for the
@@ -22,19 +22,14 @@ Presets:
 Run: ``python recipes/assd.py --preset assd_digits`` (same as
 ``kerasdet train --recipe assd --preset assd_digits``).
 """
-import os
-
 from kerasdet.engine.builders import build_detector
+from kerasdet.recipes.datasets import COCO2017, DIGITS, VOC0712
 from kerasdet.models.ssd import SSD
 
 #: The class the ``model`` section is passed to (its keyword parameters are the valid keys).
 MODEL_CLASS = SSD
 
-_DIGITS_DATA = {
-    "kind": "digits",
-    "dir": os.path.join("data", "digits"),
-    "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
-}
+_DIGITS_DATA = DIGITS
 _DIGITS_MODEL = {
     "source_levels": ("C3", "C4", "C5"),
     "extra_layers": ((64, 128, 2, "same"), (64, 128, 2, "same")),
@@ -56,17 +51,9 @@ _DIGITS_TRAIN = {
 }
 
 
-_COCO_DATA = {
-    "kind": "coco",
-    "train_annotations": "coco/annotations/instances_train2017.json",
-    "train_images": "coco/train2017",
-    "val_annotations": "coco/annotations/instances_val2017.json",
-    "val_images": "coco/val2017",
-}
-#: PASCAL VOC 07+12 (2007 trainval + 2012 trainval) for training, VOC2007 test for
-#: evaluation: the ASSD paper's Tables 2-3 protocol.
-_VOC_DATA = {"kind": "voc", "voc_root": "VOCdevkit", "train_sets": ("2007/trainval", "2012/trainval"),
-             "val_sets": ("2007/test",)}
+_COCO_DATA = COCO2017
+#: PASCAL VOC 07+12 -> VOC2007 test: the ASSD paper's Tables 2-3 protocol.
+_VOC_DATA = VOC0712
 
 
 def _paper(size, batch, epochs, decays, dataset="coco"):

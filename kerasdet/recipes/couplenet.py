@@ -42,18 +42,15 @@ Presets:
 Run: ``python recipes/couplenet.py --preset couplenet_digits`` (same as
 ``kerasdet train --recipe couplenet --preset couplenet_digits``).
 """
-import os
-
 from kerasdet.engine.builders import build_detector
+from kerasdet.recipes.datasets import DIGITS, VOC0712
 from kerasdet.models.rfcn import RFCN
 
 #: The class the ``model`` section is passed to (its keyword parameters are the valid keys).
 MODEL_CLASS = RFCN
 
-#: PASCAL VOC 07+12 trainval for training, VOC2007 test for evaluation (CoupleNet Table 2,
-#: Attention CoupleNet Table II), read from a VOCdevkit folder.
-_VOC_DATA = {"kind": "voc", "voc_root": "VOCdevkit", "train_sets": ("2007/trainval", "2012/trainval"),
-             "val_sets": ("2007/test",)}
+#: VOC 07+12 -> VOC2007 test (Attention CoupleNet §IV), from a VOCdevkit folder.
+_VOC_DATA = VOC0712
 _PAPER_MODEL = {  # every RFCN default is the paper's; named here for the reader
     "conv_new_channels": 1024,
     "group_size": 7,
@@ -97,11 +94,7 @@ def _paper(global_branch, attention):
     }
 
 
-_DIGITS_DATA = {
-    "kind": "digits",
-    "dir": os.path.join("data", "digits"),
-    "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
-}
+_DIGITS_DATA = DIGITS
 _DIGITS_MODEL = {
     "conv_new_channels": 128,
     "group_size": 3,

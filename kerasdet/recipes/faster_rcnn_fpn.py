@@ -29,9 +29,8 @@ jobs, so wall times vary with their load):
 Run: ``python recipes/faster_rcnn_fpn.py --preset digits`` (same as
 ``kerasdet train --recipe faster_rcnn_fpn --preset digits``).
 """
-import os
-
 from kerasdet.engine.builders import build_detector
+from kerasdet.recipes.datasets import COCO2017, DIGITS
 from kerasdet.models.faster_rcnn import FasterRCNN
 
 #: The class the ``model`` section is passed to (its keyword parameters are the valid keys).
@@ -39,13 +38,7 @@ MODEL_CLASS = FasterRCNN
 
 PRESETS = {
     "paper": {
-        "data": {
-            "kind": "coco",
-            "train_annotations": "coco/annotations/instances_train2017.json",
-            "train_images": "coco/train2017",
-            "val_annotations": "coco/annotations/instances_val2017.json",
-            "val_images": "coco/val2017",
-        },
+        "data": dict(COCO2017),
         "input": {"image_size": (1344, 1344), "min_size": 800, "max_size": 1333, "flip": True},
         "backbone": {"name": "resnet50", "weights": None, "freeze_at": 2},
         "model": {},  # every FasterRCNN default is the paper's R50-FPN setting
@@ -64,11 +57,7 @@ PRESETS = {
         "eval": {"every_n_epochs": 1, "batch_size": 8},
     },
     "digits": {
-        "data": {
-            "kind": "digits",
-            "dir": os.path.join("data", "digits"),
-            "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
-        },
+        "data": dict(DIGITS),
         "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 16},
         "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (1, 1, 2, 1),
                      "levels": ("C2", "C3", "C4", "C5")},

@@ -20,9 +20,8 @@ Presets:
 Run: ``python recipes/retinanet.py --preset digits`` (same as
 ``kerasdet train --recipe retinanet --preset digits``).
 """
-import os
-
 from kerasdet.engine.builders import build_detector
+from kerasdet.recipes.datasets import COCO2017, DIGITS
 from kerasdet.models.retinanet import RetinaNet
 
 #: The class the ``model`` section is passed to (its keyword parameters are the valid keys).
@@ -30,13 +29,7 @@ MODEL_CLASS = RetinaNet
 
 PRESETS = {
     "paper": {
-        "data": {
-            "kind": "coco",
-            "train_annotations": "coco/annotations/instances_train2017.json",
-            "train_images": "coco/train2017",
-            "val_annotations": "coco/annotations/instances_val2017.json",
-            "val_images": "coco/val2017",
-        },
+        "data": dict(COCO2017),
         "input": {"image_size": (1408, 1408), "min_size": 800, "max_size": 1333, "flip": True},
         "backbone": {"name": "resnet50", "weights": None, "freeze_at": 2},
         "model": {},  # every RetinaNet default is the paper's
@@ -55,11 +48,7 @@ PRESETS = {
         "eval": {"every_n_epochs": 1, "batch_size": 8},
     },
     "digits": {
-        "data": {
-            "kind": "digits",
-            "dir": os.path.join("data", "digits"),
-            "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
-        },
+        "data": dict(DIGITS),
         "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 16},
         "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (0, 1, 2, 1)},
         "model": {

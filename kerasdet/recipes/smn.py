@@ -56,6 +56,7 @@ Run: ``python recipes/smn.py --preset digits`` (= ``kerasdet train --recipe smn 
 import os
 
 from kerasdet.engine.builders import build_backbone
+from kerasdet.recipes.datasets import COCO2017, DIGITS
 from kerasdet.errors import ConfigError, DataFileNotFoundError
 from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.smn import SMN
@@ -72,13 +73,7 @@ DIGITS_BASE_STAGES = [
 ]
 
 _PAPER = {
-    "data": {
-        "kind": "coco",
-        "train_annotations": "coco/annotations/instances_train2017.json",
-        "train_images": "coco/train2017",
-        "val_annotations": "coco/annotations/instances_val2017.json",
-        "val_images": "coco/val2017",
-    },
+    "data": dict(COCO2017),
     "input": {"image_size": (1008, 1008), "min_size": 600, "max_size": 1000, "flip": True},
     "backbone": {"name": "vgg16", "weights": None, "output_layers": ("block5_conv3",)},
     "base": {
@@ -106,11 +101,7 @@ _PAPER = {
 }
 
 _DIGITS = {
-    "data": {
-        "kind": "digits",
-        "dir": os.path.join("data", "digits"),
-        "generate": {"num_train": 4000, "num_val": 500, "image_size": (128, 128), "seed": 0},
-    },
+    "data": dict(DIGITS),
     "input": {"image_size": (128, 128), "flip": False, "cache_images": True, "max_boxes": 8},
     "backbone": {"name": "small", "widths": (32, 64, 96, 128), "blocks": (1, 1, 2, 1), "levels": ("C4",)},
     "base": {

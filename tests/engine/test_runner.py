@@ -3,7 +3,6 @@ staged runs interrupted mid-stage resume to the weights of an uninterrupted run.
 import json
 import os
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -128,13 +127,6 @@ class _CrashAt(keras.callbacks.Callback):
             raise _Crash(f"killed after {self.at} steps")
 
 
-def _weights(path):
-    arrays = []
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.append(np.asarray(obj)) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
-
-
 def _staged_resume(tmp_path, recipe, preset, steps, crash_at):
     r = load_recipe(recipe)
     base = {**_overrides(recipe, preset), **_stage_steps(recipe, preset, **steps), "train.backup_every": 1}
@@ -148,7 +140,10 @@ def _staged_resume(tmp_path, recipe, preset, steps, crash_at):
     assert not os.path.isfile(os.path.join(work, "model.weights.h5"))
     resumed = run(r, config, preset=preset, work_dir=work, data_dir=data, strategy="default", verbose=0)
     assert resumed["resumed_from_step"] > 0
-    a, b = _weights(ref["paths"]["weights"]), _weights(resumed["paths"]["weights"])
+    # the models' weights (the optimizer state in the file differs: the resumed run never
+    # compiled the stages it skipped)
+    a = [np.asarray(w) for w in load_run(str(tmp_path / "ref"))[2].weights]
+    b = [np.asarray(w) for w in load_run(work)[2].weights]
     assert len(a) == len(b) > 10
     diff = max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b))
     assert diff <= 1e-6, diff
