@@ -12,7 +12,8 @@ Choices where the papers are silent (documented in the README):
   Garden and torchvision; Detectron's legacy offset differs by half a pixel);
 * ``aspect_ratio`` is ``height / width``; an anchor of base size ``s`` and ratio ``r`` has
   ``h = s * sqrt(r)`` and ``w = s / sqrt(r)`` (area ``s**2`` for every ratio);
-* anchors crossing the image border are kept (FPN §4.4.1, spec ambiguity 21).
+* anchors crossing the image border are kept (thesis §4.5.1 for the FPN RPN; our choice for
+  RetinaNet, on which the thesis is silent).
 """
 import math
 
@@ -134,7 +135,7 @@ class AnchorGenerator:
 
 
 class SSDAnchorGenerator:
-    """SSD/ASSD default boxes (Liu et al. 2016 §2.2; ASSD §4; spec ``002_assd.md`` §1.5).
+    """SSD/ASSD default boxes (Liu et al. 2016 §2.2; ASSD, Yi et al. 2019, §4).
 
     Level ``l`` (one per detection source, finest first) has scale ``s = min_sizes[l]``
     and the next scale ``max_sizes[l]``, both fractions of the image side. Per cell, in
@@ -144,8 +145,8 @@ class SSDAnchorGenerator:
     ``(2,)`` give A = 4 and ``(2, 3)`` give A = 6. Cells run row-major, levels in order,
     matching a ``[B, H, W, A * K]`` head reshaped to ``[B, H * W * A, K]``.
 
-    Centres: ``(i + 0.5) / f`` of the image for an ``f``-cell map (spec ambiguity 6's
-    recommendation); ``legacy_steps=True`` uses the authors' ``(i + 0.5) * ceil(S / f) / S``
+    Centres: ``(i + 0.5) / f`` of the image for an ``f``-cell map (our
+    choice); ``legacy_steps=True`` uses the authors' ``(i + 0.5) * ceil(S / f) / S``
     (centres slightly past the border on odd sizes), for weight parity. Boxes are NOT
     clipped (the authors' clamp is a no-op). Output boxes are yxyx in absolute pixels of
     the network input, like every other anchor in kerasdet.

@@ -125,7 +125,7 @@ def multibox_loss(class_targets, class_logits, box_targets, box_deltas, *, negat
 
 
 def attention_targets(foreground, height, width, *, stride=None):
-    """Class-agnostic attention targets of one ``height x width`` map (spec 004 §1.2, §5 item 3).
+    """Class-agnostic attention targets of one ``height x width`` map (Attention CoupleNet §III-B).
 
     Args:
         foreground: ``[B, H, W]`` (uint8 or any int/float/bool) at input resolution: ``1``
@@ -136,8 +136,8 @@ def attention_targets(foreground, height, width, *, stride=None):
 
     Each map cell ``(i, j)`` covers the input block ``[s*i, s*i + s) x [s*j, s*j + s)``
     (the ceil-size convention of the backbones: ``height = ceil(H / s)``). The target is
-    resized by AREA AVERAGE over that block, then thresholded (the spec leaves the rule
-    open; spec §5 suggests area-average + 0.5):
+    resized by AREA AVERAGE over that block, then thresholded (the paper leaves the
+    rule open; area-average + 0.5 is our choice):
 
     * pixels outside the ``H x W`` input (blocks overhanging the border) count as ignore;
     * a cell is IGNORED when more than half of its block is ignore (``255`` or outside);
@@ -232,8 +232,8 @@ def weighted_l2(predictions, targets, *, p=1.0, axis=(-2, -1)):
     ``D_p(x, y) = ||sqrt(Diag(y) + p I) (x - y)||^2 = sum_i (y_i + p) (x_i - y_i)^2``,
     summed over ``axis`` (the pixels). Foreground pixels weigh ``1 + p`` (more where
     summed masks overlap), background ``p``: the term that keeps the network away from
-    the all-zero map. The extraction lost the root and the square; the reconstruction is
-    spec 001 §2.1."""
+    the all-zero map. The root and the square are those of Szegedy et al.'s loss, which Eq. 2
+    follows."""
     predictions = tf.cast(predictions, tf.float32)
     targets = tf.cast(targets, tf.float32)
     return tf.reduce_sum((targets + p) * tf.square(predictions - targets), axis=axis)
@@ -278,7 +278,7 @@ def match_instance_maps(maps, masks, valid):
 
 def decomposition_set_loss(maps, masks, valid, *, lam=1.0, gamma=1.0, eta=1.0, unmatched="sum",
                            assignment=None):
-    """decompNet's instance loss (Eq. 3, reconstructed in spec 001 §2.3), per item:
+    """decompNet's instance loss (Eq. 3 of §2.2, written from the paper's account of its two terms), per item:
 
     ``L = sum_{t matched} D_lam(o_t, m_idx(t)) + eta * D_gamma(sum_t o_t, sum_k m_k)``
 

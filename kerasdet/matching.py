@@ -26,8 +26,8 @@ class ArgMaxMatcher:
         negative_threshold: IoU below which an anchor is negative. Default 0.4.
         allow_low_quality_matches: also make positive every anchor whose IoU with some
             ground truth equals that ground truth's best IoU over all anchors, so every
-            object gets at least one anchor (Faster R-CNN's rule; spec ambiguity 7 — the
-            thesis only says "the RPN rule with adjusted thresholds"). As in Detectron2 the
+            object gets at least one anchor (Faster R-CNN's rule; our choice: the thesis,
+            §5.4.2, only says "the assignment rule from RPN ... with adjusted thresholds"). As in Detectron2 the
             anchor keeps its arg-max ground truth. Default True.
         crowd_ioa_threshold: anchors that would be negative but lie inside an ``iscrowd``
             region by at least this fraction of their own area are ignored instead, so

@@ -103,7 +103,8 @@ def sample_rois(
     ``foreground_fraction`` foreground (:func:`sample_balanced`).
 
     The output always has exactly ``num_samples`` RoIs per image (static shape; an RoI head
-    must never see zero boxes — PLATFORM.md): sampled foreground first, then sampled
+    must never see zero boxes: measured with TensorFlow 2.21 on CPU, oneDNN's conv2d of a
+    zero-size batch returns the wrong shape): sampled foreground first, then sampled
     background, then, only if an image had too few valid candidates, filler RoIs with
     ``weights == 0`` that take part in no loss.
 

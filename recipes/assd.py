@@ -1,4 +1,4 @@
-"""SSD and ASSD (seed 002, "ASSD: Attentive Single Shot Multibox Detector").
+"""SSD and ASSD (Yi, Wu & Metaxas 2019, "ASSD: Attentive Single Shot Multibox Detector").
 
 Launcher of the recipe :mod:`kerasdet.recipes.assd` (presets and model builder live there):
 ``python recipes/assd.py --preset <preset> [--set key=value ...]`` is

@@ -1,8 +1,8 @@
 """ResNet-50/101 v1 built layer by layer: R-FCN's dilated conv5 and Attention CoupleNet's
 cascade attention blocks inside the network.
 
-Used by R-FCN / CoupleNet / Attention CoupleNet (issue 8; spec ``004_attention_couplenet.md``
-§1.1-1.2). The network is the ``keras.applications`` ResNet v1 rebuilt block by block with
+Used by R-FCN / CoupleNet / Attention CoupleNet (issue 8; Zhu et al., "Attention CoupleNet",
+TIP 2019, §III-B and §IV-B). The network is the ``keras.applications`` ResNet v1 rebuilt block by block with
 EXACTLY its layer names, layer order and weight shapes (``conv1_conv``, ``conv1_bn``,
 ``pool1_pool``, ``conv2_block1_0_conv`` (projection), ``conv2_block1_1_conv`` ...
 ``conv5_block3_3_bn``; the stride sits on the first 1x1 conv of a block and on the
@@ -10,7 +10,7 @@ projection, as in ``keras.applications``), so ``keras.applications`` ResNet-50/1
 files load by layer name (see :func:`kerasdet.backbones.resnet.load_local_weights`). Two
 changes to the plain network, both switchable:
 
-* **Dilated conv5** (``dilate_c5=True``, R-FCN / the spec's ``res5`` with stride 1,
+* **Dilated conv5** (``dilate_c5=True``, R-FCN / the CoupleNet Caffe release's ``res5``: stride 1,
   dilation 2 and pad 2): ``conv5_block1`` has stride 1 (its ``_1_conv`` and ``_0_conv``)
   and every conv5 3x3 conv (``conv5_block{1,2,3}_2_conv``) has ``dilation_rate=2``, so C5
   has stride 16 like C4. Dilation changes no weight shape: the same files load.
@@ -117,8 +117,9 @@ def resnet_dilated_backbone(
             top, or a Keras 3 ``.weights.h5``; also a ``.weights.h5`` saved from this
             backbone). ``"imagenet"`` is rejected: nothing is downloaded.
         input_shape: ``(H, W, 3)``; H and W may be ``None`` (default).
-        freeze_at: stages frozen Detectron-style (default 2: stem + conv2, the spec's
-            frozen conv1/res2), see :func:`kerasdet.backbones.resnet.freeze_resnet`.
+        freeze_at: stages frozen Detectron-style (default 2: stem + conv2, as the
+            CoupleNet Caffe release freezes conv1/res2 with ``lr_mult 0``), see
+            :func:`kerasdet.backbones.resnet.freeze_resnet`.
         frozen_batchnorm: all BatchNormalization layers non-trainable (default ``True``).
         dilate_c5: conv5 with stride 1 and dilation 2 (default ``True``: C5 stride 16).
         attention_levels: levels in 2..5 that get a ``CascadeAttention`` block after the

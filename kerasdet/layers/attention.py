@@ -1,7 +1,7 @@
 """Attention layers.
 
 :class:`SelfAttention` is the attention unit of ASSD (Yi, Wu & Metaxas, "ASSD: Attentive
-Single Shot Multibox Detector", seed 002, §3.1, Eqs. 1-2; spec ``002_assd.md`` §1.4):
+Single Shot Multibox Detector", 2019, §3.1, Eqs. 1-2, Fig. 2):
 
     q = W_q x,  k = W_k x  (1x1 convs C -> C/8, no bias),   v = W_v x  (1x1 conv C -> C, no bias)
     a = softmax_j(q_i . k_j)            (over the key positions j; no 1/sqrt(d) scaling)
@@ -23,14 +23,14 @@ Where we chose (the paper is silent or misprinted):
   matrix (71 MB per image in float32).
 
 :class:`CascadeAttention` is the attention block of Attention CoupleNet (Zhu et al., TIP 2019,
-seed 004, §III-B, Fig. 3, Eqs. 1-3; spec ``004_attention_couplenet.md`` §1.2), placed at the
+§III-B, Fig. 3, Eqs. 1-3), placed at the
 end of conv2/conv3/conv4 of the backbone (the attended map is the next stage's input):
 
     g = conv3x3_1(ReLU(conv3x3_C(f)))     (Eq. 1: attention LOGITS, 1 channel, H_k x W_k)
     A = sigmoid(g) = 1 / (1 + exp(-g))    (Eq. 2)
     f_O = A * f                           (Eq. 3, broadcast over the D channels)
 
-Where we chose (spec ambiguities):
+Where we chose (the paper is silent or misprinted):
 
 * **Eq. 2 sign.** The paper prints ``a = 1 / (1 + exp(g))``, which lacks the minus sign; we
   use the standard sigmoid (the map is trained with sigmoid cross-entropy, 1 = object), so

@@ -2,7 +2,7 @@
 
 Spatial Memory Network (Chen & Gupta 2017, Sec. 4.4) writes its memory with a ConvGRU of
 3x3 filters; decompNet's all-convolutional recurrent variant reuses the same cell. The
-paper writes no equations; this is the standard form (spec 000 §1.6), with ``*`` a
+paper writes no equations; this is the standard form (our choice), with ``*`` a
 same-padded ``kernel_size`` convolution and ``⊙`` elementwise::
 
     r  = sigmoid(W_r * x + U_r * s + b_r)          # reset gate

@@ -1,4 +1,5 @@
-"""The decomposition networks of decompNet (Park & Berg 2016, seed 001; spec ``001``).
+"""The decomposition networks of decompNet (Park & Berg 2016, "Learning to decompose for object
+detection and instance segmentation").
 
 Three layers and two score functions:
 
@@ -8,7 +9,7 @@ Three layers and two score functions:
   with BN + ReLU after every layer: one map per category at half the input resolution
   (50x50 for the paper's 100x100 images; the "decomp" model of Fig. 4), or at the input
   resolution with ``full_resolution=True`` (one more stride-2 deconv: "decomp full";
-  the paper does not list that layer, spec §1.2 choice).
+  the paper does not list that layer: our choice).
 * :class:`InstanceDecomposer`: the recurrent instance network. It reads ONE category map
   and emits ``steps`` instance maps, one per step, each meant to hold exactly one
   instance; a black map is the stop sign. Default cell (``cell="fc"``): the paper's
@@ -22,7 +23,7 @@ Three layers and two score functions:
   (1 hidden layer of 4096 units with dropout; output ``(cx, cy, w, h)`` in [0, 1]).
 * :func:`box_score` (Eq. 5) and :func:`mask_score` (Eq. 6).
 
-Choices where the paper is silent (spec §1.2-§1.4, §6.2), all constructor options:
+Choices where the paper is silent (§2.1-§2.3, App. B; ours), all constructor options:
 
 * Padding: ``'same'`` stride-2 convolutions; transposed convolutions get the
   ``output_padding`` that mirrors the encoder exactly (7 -> 13 -> 25 -> 50 for the paper's
@@ -172,7 +173,7 @@ class InstanceDecomposer(keras.layers.Layer):
 
     Args:
       steps: number of emitted maps T (static; default 11 = at most 10 digits + one black
-        stop map, spec §2.3).
+        stop map; our choice, the paper gives no T).
       cell: ``"fc"`` (default, the paper's fully connected recurrent bottleneck) or
         ``"conv_gru"`` (all-convolutional: ConvGRU cells on the encoder grid).
       units: recurrent units per fully connected layer (paper: 2048).
@@ -342,7 +343,7 @@ class InstanceBoxRegressor(keras.layers.Layer):
 
     The paper's "simple feed forward neural network ... 1 hidden layer with 4K hidden
     units" with dropout (§2.3); the sigmoid output keeps the box inside the normalized
-    range the targets live in (choice, spec §6.2 #15).
+    range the targets live in (our choice; §2.3 gives no output activation).
 
     Args:
       hidden: hidden units (paper: 4096).

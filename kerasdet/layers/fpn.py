@@ -34,9 +34,9 @@ class FeaturePyramid(keras.layers.Layer):
             Default 5.
         num_channels: ``d`` of the thesis. Default 256.
         extra_levels: one of ``EXTRA_LEVEL_MODES``. Default ``"conv_c5"``.
-        kernel_initializer: the thesis refers to an unstated init; Detectron uses
-            XavierFill = U(+-sqrt(3 / fan_in)), which is Keras' ``"lecun_uniform"``
-            (spec ambiguity 8). Default ``"lecun_uniform"``.
+        kernel_initializer: the thesis refers to an unstated init (§5.4.1: "as described
+            in [67]"); Detectron uses XavierFill = U(+-sqrt(3 / fan_in)), which is Keras'
+            ``"lecun_uniform"`` (our choice). Default ``"lecun_uniform"``.
     """
 
     def __init__(

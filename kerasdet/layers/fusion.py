@@ -1,8 +1,8 @@
-"""ASSD's semantic fusion of conv3 with upsampled conv4 and conv5 (seed 002 §3.2, Eq. 3).
+"""ASSD's semantic fusion of conv3 with upsampled conv4 and conv5 (Yi et al. 2019 §3.2, Eq. 3).
 
 Paper: ``x3' = W3 . Concat{x3, up(x4), up(x5)} + b3`` with bilinear upsampling to conv3's
-size. The paper reuses ``C'`` ambiguously for the widths; we follow the authors' code
-(spec ``002_assd.md`` §1.3, ambiguity 2):
+size. The paper reuses ``C'`` ambiguously for the widths; we follow the authors' released code
+(``github.com/yijingru/ASSD-Pytorch``):
 
     f_l   = Conv1x1(reduced_channels, bias)(x_l)           for l = 3, 4, 5
     f_4,5 = bilinear resize to x3's size, align_corners=True (PyTorch's upsample_bilinear)

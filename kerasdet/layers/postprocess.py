@@ -76,7 +76,7 @@ class DetectionPostProcessor(keras.layers.Layer):
     only those. Then merge the levels, clip to the image, drop scores
     ``<= score_threshold`` and run per-class NMS at ``nms_iou_threshold`` keeping
     ``max_detections`` (per-class NMS and 100 detections: Detectron's choices, the thesis
-    states neither — spec ambiguities 2 and 3).
+    states neither: our choice).
 
     NMS implementations (``nms_method``):
 

@@ -7,7 +7,7 @@ Inputs follow the house style of :mod:`kerasdet.layers.roi_align`: score maps
 Gradients flow to the score maps only: boxes are wrapped in ``stop_gradient`` (R-FCN's
 Caffe layer has no box gradient either).
 
-**Channel layout** (Caffe ``PSROIPooling``, R-FCN / CoupleNet; spec §1.5): *class-major*.
+**Channel layout** (Caffe ``PSROIPooling`` of the R-FCN and CoupleNet code releases): *class-major*.
 Output channel ``c`` of bin ``(gh, gw)`` reads input channel ``(c*k + gh)*k + gw``, i.e.
 the input channels are ``[D, k, k]`` row-major. A 1x1 conv with ``k*k*(C+1)`` filters
 trained for Caffe R-FCN can be used as is; torchvision's ``ps_roi_align`` uses the same
@@ -56,11 +56,11 @@ with ``y < -1`` or ``y > H`` (same for x) read 0, samples in ``[-1, 0)`` are cla
 0, samples beyond ``H - 1`` to ``H - 1``). ``aligned=False`` drops the half-pixel shift and
 forces the RoI to at least 1x1 cell (torchvision ``roi_align(aligned=False)``; no peer for
 the PS variant). Implementation: the maps are rearranged bin-major ``[B, k*k*H*W, D]``
-(spec §5 item 6's "(B*k*k, H, W, C+1)" view) and the four bilinear neighbours of every
+(a ``(B*k*k, H, W, D)`` view of the class-major maps) and the four bilinear neighbours of every
 sample of every bin are gathered from that bin's own group in one ``tf.gather`` each —
 exact torchvision semantics including the border band, memory ``B*R*k*k*S*S*D`` floats per
-corner, compiles with XLA. (One ``crop_and_resize`` per bin-group, the spec's other
-suggestion, reads 0 instead of clamping in the one-cell border band and does not compile
+corner, compiles with XLA. (One ``crop_and_resize`` per bin-group, the other obvious
+implementation, reads 0 instead of clamping in the one-cell border band and does not compile
 with XLA, so the gather form is the only backend.) ``sampling_ratio`` must be >= 1
 (torchvision's adaptive 0 needs data-dependent shapes).
 

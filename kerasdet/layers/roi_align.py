@@ -2,8 +2,8 @@
 crop-and-resize + max-pool ("crop pool") variant.
 
 Boxes are yxyx in network-input pixels, ``[B, R, 4]`` with a static ``R`` (pad; never
-zero RoIs — PLATFORM.md: the oneDNN CPU conv of an empty batch misbehaves). Outputs are
-``[B, R, P, P, C]``. Gradients flow to the features only: boxes are wrapped in
+zero RoIs: measured with TensorFlow 2.21, the oneDNN CPU conv2d of a zero-size batch
+returns the wrong shape). Outputs are ``[B, R, P, P, C]``. Gradients flow to the features only: boxes are wrapped in
 ``stop_gradient`` (approximate joint training, as tf-faster-rcnn and Detectron).
 
 **RoIAlign** (Mask R-CNN; torchvision ``roi_align`` semantics). For an RoI on a map of
@@ -35,7 +35,7 @@ sub-cell centres, bilinearly interpolated, and averaged. Two backends compute it
 shapes); 2 is Detectron's and torchvision's FPN setting.
 
 **Level assignment** (thesis Eq. 4.1): ``k = floor(k0 + log2(sqrt(w h) / 224))`` with
-``k0 = 4``, clamped to ``[min_level, max_level]`` (spec ambiguity 11: the thesis states no
+``k0 = 4``, clamped to ``[min_level, max_level]`` (our choice: the thesis states no
 clamp; Detectron uses [2, 5]). ``w h`` is the box area in input pixels; a ``1e-6`` is
 added inside the log (Detectron) so degenerate boxes (e.g. proposals clipped away
 entirely) go to ``min_level`` instead of producing ``-inf``. ``canonical_size`` and
@@ -291,8 +291,8 @@ class RoIAlign(_RoIFeatureLayer):
         output_size: P. Default 7 (FPN's Fast R-CNN head).
         sampling_ratio: S >= 1 samples per bin side. Default 2.
         aligned: half-pixel ``-0.5`` shift (Detectron2 / torchvision ``aligned=True``).
-            Default True. The thesis uses RoIPool; RoIAlign is the spec's suggestion
-            (ambiguity 14), chosen because it needs no quantization and is differentiable
+            Default True. The thesis uses RoIPool (§4.4.2); RoIAlign (He et al. 2017,
+            Mask R-CNN) is our choice, made because it needs no quantization and is differentiable
             w.r.t. the features everywhere.
         method: ``"auto"``, ``"gather"`` or ``"crop_and_resize"`` (module docstring).
         min_level, max_level, canonical_size, canonical_level: level assignment (Eq. 4.1).

@@ -10,7 +10,7 @@
   drop empty boxes, NMS at 0.7 per level, keep the best ``post_nms_topk`` per image
   (2000 in training, 1000 at test). Fixed-size padded output.
 
-Choices where the thesis defers to Faster R-CNN [92] without details (spec ambiguity 12):
+Choices where the thesis defers to Faster R-CNN [92] without details (§4.4.1, §4.5.1: "as in [92]"; our choices):
 
 * sigmoid objectness (one logit per anchor) rather than a 2-way softmax — equivalent
   for a binary decision with half the outputs (Detectron's FPN RPN);
@@ -18,7 +18,7 @@ Choices where the thesis defers to Faster R-CNN [92] without details (spec ambig
 * proposals follow Detectron2: ``pre_nms_topk`` per level, NMS applied per level (levels
   never suppress each other), then the top ``post_nms_topk`` over all levels of the image
   (Detectron 1 took the top over the whole batch, a known quirk). Anchors crossing the
-  image border are kept (§4.4.1);
+  image border are kept (§4.5.1);
 * box deltas use weights (1, 1, 1, 1) and are decoded with Detectron's
   ``log(1000/16)`` clip; boxes whose clipped height or width is ``<= min_size`` (default 0:
   empty boxes, e.g. entirely outside the image) are dropped.

@@ -1,4 +1,4 @@
-"""Spatial memory of the Spatial Memory Network (Chen & Gupta 2017, spec 000 §1.3-§1.7).
+"""Spatial memory of the Spatial Memory Network (Chen & Gupta 2017, Sec. 4.1-4.5).
 
 The memory ``S`` is a ``[B, H', W', D]`` map at the backbone feature stride (``conv5_3``,
 1/16). Pieces (all graph code with static shapes; one box per image per write):
@@ -6,9 +6,10 @@ The memory ``S`` is a ``[B, H', W', D]`` map at the backbone feature stride (``c
 * :func:`crop_one_box` — tf-faster-rcnn's crop (``crop_and_resize`` of the feature-unit
   box ``box_px / stride``, normalized by ``(H' - 1)``: the first and last samples lie ON
   the box edges) to ``crop_size x crop_size``, no max-pool (Sec. 4.3: "RoI pooling
-  (without taking Max)"). Boxes are clamped to at least one memory cell per side (spec
-  §5.2 item 15) and wrapped in ``stop_gradient`` (footnote 6: no gradient to boxes).
-* :func:`paste_one_box` — the reverse RoI op (spec §1.6, iter-reason): the patch is
+  (without taking Max)"). Boxes are clamped to at least one memory cell per side (our
+  choice) and wrapped in ``stop_gradient`` (footnote 6: no gradient to boxes).
+* :func:`paste_one_box` — the reverse RoI op (Sec. 4.4; as the authors' later iter-reason
+  code does, Chen et al. 2018, "Iterative Visual Reasoning Beyond Convolutions"): the patch is
   resampled onto the ``H' x W'`` grid by ``crop_and_resize`` of the inverse box
   ``[(0 - y1) / h, (0 - x1) / w, (H' - 1 - y1) / h, (W' - 1 - x1) / w]`` (made robust to
   cells lying exactly on a box edge: edge-padded patch + explicit inside mask, see the
@@ -20,15 +21,15 @@ The memory ``S`` is a ``[B, H', W', D]`` map at the backbone feature stride (``c
   initialised (iter-reason; the paper does not say).
 * :class:`InputModule` — the write's input (Sec. 4.3, Fig. 3): the ``crop x crop`` feature
   crop concatenated with the detection's full softmax (``K + 1`` values) tiled to every
-  location, then two 1x1 convs with ``D`` outputs and ReLU (widths/activations are the
-  spec's suggestion; the paper gives none). Both inputs are stop-gradient.
+  location, then two 1x1 convs with ``D`` outputs and ReLU (widths/activations are our
+  choice; the paper gives none). Both inputs are stop-gradient.
 * :class:`MemoryWrite` — input module + :class:`~kerasdet.layers.conv_gru.ConvGRUCell` on
   the crop of the old memory, then ``S_n = S_{n-1} + paste(s' - s, box)`` (the
   difference is pasted, so cells outside the box stay unchanged).
-* :class:`ContextNet` — the 5-layer residual all-conv net (Sec. 4.5; spec §1.7):
+* :class:`ContextNet` — the 5-layer residual all-conv net (Sec. 4.5; the layout of iter-reason's ``_context``):
   ``c1 = conv1(S); c3 = c1 + conv3(relu(conv2(relu(c1)))); m5 = c3 +
-  conv5(relu(conv4(relu(c3))))`` and ``relu(m5)`` (``m-conv5``; the final ReLU is the
-  spec's suggestion, as with ``conv5_3``). Any odd number of layers >= 1 is accepted.
+  conv5(relu(conv4(relu(c3))))`` and ``relu(m5)`` (``m-conv5``; the final ReLU is our
+  choice, as with ``conv5_3``). Any odd number of layers >= 1 is accepted.
 """
 import keras
 import tensorflow as tf

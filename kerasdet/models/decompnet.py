@@ -1,6 +1,7 @@
-"""decompNet: learning to decompose for detection and instance segmentation (seed 001).
+"""decompNet: learning to decompose for detection and instance segmentation.
 
-Park & Berg, ICLR 2016 workshop (spec ``../shared/specs/001_recurrent_decomposer.md``).
+Park & Berg, "Learning to decompose for object detection and instance segmentation", ICLR
+2016 workshop track (arXiv:1511.06449).
 No proposals and no NMS anywhere: a fully convolutional *category network* turns the
 image into one response map per category (:class:`~kerasdet.layers.decomposer.
 CategoryDecomposer`); a recurrent *instance network*, shared by all categories, reads one
@@ -17,13 +18,13 @@ switches it between fits, then ``compile`` again):
   predicted maps are the instance network's input; ``L_inst`` = Hungarian-matched
   ``D_lam`` + ``eta * D_gamma`` sum term (Eq. 3, :func:`kerasdet.losses.
   decomposition_set_loss`).
-* ``"joint"`` (stage 3): ``L_cat + L_inst`` end to end, 1:1 (spec choice).
-* ``"box"``: only the box regressor trains (the spec's "after stage 3" choice).
+* ``"joint"`` (stage 3): ``L_cat + L_inst`` end to end, 1:1 (our choice; App. B gives no weights).
+* ``"box"``: only the box regressor trains (our choice: after stage 3).
 
 The box regressor's smooth-L1 loss is on in stages 2, 3 and "box", always on
 *stop-gradient* maps (it never shapes the maps) and on the ground-truth masks as well
-(spec §4 "augmented with GT masks"), so a separate box stage is optional (our choice: it
-saves a pass over the data on a CPU).
+(our choice; §2.3 does not say what the regressor trains on), so a separate box stage is
+optional (it saves a pass over the data on a CPU).
 
 ``p``, ``lam`` and ``gamma`` are non-trainable variables: the paper's 0.3 -> 1.0 warm-up
 after one epoch is :class:`kerasdet.callbacks.DecompositionWarmup`.
@@ -41,10 +42,11 @@ map resized to the input and thresholded at ``mask_threshold`` = 0.1 (Fig. 6), s
 Eq. 6. The ``num_classes * steps`` candidates are sorted by box score; there is no NMS.
 
 Ground truth: ``labels["masks"]`` (``make_dataset(masks="instances")``) with
-``target="masks"`` (segmentation variant, §3.2), or filled box rectangles rasterized at
+``target="masks"`` (segmentation variant, §3.1), or filled box rectangles rasterized at
 map resolution from ``labels["boxes"]`` with ``target="boxes"`` (the detection variant:
 "our method will work as object detection when there is no segmentation label", §4).
-Instance masks are area-downsampled to the map size and binarized at 0.5 (spec §3.2).
+Instance masks are area-downsampled to the map size and binarized at 0.5 (our choice; §3.1 defines
+the masks at image resolution only).
 At most ``max_instances`` objects per category and image are used (the protocol has at
 most 10 digits per image).
 """

@@ -7,7 +7,7 @@ Two architectures share one model class (``architecture=``):
   size per level (32²..512², ratios 1:2, 1:1, 2:1) -> proposals -> RoIAlign 7x7 on P2..P5
   with the level of Eq. 4.1 -> 2 x fc1024 (+ReLU) -> (K+1)-way softmax and class-specific
   box regression.
-* ``"c4"`` (the original single-map Faster R-CNN, the SMN baseline, spec 000 §1.1): the
+* ``"c4"`` (the original single-map Faster R-CNN, the baseline of SMN, Chen & Gupta 2017 Sec. 3): the
   RPN and the RoI op run on one backbone map (``feature_name``, e.g. VGG16
   ``block5_conv3``, stride 16), RoIs by tf-faster-rcnn's crop-and-resize 14x14 + 2x2
   max-pool (``roi_pooler="crop_pool"``), fc6/fc7-style head (``num_fc=2, fc_dim=4096``,
@@ -33,8 +33,8 @@ Choices where the thesis is silent (it defers to [92] and Detectron):
 * fc layers use Detectron's XavierFill (``lecun_uniform``), the classifier N(0, 0.01) and
   the box regressor N(0, 0.001), zero biases;
 * inference: softmax scores, class-specific decoding with weights (10, 10, 5, 5), clip,
-  per-class NMS 0.5, score > 0.05, 100 detections per image (Detectron; spec
-  ambiguities 2, 3). The output dict is RetinaNet's (``boxes/scores/classes/
+  per-class NMS 0.5, score > 0.05, 100 detections per image (Detectron's; the thesis
+  states neither). The output dict is RetinaNet's (``boxes/scores/classes/
   num_detections``, classes -1 padding), so evaluation, CLI and export work unchanged.
 
 XLA: ``crop_and_resize`` and ``combined_non_max_suppression`` do not compile with XLA.

@@ -23,8 +23,8 @@ class RetinaNet(Detector):
 
     Loss (§5.4.2): sigmoid focal loss (alpha 0.25, gamma 2) summed over all non-ignored
     anchors and classes, plus smooth-L1 (beta 0.11) on the positives' box deltas, both
-    divided by ``max(1, number of positive anchors in the global batch)`` (spec ambiguity 6:
-    the thesis normalizes per image; a batch-global normalizer is what Detectron does and is
+    divided by ``max(1, number of positive anchors in the global batch)`` (our choice:
+    the thesis normalizes per image, §5.4.2; a batch-global normalizer is what Detectron does and is
     the form that stays exact under ``tf.distribute``).
 
     All arguments are keyword-only:

@@ -1,4 +1,4 @@
-"""R-FCN, CoupleNet and Attention CoupleNet (seed 004, spec ``004_attention_couplenet.md``).
+"""R-FCN, CoupleNet and Attention CoupleNet (Zhu et al., "Attention CoupleNet", IEEE TIP 2019).
 
 One model class, :class:`RFCN`, covers the three detectors; the variant is chosen by the
 constructor and by the backbone:
@@ -13,14 +13,14 @@ Attention CoupleNet         ``True``                   ``attention_levels=(2, 3,
 
 The backbone is any kerasdet backbone whose dict output has the RPN map
 (``rpn_feature``, default ``"C4"``) and the head map (``head_feature``, default ``"C5"``),
-both of stride ``2**feature_level`` (16: conv5 is dilated, spec §1.1). Attention logits
+both of stride ``2**feature_level`` (16: conv5 is dilated, §IV-B). Attention logits
 ``"A{level}"`` in the backbone output (``resnet_dilated_backbone(attention_levels=...)``,
 ``small_backbone(attention_levels=...)``) switch the attention loss on; the RPN then reads
-the attended C4 (spec §1.2, our reading of Fig. 2) because the backbone's C4 already is the
+the attended C4 (§III-B, our reading of Fig. 2) because the backbone's C4 already is the
 attended map. :func:`couplenet` and :func:`acouplenet` are no classes of their own, only
 the documented argument sets (``RFCN(global_branch=True, ...)``).
 
-Architecture (spec §1.3-1.7; paper defaults in brackets):
+Architecture (§III-A to §III-E and the released CoupleNet Caffe code; paper defaults in brackets):
 
 * RPN on C4: :class:`~kerasdet.layers.rpn.RPNHead` (3x3 conv ``rpn_channels`` [512] +
   ReLU, 9 anchors 128/256/512 px x 1:2/1:1/2:1), :class:`~kerasdet.layers.rpn.ProposalGenerator`
@@ -41,7 +41,7 @@ Architecture (spec §1.3-1.7; paper defaults in brackets):
 * Global FCN (CoupleNet, ``global_branch=True``): RoI max pooling ``global_pool_size``
   [7] x same on ``conv_new_1`` (:class:`~kerasdet.layers.roi_align.RoICropAndPool`:
   crop_and_resize to 2P then 2x2 max-pool, the usual TF approximation of Caffe RoIPool,
-  spec §5 item 7); with ``context`` [True] the same pooling of the context box (the RoI
+  our choice); with ``context`` [True] the same pooling of the context box (the RoI
   with 2x its height and width about its centre, clipped to the image; :func:`context_boxes`)
   is concatenated channel-wise (7x7x2048); then a PxP valid conv ``global_channels`` [1024]
   + ReLU, a 1x1 conv 1024 + ReLU, a 1x1 conv to C+1 logits and a 1x1 conv to 4
@@ -54,7 +54,7 @@ Architecture (spec §1.3-1.7; paper defaults in brackets):
   ``coupling_op`` in ``"sum"`` (default), ``"product"``, ``"max"``. Coupling acts on the
   logits (pre-softmax). Box deltas of the two branches are always summed (the code).
 
-Training (approximate joint, one ``model.fit``; spec §2): RPN 256 anchors at 0.7/0.3, up
+Training (approximate joint, one ``model.fit``; §III-F and the released code): RPN 256 anchors at 0.7/0.3, up
 to half positive, smooth-L1 with sigma 3 (``rpn_smooth_l1_beta = 1/sigma^2 = 1/9``), both
 RPN terms normalized by the number of sampled anchors; the second stage uses ALL post-NMS
 proposals plus the ground truth (``BATCH_SIZE: -1``), foreground at IoU >= 0.5, background
@@ -64,8 +64,8 @@ OHEM keeps the ``ohem_rois`` [128] highest-loss RoIs per image
 (``top_k`` on the losses of a read-only forward pass over all RoIs, then a second,
 back-propagated pass over only the kept ones, as R-FCN's Caffe OHEM;
 :func:`kerasdet.sampling.ohem_indices`, same selection as ``ohem_select``) and both head
-terms are divided by the FIXED ``ohem_rois x images`` (spec §2.1: "normalized by a fixed
-128"), summed over replicas. Only the coupled output is supervised (no per-branch
+terms are divided by the FIXED ``ohem_rois x images`` (Eq. 4, §III-F: "N is the number of
+training RoIs (128)"), summed over replicas. Only the coupled output is supervised (no per-branch
 losses). The attention term (Eq. 4, weight ``attention_weight`` [1]) is
 :func:`kerasdet.losses.attention_loss` of the backbone's attention logits against
 ``labels["foreground"]`` (uint8 [B, H, W]: 1 object, 0 background, 255 ignore; the
@@ -73,7 +73,7 @@ pipeline supplies it with ``input.masks = "union"``), divided by the global imag
 
 Inference: 300 proposals, coupled logits, softmax, class-agnostic decoding of the summed
 deltas (weights 10, 10, 5, 5) on the proposals, clip, per-class NMS 0.3, score > 0.05, 100
-detections (py-R-FCN defaults; spec §3), the FasterRCNN output dict
+detections (py-R-FCN defaults; the paper does not state them), the FasterRCNN output dict
 (:func:`~kerasdet.layers.postprocess.per_class_nms`). With ``jit_compile=True`` (or
 ``nms_method="padded"``) NMS uses ``non_max_suppression_padded``; the global branch's
 crop-and-resize pooling itself has no XLA kernel.
@@ -107,8 +107,8 @@ def _init(stddev=0.01):
 
 def context_boxes(boxes, image_shape, *, scale=2.0):
     """The CoupleNet context region: ``boxes`` (yxyx ``[..., 4]``) with height and width
-    multiplied by ``scale`` about their centre (area x ``scale**2``; spec §5 ambiguity "2
-    times larger" read as 2x each side), clipped to ``[0, H] x [0, W]`` of
+    multiplied by ``scale`` about their centre (area x ``scale**2``; our reading of §III-D's
+    "2 times larger" as 2x each side), clipped to ``[0, H] x [0, W]`` of
     ``image_shape = (H, W)``."""
     boxes = tf.cast(boxes, tf.float32)
     ymin, xmin, ymax, xmax = tf.unstack(boxes, 4, axis=-1)
@@ -120,7 +120,7 @@ def context_boxes(boxes, image_shape, *, scale=2.0):
 
 @keras.saving.register_keras_serializable(package="kerasdet")
 class GlobalHead(keras.layers.Layer):
-    """CoupleNet's RoI-wise global subnetwork (spec §1.6, code ``conv_pool5``/``conv_pool5_1``).
+    """CoupleNet's RoI-wise global subnetwork (§III-D, released code ``conv_pool5``/``conv_pool5_1``).
 
     Input ``[B, R, P, P, C_in]`` (RoI-pooled proposal [+ context] features); output
     ``(logits [B, R, C+1], deltas [B, R, 4])``: PxP valid conv ``channels`` + ReLU ->
@@ -164,7 +164,7 @@ class GlobalHead(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="kerasdet")
 class Coupling(keras.layers.Layer):
-    """Couples the local and global ``[B, R, N]`` logits (spec §1.7, Table I options).
+    """Couples the local and global ``[B, R, N]`` logits (§III-E, Table I options).
 
     Args:
         num_outputs: N = C + 1.
@@ -262,7 +262,7 @@ class RFCN(Detector):
         score_threshold, nms_iou_threshold, max_detections: Default 0.05 / 0.3 / 100.
         detections_pre_nms_topk: candidates of the padded NMS. Default 1000.
         nms_method: ``"auto"`` (padded under ``jit_compile``), ``"combined"`` or ``"padded"``.
-        weight_decay: coupled L2 decay. Default 5e-4 (the spec's solver).
+        weight_decay: coupled L2 decay. Default 5e-4 (the paper's, §IV-A and §IV-D).
         bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
             the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
             :class:`~kerasdet.models.base.Detector`.
@@ -528,7 +528,7 @@ class RFCN(Detector):
         else:
             keep = tf.cast(sampled_rois, tf.float32)
         ce, box = self._roi_losses(*self.roi_heads(maps, samples["rois"], image_shape), samples)
-        if self.ohem_rois:  # fixed normalizer: ohem_rois per image (spec §2.1)
+        if self.ohem_rois:  # fixed normalizer: ohem_rois per image (Eq. 4: N = 128)
             roi_norm = loss_ops.global_normalizer(tf.cast(tf.shape(images)[0] * self.ohem_rois, tf.float32))
         else:
             roi_norm = loss_ops.global_normalizer(tf.reduce_sum(keep))
@@ -571,7 +571,7 @@ class RFCN(Detector):
 
 def couplenet(**kwargs):
     """``RFCN(global_branch=True, context=True, coupling_norm="conv", coupling_op="sum", ...)``:
-    CoupleNet with the spec's best coupling (Attention CoupleNet: pass a backbone with
+    CoupleNet with the paper's best coupling (1x1 conv + sum, §IV-A, Table I; Attention CoupleNet: pass a backbone with
     ``attention_levels=(2, 3, 4)``)."""
     kwargs.setdefault("global_branch", True)
     return RFCN(**kwargs)

@@ -1,7 +1,7 @@
-"""Sliding-window CNN classifier + NMS: the baseline of the recurrent decomposer (seed 001).
+"""Sliding-window CNN classifier + NMS: the baseline of the recurrent decomposer (Park & Berg 2016).
 
-Park & Berg 2016 ("decompNet", paper ``shared/seeds/001_*.txt`` §3.1; spec
-``shared/specs/001_recurrent_decomposer.md`` §3.1 and §5 "Baseline") compare their
+Park & Berg ("decompNet", "Learning to decompose for object detection and instance
+segmentation", ICLR 2016 workshop track, §3.1 and Fig. 4) compare their
 recurrent decomposer on multi-digit MNIST (digits 3, 6, 9 on 100x100 images) against an
 R-CNN-style sliding-window detector. :class:`SlidingWindowDetector` rebuilds it as a
 kerasdet :class:`~kerasdet.models.base.Detector` (``model.fit`` on ``make_dataset`` batches,
@@ -20,17 +20,17 @@ Paper facts [P §3.1]:
 * non-maximum suppression at IoU 0.3;
 * (region proposals "didn't work well", hence the sliding windows).
 
-Choices (the paper does not say; marked [CHOICE] in the spec, ambiguity 18, or ours):
+Choices (the paper does not say; all ours):
 
-* [spec] negatives are windows with IoU < 0.5 to every ground truth (no ignore band);
-* [spec] each window is resized to a fixed ``patch_size`` (28, option 56) patch, then conv
+* [ours] negatives are windows with IoU < 0.5 to every ground truth (no ignore band);
+* [ours] each window is resized to a fixed ``patch_size`` (28, option 56) patch, then conv
   trunk -> global average pool -> ``num_classes + 1``-way softmax (background = index 0);
-* [spec] 5 window sizes evenly spaced over 14..56 px (``np.linspace(14, 56, 5)`` =
+* [ours] 5 window sizes evenly spaced over 14..56 px (``np.linspace(14, 56, 5)`` =
   14, 24.5, 35, 45.5, 56: the digit scale range 0.5..2 of the 28 px MNIST frame);
 * [ours] the grid of one size ``s`` has ``floor((L - s) / stride) + 1`` positions per axis
   of length ``L`` (every window fully inside the image), centred so the left-over margin
-  is split evenly: 978 windows at step 5 and 2587 at step 3 on 100x100 (spec: ~978 /
-  ~2590; paper: "about 1000 and 3000");
+  is split evenly: 978 windows at step 5 and 2587 at step 3 on 100x100 (paper, §3.1:
+  "about 3000 and 1000 boxes for step size 3 and 5");
 * [ours] training candidates per image are the whole grid plus ``jitter_copies`` jittered
   squares per ground truth (side ``sqrt(h * w)``, centre shifted and side scaled by up to
   ``jitter`` of the side, moved inside the image), so positives are plentiful ("random
@@ -126,9 +126,10 @@ class SlidingWindowDetector(Detector):
         image_size: ``(H, W)`` canvas the windows are laid on. Default (100, 100).
         window_sizes: square window sides in px; default ``num_sizes`` sides evenly spaced
             over ``[min_size, max_size]``.
-        min_size, max_size, num_sizes: Default 14 / 56 / 5 (spec: 14..56 px, 5 sizes).
+        min_size, max_size, num_sizes: Default 14 / 56 / 5 (our choice: the paper's 0.5..2
+            scales of the 28 px MNIST frame, 5 sizes).
         stride: window step in px. Default 5 (paper: 5 and 3).
-        patch_size: side of the resized patch. Default 28 (spec option: 56).
+        patch_size: side of the resized patch. Default 28 (option: 56).
         trunk: conv layers ``(filters, kernel, stride)``, each followed by BN + ReLU.
             Default the paper's ``PAPER_TRUNK``.
         grayscale: classify the gray image (1 channel, as the paper's MNIST net).

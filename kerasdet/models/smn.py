@@ -1,4 +1,4 @@
-"""Spatial Memory Network (Chen & Gupta 2017, seed 000, spec ``000_smn.md``).
+"""Spatial Memory Network (Chen & Gupta 2017, "Spatial Memory for Context Reasoning in Object Detection").
 
 An iterative detector on top of a frozen C4 Faster R-CNN (``base``, a
 :class:`~kerasdet.models.faster_rcnn.FasterRCNN` with ``architecture="c4"``):
@@ -13,13 +13,13 @@ An iterative detector on top of a frozen C4 Faster R-CNN (``base``, a
    ``n > 1`` run the context net on ``S_{n-1}`` (``m-conv5``) and ADD memory logits to the
    stop-gradient base logits: region level ``fc_b(relu(fc_a([fc7, m-fc7])))`` with
    ``m-fc7`` = crop-pool of ``m-conv5`` at the RoI + 2 fc; image level (RPN objectness)
-   ``1x1(relu(1x1([rpn_conv, relu(3x3(m-conv5))])))`` (Fig. 4/5(d), spec §1.8).
+   ``1x1(relu(1x1([rpn_conv, relu(3x3(m-conv5))])))`` (Fig. 4/5(d), Sec. 4.6).
 4. Greedy selection: the most confident foreground (RoI, class) pair; its class-specific
    regressed box is written with the step's full softmax (stop-gradient) through the input
    module + ConvGRU + reverse-crop paste (:class:`~kerasdet.layers.spatial_memory.MemoryWrite`).
    ``selection="softmax"`` emits the chosen RoI for every class (its class-specific box
    and probability, the paper's final "S"), ``"hardmax"`` only the argmax class ("H").
-   Nothing prevents re-selecting a region (faithful; spec §5.2 item 14).
+   Nothing prevents re-selecting a region (faithful; App. A2: SMN "can learn to revisit the same region").
 
 Training (``detection_losses``, BPTT over the ``num_steps`` unrolled steps; a Python loop
 over the fixed N, everything else batched with static shapes):
@@ -28,8 +28,9 @@ over the fixed N, everything else batched with static shapes):
   convention; ground-truth rows are never *selected* for writing). Each step samples its
   own ``num_rois`` (labels change as objects get covered); the memory outputs are computed
   for those only, and the write is the model's own greedy pick AMONG THE SAMPLED RoIs
-  (not teacher forcing, spec §2.2; step 1 samples too, with nothing covered yet). A ground truth is *covered* once a
-  written box has IoU >= ``cover_iou`` (0.5, class-agnostic) with it.
+  (not teacher forcing, our reading of Sec. 5.2; step 1 samples too, with nothing covered
+  yet). A ground truth is *covered* once a written box has IoU >= ``cover_iou`` (0.5,
+  class-agnostic) with it.
 * Flipped-label sampling (Sec. 5.2): at step ``n`` an RoI is positive (its class) if its
   best IoU with an UNCOVERED ground truth is >= 0.5, *flipped* (background) if instead it
   has IoU >= 0.5 with a covered one, negative if its best IoU is < 0.5. ``num_rois`` are
@@ -44,7 +45,7 @@ over the fixed N, everything else batched with static shapes):
 
 Inference (``inference``):
 
-* ``"final"`` (spec §3 final mode, the default): the base's per-class-NMS detections, top
+* ``"final"`` (Sec. 6.1, the default): the base's per-class-NMS detections, top
   ``num_base_writes`` (N1) in confidence order, are written to memory without
   memory-augmented prediction, then ``num_memory_steps`` (N2) SMN steps run on the fused
   scores; no NMS on the memory steps. The output is the N1 base detections plus the N2
@@ -62,14 +63,14 @@ evaluated with the base's per-class NMS. Its parameter count is smaller than SMN
 input module + GRU + prior (the paper matches counts; here the difference is reported by
 the benchmark rather than padded with extra layers).
 
-Choices where the paper is silent (spec §5.2), besides those in layers/spatial_memory:
+Choices where the paper is silent (ours), besides those in layers/spatial_memory:
 fixed RoIs (the base's proposals; the memory RPN output trains the memory and is not used
-to re-rank proposals at test time, §5.2 item 10); box regression stays the base's; the
+to re-rank proposals at test time); box regression stays the base's; the
 written scores are the step's fused softmax (base softmax for the N1 writes, re-scored by
 the base head at the detected box, since per-class NMS keeps only one class score);
 default Keras initializers for the memory layers, the residual logits' last layers
-N(0, 0.01) so training starts at the base's scores (§5.2 item 12: the paper hand-tuned
-variances; no normalisation layers).
+N(0, 0.01) so training starts at the base's scores (Sec. 5.5: the paper hand-tuned the
+init variances and used no normalisation layers).
 """
 import copy
 

@@ -1,6 +1,6 @@
-"""SSD and ASSD (seed 002: Yi, Wu & Metaxas, "ASSD: Attentive Single Shot Multibox Detector").
+"""SSD and ASSD (Yi, Wu & Metaxas 2019, "ASSD: Attentive Single Shot Multibox Detector").
 
-One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (spec ``002_assd.md``):
+One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (§3, Fig. 2):
 
 * sources: the backbone taps (``C3, C4, C5`` of a ResNet: conv3_x..conv5_x) then the extra
   blocks conv6..conv9 (each ``1x1 conv -> BN -> ReLU -> 3x3 conv (stride 2 or valid) ->
@@ -23,15 +23,15 @@ One class, :class:`SSD`; ASSD is ``SSD(attention=True, fusion=True)`` (spec ``00
   negatives, smooth L1 with beta 1 on positives), both divided by the positives of the
   global batch (strategy-safe);
 * inference: softmax, score >= 0.01, per-class NMS 0.45, ``max_detections`` per image
-  (200 for VOC, 100 for COCO: the paper gives no cap, spec ambiguity 11), through the
+  (200 for VOC, 100 for COCO: the paper gives no cap; our choice), through the
   shared :class:`~kerasdet.layers.postprocess.DetectionPostProcessor` (its per-source
   ``pre_nms_topk`` candidate cut replaces the authors' top-200-per-class pre-NMS cut).
 
-VGG16 variants (ASSD300 / ASSD512, which the paper names but never describes; spec
-ambiguity 7): SSD300/512's VGG16 layout -- conv4_3 (L2-normalized, scale 20) and fc7
+VGG16 variants (ASSD300 / ASSD512, which the paper names in Tables 2 and 4 but never
+describes; our choice): SSD300/512's VGG16 layout -- conv4_3 (L2-normalized, scale 20) and fc7
 (pool5 3x3/s1, dilated fc6, fc7) as the first two sources, SSD's extras -- plus one
-attention unit on every source AND the fusion of conv4_3 with fc7 and conv8_2. The spec
-suggests no fusion, but the paper's parameter counts settle it: SSD300 + attention is
+attention unit on every source AND the fusion of conv4_3 with fc7 and conv8_2. Fusion on
+VGG is our reading of the paper's parameter counts (Table 2), which settle it: SSD300 + attention is
 28.50M and + fusion (920,320) 29.42M = the paper's "ASSD300 29.4M"; likewise ASSD512
 29.26M + 0.92M = 30.18M = "30.2M" (pinned by tests). L2Norm is applied to conv4_3 before
 it enters the fusion. Use a 304 input for SSD300's 38/19/10/5/3/1 maps (Keras' VGG
@@ -56,7 +56,8 @@ from kerasdet.models.base import Detector
 #: ASSD513's extra blocks conv6..conv9: ``(1x1 channels, 3x3 channels, stride, padding)``.
 ASSD513_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 1, "valid"))
 #: ASSD321's: conv9 is a stride-2 'same' conv (a valid 3x3 on conv8's 2x2 map is impossible;
-#: spec ambiguity 5), giving maps 41/21/11/6/3/2/1 and 10,386 boxes.
+#: our choice, the paper gives no ASSD321 geometry), giving maps 41/21/11/6/3/2/1 and
+#: 10,386 boxes (Table 2 prints 10,325, which no layout of 4 or 6 boxes per cell gives).
 ASSD321_EXTRAS = ((512, 1024, 2, "same"), (256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 2, "same"))
 #: SSD300's VGG extras conv8..conv11 after fc7 (19 -> 10 -> 5 -> 3 -> 1 at a 304 input).
 SSD300_VGG_EXTRAS = ((256, 512, 2, "same"), (128, 256, 2, "same"), (128, 256, 1, "valid"), (128, 256, 1, "valid"))
