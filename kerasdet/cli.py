@@ -21,18 +21,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _recipe_config(args):
-    from kerasdet.engine.config import parse_overrides
-    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.engine.recipes import resolve_config
 
-    overrides = parse_overrides(args.set)
-    if getattr(args, "epochs", None):
-        overrides["train.epochs"] = args.epochs
-    if getattr(args, "no_export", False):
-        overrides["export.enabled"] = False
-    if getattr(args, "num_draw", None) is not None:
-        overrides["export.num_draw"] = args.num_draw
-    recipe = load_recipe(args.recipe)
-    return recipe, recipe.config(args.preset, overrides)
+    return resolve_config(args.recipe, args.preset, args.set, epochs=getattr(args, "epochs", None),
+                          export=not getattr(args, "no_export", False), num_draw=getattr(args, "num_draw", None))
 
 
 def train(args):

@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import os
 
-from kerasdet.engine.config import Config, load_config
+from kerasdet.engine.config import Config, load_config, parse_overrides
 from kerasdet.errors import ConfigError, UserInputError
 
 
@@ -116,3 +116,18 @@ def _checked(recipe: Recipe) -> Recipe:
         if not hasattr(recipe.module, attr):
             raise UserInputError(f"recipe {recipe.source} does not define {attr}")
     return recipe
+
+
+def resolve_config(recipe: str, preset: str, set_items=(), *, epochs=None, export=True, num_draw=None):
+    """``(recipe, config)`` of a command line: ``--set KEY=VALUE`` items plus the shortcut
+    flags (``--epochs`` = ``train.epochs``, ``--no-export`` = ``export.enabled=false``,
+    ``--num-draw`` = ``export.num_draw``)."""
+    overrides = parse_overrides(set_items)
+    if epochs:
+        overrides["train.epochs"] = epochs
+    if not export:
+        overrides["export.enabled"] = False
+    if num_draw is not None:
+        overrides["export.num_draw"] = num_draw
+    loaded = load_recipe(recipe)
+    return loaded, loaded.config(preset, overrides)
