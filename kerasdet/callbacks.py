@@ -297,7 +297,12 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
 
 
 def _first_line(exc):
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    """The informative line of a collective's error (TF puts "Graph execution error:" first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for key in ("aborted by", "unhealthy", "Connection", "connect"):
+        for line in lines:
+            if key in line:
+                return line[:300]
     return lines[0][:300] if lines else ""
 
 
