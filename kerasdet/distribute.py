@@ -94,7 +94,10 @@ def is_multi_worker(strategy=None):
     """True for a ``MultiWorkerMirroredStrategy`` that spans several workers."""
     from kerasdet.models.base import _is_multi_worker
 
-    return _is_multi_worker(strategy or tf.distribute.get_strategy())
+    strategy = strategy or tf.distribute.get_strategy()
+    if getattr(strategy, "extended", None) is None:  # not a tf.distribute strategy (a test double)
+        return False
+    return _is_multi_worker(strategy)
 
 
 def is_chief(strategy=None):
