@@ -19,6 +19,13 @@ killed at any instant leaves the previous complete checkpoint in force. Under
 ``MultiWorkerMirroredStrategy`` only the chief writes (every worker reads), so all
 restarted workers resume from the same step; give every worker the same ``backup_dir``
 on a shared file system.
+
+Multi-worker input (:func:`fit_resumable`): the training stream is built per worker with
+``strategy.distribute_datasets_from_function``, ``make_train_data`` running inside
+:func:`kerasdet.distribute.input_context_scope`, so ``make_dataset(repeat=True)`` makes this
+worker's shard of the global batch (see :mod:`kerasdet.distribute`). A dataset that does
+not shard itself is distributed with an explicit ``AutoShardPolicy.DATA`` instead (every
+worker then reads the whole global batch and keeps its part), with a warning.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import os
 import shutil
 
 import keras
+import tensorflow as tf
 
 from kerasdet.random_state import load_seed_states, save_seed_states
 
@@ -59,6 +67,7 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
     Attributes:
       step: optimizer steps done (restored value + steps of this process).
       restored_step: the step restored from the backup (0 if none).
+      saved_step: the step of the latest committed backup (None before the first).
     """
 
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
@@ -69,6 +78,10 @@ class StepBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._restored = False
         self._saved_step = None
         self._begin = 0
+
+    @property
+    def saved_step(self):
+        return self._saved_step
 
     # --- state on disk ------------------------------------------------------------------
     @staticmethod
@@ -199,11 +212,21 @@ class CSVLogger(keras.callbacks.CSVLogger):
         super().__init__(filename, separator=separator, append=append)
         self.extra_keys = tuple(keys)
 
+    def on_train_begin(self, logs=None):
+        if _is_writer(self.model):  # one file, written by the chief of a multi-worker job
+            super().on_train_begin(logs)
+
     def on_epoch_end(self, epoch, logs=None):
+        if not _is_writer(self.model):
+            return
         logs = dict(logs or {})
         for key in self.extra_keys:
             logs.setdefault(key, "NA")
         super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if _is_writer(self.model):
+            super().on_train_end(logs)
 
 
 def fit_resumable(model, make_train_data, *, epochs, steps_per_epoch, backup_dir, save_freq="epoch",
@@ -243,10 +266,23 @@ def fit_resumable(model, make_train_data, *, epochs, steps_per_epoch, backup_dir
     merged = {"epoch": []}
     for i, (initial_epoch, steps, start_batch) in enumerate(phases):
         end = initial_epoch + 1 if (i == 0 and done) else epochs
-        history = model.fit(
-            make_train_data(start_batch), initial_epoch=initial_epoch, epochs=end,
-            steps_per_epoch=steps, callbacks=[backup, *callbacks], **fit_kwargs,
-        )
+        data = distribute_train_data(model.distribute_strategy, make_train_data, start_batch)
+        try:
+            history = model.fit(
+                data, initial_epoch=initial_epoch, epochs=end,
+                steps_per_epoch=steps, callbacks=[backup, *callbacks], **fit_kwargs,
+            )
+        except _PEER_ERRORS as exc:
+            if not _is_multi_worker_model(model):
+                raise
+            from kerasdet.distribute import WorkerLostError, mark_failed
+
+            mark_failed()
+            raise WorkerLostError(
+                f"a peer worker of this multi-worker job stopped during training near step "
+                f"{backup.step} ({type(exc).__name__}: {_first_line(exc)}). Restart every "
+                f"worker with the same command to resume from the last backup in {backup_dir} "
+                f"(step {backup.saved_step})") from None
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
         ran = len(next(iter(history.history.values()), []))
@@ -256,6 +292,71 @@ def fit_resumable(model, make_train_data, *, epochs, steps_per_epoch, backup_dir
     if not phases:
         backup.on_train_end()
     return merged, backup
+
+
+#: What a collective raises when a peer worker is gone (measured on loopback: a killed
+#: peer gives UnavailableError within ~10 s, the coordination service's heartbeat timeout).
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.CancelledError)
+
+
+def _first_line(exc):
+    """The informative line of a collective's error (TF puts "Graph execution error:" first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for key in ("aborted by", "unhealthy", "Connection", "connect"):
+        for line in lines:
+            if key in line:
+                return line[:300]
+    return lines[0][:300] if lines else ""
+
+
+def _is_multi_worker_model(model):
+    from kerasdet.models.base import _is_multi_worker
+
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is not None and _is_multi_worker(strategy)
+
+
+def distribute_train_data(strategy, make_train_data, start_batch):
+    """The training input of ``fit`` from ``make_train_data(start_batch)``.
+
+    Under a multi-worker strategy: ``strategy.distribute_datasets_from_function``, each
+    worker calling ``make_train_data`` inside :func:`kerasdet.distribute.input_context_scope`
+    so that ``make_dataset(repeat=True)`` makes only this worker's shard of every global
+    batch. A dataset that did not shard itself (not made by ``make_dataset(repeat=True)``)
+    is instead distributed with an explicit ``AutoShardPolicy.DATA`` (Keras' rebatching:
+    correct global batch, but each worker reads all of it), with a warning. Other
+    strategies: ``make_train_data(start_batch)`` as is (Keras distributes it).
+    """
+    from kerasdet.distribute import input_context_scope
+    from kerasdet.models.base import _is_multi_worker
+
+    if strategy is None or not _is_multi_worker(strategy):
+        return make_train_data(start_batch)
+    fallback = []
+
+    def dataset_fn(input_context):
+        with input_context_scope(input_context):
+            ds = make_train_data(start_batch)
+        if getattr(ds, "_kerasdet_input_context", None) is not input_context:
+            fallback.append(ds)
+            raise _NotSharded
+        return ds
+
+    try:
+        return strategy.distribute_datasets_from_function(dataset_fn)
+    except _NotSharded:
+        pass
+    logger.warning("fit_resumable: make_train_data did not return a make_dataset(repeat=True) stream "
+                   "that shards itself; distributing it with AutoShardPolicy.DATA (each worker reads "
+                   "the whole global batch and keeps its part)")
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(fallback[0].with_options(options))
+
+
+class _NotSharded(Exception):
+    pass
 
 
 class DecompositionWarmup(keras.callbacks.Callback):

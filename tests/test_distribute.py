@@ -396,3 +396,72 @@ def test_multiworker_fit_two_workers(initial_weights, reference, tmp_path):
 
 if __name__ == "__main__":
     _main()
+
+
+# --- the step-addressable stream sharded per worker (no strategy needed) -------------------
+def _stream(source, input_context=None, start_batch=0, batch=4):
+    from kerasdet.data.pipeline import make_dataset
+
+    return make_dataset(source, batch_size=batch, image_size=(64, 64), training=True, flip=True,
+                        scale_jitter=(0.8, 1.25), seed=3, repeat=True, start_batch=start_batch,
+                        input_context=input_context)
+
+
+@pytest.mark.parametrize("start_batch", [0, 5])
+def test_stream_shards_make_the_global_batch(tmp_path, start_batch):
+    """Worker w of 2 yields positions [2w, 2w + 2) of every global batch of 4, pixels and
+    augmentation included: together the workers make exactly the single-process batch (no
+    image twice, none skipped, data-epoch boundaries and a resumed start included)."""
+    import tensorflow as tf
+
+    from kerasdet.data.coco import load_coco
+    from test_callbacks import make_images
+
+    source = load_coco(*make_images(str(tmp_path), n=7))  # batches straddle data epochs
+    steps = 6
+    whole = list(_stream(source, start_batch=start_batch).take(steps))
+    parts = [
+        list(_stream(source, tf.distribute.InputContext(2, w, 2), start_batch=start_batch).take(steps))
+        for w in (0, 1)
+    ]
+    for k in range(steps):
+        images, labels = whole[k]
+        assert [p[k][0].shape[0] for p in parts] == [2, 2]
+        np.testing.assert_array_equal(
+            np.concatenate([p[k][1]["image_id"].numpy() for p in parts]), labels["image_id"].numpy())
+        np.testing.assert_array_equal(np.concatenate([p[k][0].numpy() for p in parts]), images.numpy())
+        np.testing.assert_array_equal(
+            np.concatenate([p[k][1]["boxes"].numpy() for p in parts]), labels["boxes"].numpy())
+    # Each data epoch of the 7 images is read once in all by the two workers together.
+    ids = np.concatenate([np.concatenate([p[k][1]["image_id"].numpy() for p in parts]) for k in range(steps)])
+    start = start_batch * 4
+    for e0 in range(-(-start // 7) * 7, start + len(ids) - 6, 7):
+        assert sorted(ids[e0 - start:e0 - start + 7]) == sorted(set(source.image_ids))
+
+
+def test_stream_shard_needs_a_divisible_global_batch(tmp_path):
+    import tensorflow as tf
+
+    from kerasdet.data.coco import load_coco
+    from kerasdet.data.pipeline import make_dataset
+    from test_callbacks import make_images
+
+    source = load_coco(*make_images(str(tmp_path), n=7))
+    with pytest.raises(ValueError, match="cannot be split evenly over 2 replicas"):
+        _stream(source, tf.distribute.InputContext(2, 0, 2), batch=3)
+    with pytest.raises(ValueError, match="needs repeat=True"):
+        make_dataset(source, batch_size=4, image_size=(64, 64), training=True,
+                     input_context=tf.distribute.InputContext(2, 0, 2))
+
+
+def test_fit_resumable_shards_per_worker_only_under_multiworker():
+    """Without a multi-worker strategy the training data is make_train_data's own dataset."""
+    from kerasdet.callbacks import distribute_train_data
+    from kerasdet.distribute import current_input_context, input_context_scope
+
+    seen = []
+    data = distribute_train_data(None, lambda s: seen.append((s, current_input_context())) or "ds", 7)
+    assert data == "ds" and seen == [(7, None)]
+    with input_context_scope("ctx"):
+        assert current_input_context() == "ctx"
+    assert current_input_context() is None

@@ -41,6 +41,7 @@ import keras
 from keras import layers
 
 from kerasdet.layers.attention import CascadeAttention
+from kerasdet.layers.sync_batch_norm import SyncBatchNormalization
 
 SMALL_LEVELS = ("C2", "C3", "C4", "C5")
 _STRIDES = {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
@@ -111,7 +112,7 @@ def small_backbone(
             filters, 3, strides=strides, dilation_rate=dilation, padding="same", use_bias=False,
             kernel_initializer="he_normal", name=f"{prefix}_conv",
         )(x)
-        x = layers.BatchNormalization(
+        x = SyncBatchNormalization(  # two-pass moments: kerasdet.layers.sync_batch_norm
             momentum=bn_momentum, epsilon=1e-3, synchronized=synchronized_bn,
             gamma_initializer="zeros" if gamma_zero else "ones", name=f"{prefix}_bn",
         )(x)

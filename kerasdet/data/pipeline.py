@@ -171,6 +171,7 @@ def make_dataset(
     ssd_augmentation: bool = False,
     masks: str | None = None,
     bounding_box_format: str = "yxyx",
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -223,6 +224,15 @@ def make_dataset(
         what ``load_coco`` / ``load_voc`` give). Converted once here
         (:func:`kerasdet.data.box_format.to_yxyx_source`); the dataset's
         ``labels["boxes"]`` are always yxyx network-input pixels.
+      input_context: with ``repeat``: make only this input pipeline's part of the
+        stream, for ``strategy.distribute_datasets_from_function`` (multi-worker
+        training). ``batch_size`` stays the GLOBAL batch; pipeline ``w`` of ``N`` reads
+        positions ``[w * B / N, (w + 1) * B / N)`` of every global batch of ``B`` and
+        yields per-replica batches of ``B / num_replicas_in_sync`` (the same images and
+        augmentation seeds as the single-process stream, none read twice or skipped).
+        Default: :func:`kerasdet.distribute.current_input_context` (set by
+        :func:`kerasdet.callbacks.fit_resumable` under a multi-worker strategy), else
+        none (the whole stream).
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
@@ -246,13 +256,22 @@ def make_dataset(
     if int(start_batch) < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
 
+    if input_context is None:
+        from kerasdet.distribute import current_input_context
+
+        input_context = current_input_context() if repeat else None
+    if input_context is not None and input_context.num_input_pipelines > 1 and not repeat:
+        raise ValueError("make_dataset(input_context=...) shards the step-addressable stream: it "
+                         "needs repeat=True")
+
     if repeat:
         return _stream_dataset(
             source, batch_size=batch_size, image_size=image_size, min_size=min_size,
             max_size=max_size, shuffle=shuffle, flip=flip, scale_jitter=scale_jitter,
             max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
             cache_images=cache_images, min_visible_fraction=min_visible_fraction,
-            start_batch=int(start_batch), ssd_augmentation=ssd_augmentation, masks=masks)
+            start_batch=int(start_batch), ssd_augmentation=ssd_augmentation, masks=masks,
+            input_context=input_context)
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -336,13 +355,17 @@ def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args
 
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
                     scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
-                    min_visible_fraction, start_batch, ssd_augmentation=False, masks=None):
+                    min_visible_fraction, start_batch, ssd_augmentation=False, masks=None,
+                    input_context=None):
     """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
 
     Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
     ``e = p // n`` (``perm_e``: stateless permutation seeded by ``(seed, e)``), augmented
     with the stateless seed ``(seed + 1, p)``. Skipping to ``start_batch`` only skips
-    integers: no image before it is read.
+    integers: no image before it is read. With an ``input_context`` of ``N > 1`` pipelines
+    the positions outside this pipeline's slice of each global batch are dropped before
+    any image is read (integers again), so the N pipelines together read every position
+    exactly once.
     """
     n = len(source)
     if seed is None:
@@ -388,7 +411,18 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
             example["masks"] = load_masks(index)
         return example, position
 
-    ds = tf.data.Dataset.zip(positions, order).map(load, num_parallel_calls=num_parallel_calls)
+    ds = tf.data.Dataset.zip(positions, order)
+    out_batch = int(batch_size)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        from kerasdet.distribute import shard_of_batch
+
+        first, size, out_batch = shard_of_batch(batch_size, input_context)
+        global_batch = int(batch_size)
+        ds = ds.filter(lambda p, i: (p % global_batch) // size == first // size)
+        logger.info("make_dataset: input pipeline %d of %d reads positions [%d, %d) of each global "
+                    "batch of %d (per-replica batch %d)", input_context.input_pipeline_id,
+                    input_context.num_input_pipelines, first, first + size, global_batch, out_batch)
+    ds = ds.map(load, num_parallel_calls=num_parallel_calls)
     aug_seed = seed + 1
 
     def prepare(example, position):
@@ -400,5 +434,11 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
             ssd_augmentation=ssd_augmentation, masks=masks)
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(out_batch, drop_remainder=True)
+    if input_context is not None:
+        options = tf.data.Options()  # already sharded: tf.distribute must not shard it again
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds._kerasdet_input_context = input_context  # what fit_resumable checks
+    return ds

@@ -440,6 +440,16 @@ class Detector(keras.Model):
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """``keras.Model.save_weights``; on the non-chief workers of a multi-worker job a
+        no-op (every worker holds the same weights and the chief writes them: two workers
+        writing one ``.h5`` on a shared folder crash on its file lock, measured)."""
+        strategy = self._distribute_strategy
+        if strategy is not None and _is_multi_worker(strategy) and not strategy.extended.should_checkpoint:
+            logger.debug("save_weights(%s) skipped on a non-chief worker", filepath)
+            return None
+        return super().save_weights(filepath, overwrite=overwrite, **kwargs)
+
     # --- serialization ------------------------------------------------------------------
     def get_config(self):
         """Base fields, the subclass's constructor arguments (``self._config``) and the
