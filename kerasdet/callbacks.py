@@ -46,10 +46,10 @@ _METADATA = "training_metadata.json"
 
 def _is_writer(model) -> bool:
     """False on the non-chief workers of a multi-worker strategy (they must not write)."""
-    from kerasdet.models.base import _is_multi_worker
+    from kerasdet.distribute import is_multi_worker
 
     strategy = getattr(model, "distribute_strategy", None)
-    if strategy is None or not _is_multi_worker(strategy):
+    if strategy is None or not is_multi_worker(strategy):
         return True
     return bool(strategy.extended.should_checkpoint)
 
@@ -311,10 +311,10 @@ def _first_line(exc):
 
 
 def _is_multi_worker_model(model):
-    from kerasdet.models.base import _is_multi_worker
+    from kerasdet.distribute import is_multi_worker
 
     strategy = getattr(model, "distribute_strategy", None)
-    return strategy is not None and _is_multi_worker(strategy)
+    return strategy is not None and is_multi_worker(strategy)
 
 
 def distribute_train_data(strategy, make_train_data, start_batch):
@@ -329,9 +329,9 @@ def distribute_train_data(strategy, make_train_data, start_batch):
     strategies: ``make_train_data(start_batch)`` as is (Keras distributes it).
     """
     from kerasdet.distribute import input_context_scope
-    from kerasdet.models.base import _is_multi_worker
+    from kerasdet.distribute import is_multi_worker
 
-    if strategy is None or not _is_multi_worker(strategy):
+    if strategy is None or not is_multi_worker(strategy):
         return make_train_data(start_batch)
     fallback = []
 

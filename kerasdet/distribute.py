@@ -91,13 +91,14 @@ def shard_of_batch(batch_size, input_context):
 
 
 def is_multi_worker(strategy=None):
-    """True for a ``MultiWorkerMirroredStrategy`` that spans several workers."""
-    from kerasdet.models.base import _is_multi_worker
-
+    """True for a ``MultiWorkerMirroredStrategy`` that really spans several workers."""
     strategy = strategy or tf.distribute.get_strategy()
     if getattr(strategy, "extended", None) is None:  # not a tf.distribute strategy (a test double)
         return False
-    return _is_multi_worker(strategy)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return bool(in_multi_worker_mode()) if callable(in_multi_worker_mode) else True
 
 
 def is_chief(strategy=None):

@@ -194,19 +194,16 @@ def test_two_workers_train_like_one_process(digits, tmp_path):
     diffs = [float(np.max(np.abs(w1[k] - w2[k]))) for k in w1 if w1[k].size]
     print(f"|weights 2w - 1w|: max {max(diffs):.3g}, median over tensors {np.median(diffs):.3g}")
 
-    with open(os.path.join(single_dir, "summary.json")) as f:
+    with open(os.path.join(single_dir, "run.json")) as f:
         ap1 = json.load(f)["stats"]["AP"]
-    with open(os.path.join(multi_dir, "summary.json")) as f:
+    with open(os.path.join(multi_dir, "run.json")) as f:
         ap2 = json.load(f)["stats"]["AP"]
     print(f"AP 1 worker {ap1:.4f}, 2 workers {ap2:.4f}")
     assert abs(ap1 - ap2) <= AP_ATOL
 
     # Every worker evaluated during the job: its AP is a single-process evaluation's of the
     # same weights.
-    cmd = [sys.executable, "-m", "kerasdet.cli", "evaluate", "--recipe", "retinanet", "--preset", "digits",
-           "--data-dir", digits, "--weights", os.path.join(multi_dir, "model.weights.h5")]
-    for item in OVERRIDES:
-        cmd += ["--set", item]
+    cmd = [sys.executable, "-m", "kerasdet.cli", "evaluate", "--run", multi_dir]
     out = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(row for row in out.stdout.splitlines() if row.startswith("AP ") and "0.50:0.95" in row)
@@ -234,3 +231,50 @@ def test_survivor_reports_a_killed_peer(digits, tmp_path):
     finally:
         for w in workers:
             _kill(w)
+
+
+# --- a staged recipe (decompNet: category / instance / joint / box) under 2 workers --------
+STAGED = [
+    "data.generate.num_train=32", "data.generate.num_val=8", "data.generate.num_clutter=0",
+    "data.generate.min_digits=1", "data.generate.max_digits=3", "input.max_boxes=4",
+    "train.batch_size=4", "eval.batch_size=8", "model.steps=3", "model.max_instances=2",
+    "model.conv_gru_filters=4", "model.instance_filters=4", "model.category_widths=[4,4,4,4,4,4]",
+    "model.box_hidden=8", "train.stages.0.epochs=1", "train.stages.1.epochs=1",
+]
+STAGE_BAND = 0.05  # per-stage mean loss, 2 workers vs 1 (8 steps a stage; measured below)
+
+
+def _staged_command(data_dir, work_dir, strategy):
+    cmd = _command(data_dir, work_dir, strategy, STAGED)
+    i = cmd.index("retinanet")
+    cmd[i] = "decompnet"
+    return cmd
+
+
+@pytest.mark.slow
+def test_staged_recipe_under_two_workers_matches_one_process(tmp_path):
+    data = str(tmp_path / "data")
+    single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
+    single = _start(_staged_command(data, single_dir, "default"), str(tmp_path / "single.log"), _env())
+    assert not _wait([single], RUN_TIMEOUT_S), f"single-process run hung:\n{_tail(single)}"
+    assert single.returncode == 0, _tail(single)
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = [_start(_staged_command(data, multi_dir, "multiworker"), str(tmp_path / f"w{i}.log"),
+                      _env({"cluster": cluster, "task": {"type": "worker", "index": i}})) for i in range(2)]
+    hung = _wait(workers, RUN_TIMEOUT_S)
+    for i, w in enumerate(workers):
+        assert w not in hung and w.returncode == 0, f"worker {i}:\n{_tail(w)}"
+    with open(os.path.join(single_dir, "run.json")) as f:
+        one = json.load(f)
+    with open(os.path.join(multi_dir, "run.json")) as f:
+        two = json.load(f)
+    assert two["num_replicas"] == 2 and one["num_replicas"] == 1
+    assert [s["name"] for s in one["stages"]] == [s["name"] for s in two["stages"]] == [
+        "category", "instance", "joint", "box"]
+    for a, b in zip(one["stages"], two["stages"]):
+        assert a["epochs"] * a["steps_per_epoch"] == b["epochs"] * b["steps_per_epoch"]  # same global schedule
+        la, lb = np.mean(a["history"]["loss"]), np.mean(b["history"]["loss"])
+        print(f"stage {a['name']}: loss 1 worker {la:.5f}, 2 workers {lb:.5f}")
+        assert abs(la - lb) <= STAGE_BAND * abs(la), (a["name"], la, lb)
+    assert abs(one["stats"]["AP"] - two["stats"]["AP"]) <= AP_ATOL

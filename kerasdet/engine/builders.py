@@ -77,9 +77,10 @@ def build_dataset(config: Config, source, *, training: bool, seed: int = 0, star
 
     Training: the infinite, step-addressable stream (``repeat=True``, batch
     ``start_batch`` first) of ``train.batch_size`` images a step, which exact resume
-    needs. Under several workers (``input_context`` of
-    ``strategy.distribute_datasets_from_function``) each worker reads its own shard of
-    ``batch_size / num_workers`` images. Evaluation: one pass, ``eval.batch_size``.
+    needs. Under several workers each worker reads its own slice of every global batch
+    (``input_context`` of ``strategy.distribute_datasets_from_function``; by default the
+    one :func:`kerasdet.callbacks.fit_resumable` sets). Evaluation: one pass,
+    ``eval.batch_size``.
     """
     from kerasdet.data.pipeline import make_dataset
 
@@ -88,13 +89,9 @@ def build_dataset(config: Config, source, *, training: bool, seed: int = 0, star
                   max_boxes=inp.max_boxes, masks=inp.masks, cache_images=inp.cache_images)
     if not training:
         return make_dataset(source, batch_size=config.eval.batch_size, training=False, **common)
-    kwargs = {}
-    batch_size = config.train.batch_size
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        kwargs = dict(num_shards=input_context.num_input_pipelines, shard_index=input_context.input_pipeline_id)
-    return make_dataset(source, batch_size=batch_size, training=True, flip=inp.flip,
+    return make_dataset(source, batch_size=config.train.batch_size, training=True, flip=inp.flip,
                         scale_jitter=inp.scale_jitter, ssd_augmentation=inp.ssd_augmentation, seed=seed,
-                        repeat=True, start_batch=start_batch, **kwargs, **common)
+                        repeat=True, start_batch=start_batch, input_context=input_context, **common)
 
 
 def steps_per_epoch(config: Config, num_train_images: int) -> int:

@@ -30,6 +30,7 @@ import time
 
 from kerasdet.engine import builders
 from kerasdet.engine.config import Config, to_plain
+from kerasdet.distribute import is_chief
 from kerasdet.engine.recipes import Recipe, load_recipe
 from kerasdet.errors import DataFileNotFoundError, UserInputError
 from kerasdet.random_state import load_seed_states, save_seed_states
@@ -48,11 +49,6 @@ def default_work_dir(recipe: Recipe, preset: str) -> str:
 def default_export_dir(recipe: Recipe, preset: str) -> str:
     """``saved_models/<recipe>_<preset>``."""
     return os.path.join("saved_models", f"{recipe.name}_{preset}")
-
-
-def is_chief(strategy) -> bool:
-    """False on the non-chief workers of a multi-worker strategy (they never write)."""
-    return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
 def _write_json(path: str, data) -> None:
@@ -220,18 +216,20 @@ def _run_stage(recipe, config, model, stage, index, *, strategy, epochs, steps, 
         train_model.compile(optimizer=builders.build_optimizer(stage, epochs * steps, train=config.train),
                             jit_compile=config.train.jit_compile)
     multi = len(config.train.stages) > 1
+    chief = is_chief(strategy)
     log_dir = os.path.join(work_dir, "logs", stage.name) if multi else os.path.join(work_dir, "logs")
     evaluate_every = stage.evaluate_every or (config.eval.every_n_epochs if last else None)
     callbacks = list(extra_callbacks) + list(callbacks)
     keys = ["val_" + k for k in builders.metric_keys(config.eval.metric)]
     if evaluate_every:
         callbacks.append(builders.eval_callback(config, val_ds, val_source, every_n_epochs=evaluate_every,
-                                                log_dir=log_dir))
+                                                log_dir=log_dir if chief else None))
     if last:  # after the evaluation callback, which puts val_<metric> into the epoch logs
         callbacks.append(BestModelCheckpoint(os.path.join(work_dir, "best.weights.h5"), monitor="val_" + headline,
                                              mode="max"))
+    if chief:  # one set of event files per run (every worker would write its own copy)
+        callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
     callbacks += [
-        keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0),
         CSVLogger(os.path.join(work_dir, f"history_{stage.name}.csv" if multi else "history.csv"), append=True,
                   keys=keys if evaluate_every else ()),
     ]

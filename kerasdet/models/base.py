@@ -41,6 +41,8 @@ import logging
 import keras
 import tensorflow as tf
 
+from kerasdet.distribute import is_multi_worker
+
 from kerasdet import boxes as box_ops
 
 logger = logging.getLogger(__name__)
@@ -88,10 +90,7 @@ def _num_replicas():
 
 def _is_multi_worker(strategy):
     """True for a ``MultiWorkerMirroredStrategy`` that really spans several workers."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
-    return bool(in_multi_worker_mode()) if callable(in_multi_worker_mode) else True
+    return is_multi_worker(strategy)
 
 
 def _local_value(strategy, value):
