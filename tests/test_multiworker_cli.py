@@ -241,7 +241,9 @@ STAGED = [
     "model.conv_gru_filters=4", "model.instance_filters=4", "model.category_widths=[4,4,4,4,4,4]",
     "model.box_hidden=8", "train.stages.0.epochs=1", "train.stages.1.epochs=1",
 ]
-STAGE_BAND = 0.05  # per-stage mean loss, 2 workers vs 1 (8 steps a stage; measured below)
+# Per-stage mean loss, 2 workers vs 1 (8 steps a stage). Measured on the 2-core CPU: category
+# 0.1 %, instance 0.3 %, joint 0.3 %, box 3.5 % (the box stage trains a fresh head on few steps).
+STAGE_BAND = 0.08
 
 
 def _staged_command(data_dir, work_dir, strategy):
