@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from kerasdet import serving
 from kerasdet.data.coco import load_coco
+from kerasdet.data.geometry import numpy_resized_shapes
 from kerasdet.data.pipeline import make_dataset
 from kerasdet.export import WARMUP_FILE, encode_example, export_versioned, warmup_inputs
 from test_export import CATEGORY_IDS, _model, _rfcn_model, _smn_model
@@ -115,14 +116,16 @@ def pipeline_predict(ex, images, tmp_dir):
         json.dump(coco, f)
     source = load_coco(os.path.join(tmp_dir, "ann.json"), os.path.join(tmp_dir, "img"))
     refs = []
-    for (canvas, labels), image in zip(make_dataset(source, batch_size=1, image_size=ex.image_size), images):
+    for (canvas, _), image in zip(make_dataset(source, batch_size=1, image_size=ex.image_size), images):
         pred = ex.model.predict(canvas, verbose=0)
         n = int(pred["num_detections"][0])
         h, w = image.shape[:2]
-        scale = float(labels["image_scale"][0])
+        # the pipeline's per-axis ratios new / original (its labels follow the pixels so)
+        new_h, new_w = (int(v[0]) for v in numpy_resized_shapes([h], [w], ex.image_size))
+        ratio = np.array([new_h / h, new_w / w] * 2)
         refs.append({"num_detections": n, "scores": pred["scores"][0, :n],
                      "classes": np.asarray(ex.category_ids)[pred["classes"][0, :n]],
-                     "boxes": np.clip(pred["boxes"][0, :n] / scale / np.array([h, w, h, w]), 0, 1)})
+                     "boxes": np.clip(pred["boxes"][0, :n] / ratio / np.array([h, w, h, w]), 0, 1)})
     return refs
 
 
