@@ -22,7 +22,9 @@ setup(
         "mlxtend>=0.23",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn>=1.3"],
+        # TF Serving warm-up requests and gRPC PredictRequest protos (kerasdet.serving).
+        "serving": ["tensorflow-serving-api>=2.16"],
+        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16"],
         "bench": ["keras-hub>=0.20"],
     },
     entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},

@@ -47,7 +47,8 @@ def evaluate(args):
 def export(args):
     from kerasdet.engine.runner import export_run
 
-    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights)}")
+    version = {"version": args.version} if args.version is not None else {}  # runner: export_run(..., version=)
+    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights, **version)}")
     return args.output
 
 
@@ -104,7 +105,8 @@ def build_parser():
         if name == "evaluate":
             sp.add_argument("--metric", default=None, choices=["coco", "voc07", "voc12"])
         else:
-            sp.add_argument("--output", required=True)
+            sp.add_argument("--output", required=True, help="TF Serving base folder: writes <output>/<version>/")
+            sp.add_argument("--version", type=int, default=None, help="version folder (default: highest + 1)")
         sp.set_defaults(func=func)
 
     r = sub.add_parser("predict", help="run a SavedModel on images and write them with boxes drawn")

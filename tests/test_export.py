@@ -1,4 +1,5 @@
-"""SavedModel export: fresh-process load without kerasdet, saved_model_cli, parity with predict."""
+"""SavedModel export: fresh-process load without kerasdet, saved_model_cli, parity with predict,
+TF Serving's versioned layout (``<base>/<version>/``), ``kerasdet export --version``."""
 import json
 import os
 import subprocess
@@ -130,7 +131,9 @@ def test_saved_model_cli_show_and_run(exported):
     show = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True, timeout=300, env=env)
     assert show.returncode == 0, show.stderr[-2000:]
     text = show.stdout
-    assert "signature_def['serving_default']" in text
+    for key in ("serving_default", "encoded_image", "tf_example"):
+        assert f"signature_def['{key}']" in text
+    assert "inputs['image_bytes'] tensor_info:" in text and "dtype: DT_STRING" in text and "shape: (-1)" in text
     assert "inputs['images'] tensor_info:" in text and "dtype: DT_UINT8" in text and "shape: (-1, -1, -1, 3)" in text
     for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
         assert f"outputs['{key}']" in text
@@ -243,3 +246,62 @@ def test_smn_loads_without_kerasdet_and_matches_predict(exported_smn):
     inference mode: N1 base writes + N2 memory steps, all in the graph) and its MLP control."""
     test_fresh_process_without_kerasdet_matches_in_process_predict(exported_smn)
     test_export_metadata(exported_smn)
+
+
+# --- TF Serving's versioned layout (issue 20) ------------------------------------------------
+def test_versioned_layout_never_overwrites(tmp_path):
+    """``export_model`` writes ``<base>/1/``, then ``2/`` (one above the highest, gaps
+    kept), an explicit version that exists is an error, a non-positive one too; the base
+    folder resolves to its highest version, and ``predict_images`` takes either folder."""
+    from types import SimpleNamespace
+
+    from kerasdet.engine.predict import export_model, predict_images, read_export_metadata
+    from kerasdet.errors import UserInputError
+    from kerasdet.export import ExportVersionExistsError, existing_versions, resolve_saved_model_dir
+
+    model = _model("retinanet")
+    config = SimpleNamespace(input=SimpleNamespace(image_size=(64, 64), min_size=None, max_size=None))
+    label_map = {"category_ids": CATEGORY_IDS, "category_names": ["a", "b", "c"]}
+    base = str(tmp_path / "retinanet_digits")
+    first = export_model(model, config, label_map, base)
+    assert first == os.path.join(base, "1") and os.path.isfile(os.path.join(first, "saved_model.pb"))
+    assert os.path.isfile(os.path.join(first, "assets.extra", "tf_serving_warmup_requests"))
+    assert export_model(model, config, label_map, base, version=5) == os.path.join(base, "5")
+    assert export_model(model, config, label_map, base) == os.path.join(base, "6")
+    assert existing_versions(base) == [1, 5, 6] and sorted(os.listdir(base)) == ["1", "5", "6"]  # no temp folder left
+    stamp = os.path.getmtime(os.path.join(base, "5", "saved_model.pb"))
+    with pytest.raises(ExportVersionExistsError, match="export version 5 exists already .* next free: 7"):
+        export_model(model, config, label_map, base, version=5)
+    assert os.path.getmtime(os.path.join(base, "5", "saved_model.pb")) == stamp
+    for bad in (0, -1, "3", 2.0, True):
+        with pytest.raises(UserInputError, match="positive integer"):
+            export_model(model, config, label_map, base, version=bad)
+    assert resolve_saved_model_dir(base) == os.path.join(base, "6") and resolve_saved_model_dir(first) == first
+    assert read_export_metadata(base)["category_names"] == ["a", "b", "c"]
+    image = str(tmp_path / "x.png")
+    cv2.imwrite(image, np.random.RandomState(0).randint(0, 255, (96, 80, 3), dtype=np.uint8))
+    for folder in (base, first):
+        written = predict_images(folder, [image], str(tmp_path / "pred"), score_threshold=0.0)
+        assert len(written) == 1 and os.path.isfile(written[0])
+    # an unversioned export under the base path is refused (TF Serving would not see it)
+    flat = str(tmp_path / "flat")
+    export_saved_model(model, flat, image_size=(64, 64), category_ids=CATEGORY_IDS)
+    with pytest.raises(UserInputError, match="unversioned SavedModel"):
+        export_model(model, config, label_map, flat)
+    with pytest.raises(FileNotFoundError, match="neither saved_model.pb nor"):
+        resolve_saved_model_dir(str(tmp_path))
+
+
+def test_cli_export_version_flag(monkeypatch):
+    """``kerasdet export --version N`` reaches ``export_run`` as ``version=N``; without the
+    flag, ``export_run`` is called as before (next free version)."""
+    from kerasdet import cli
+    import kerasdet.engine.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "export_run", lambda run, output, **kw: calls.append((run, output, kw)) or output)
+    cli.main(["export", "--run", "w", "--output", "o", "--version", "3"])
+    cli.main(["export", "--run", "w", "--output", "o"])
+    assert calls == [("w", "o", {"weights": None, "version": 3}), ("w", "o", {"weights": None})]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["export", "--run", "w", "--output", "o", "--version", "x"])

@@ -1,19 +1,24 @@
 """Serving fuzz: the exported SavedModel of every detector family survives any valid input
 (1x1 .. 4000x4000, 1x3000 / 3000x1, batches 1-8, all-black / all-white / noise) with the
-documented output shapes, dtypes and value ranges, and rejects wrong inputs with a clear
-``InvalidArgumentError`` (dtype: TensorFlow's signature check; rank/channels/empty: the
-in-graph ``check_images`` of :mod:`kerasdet.export`).
+documented output shapes, dtypes and value ranges, on the uint8 ``serving_default`` and on
+the ``encoded_image`` / ``tf_example`` signatures (the same images as PNG files, mixed
+sizes in one batch), and rejects wrong inputs with a clear ``InvalidArgumentError``
+(dtype: TensorFlow's signature check; rank/channels/empty: the in-graph ``check_images``;
+empty / undecodable strings, empty batches: ``check_encoded`` of :mod:`kerasdet.export`;
+a truncated JPEG: TensorFlow's decoder). Grey, RGBA and 16-bit PNGs get the documented
+conversion (grey replicated, alpha dropped, the high byte of 16 bits).
 
 Adding a family is one entry in ``FAMILIES`` (a factory of a tiny model).
 """
 import importlib
 
+import cv2
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasdet.export import export_saved_model
+from kerasdet.export import encode_example, export_saved_model
 
 CATEGORY_IDS = [3, 7, 11]
 IMAGE_SIZE = (64, 64)
@@ -80,8 +85,8 @@ def served(request, tmp_path_factory):
     model = factory()
     path = str(tmp_path_factory.mktemp(f"serve_{request.param}") / "saved_model")
     export_saved_model(model, path, image_size=IMAGE_SIZE, category_ids=CATEGORY_IDS)
-    fn = tf.saved_model.load(path).signatures["serving_default"]
-    return request.param, fn
+    loaded = tf.saved_model.load(path)
+    return request.param, loaded.signatures["serving_default"], loaded.signatures
 
 
 def _images(shape, fill, seed=0):
@@ -92,10 +97,13 @@ def _images(shape, fill, seed=0):
 
 @pytest.mark.parametrize("name, shape, fill", CASES, ids=[c[0] for c in CASES])
 def test_any_valid_image_is_served_with_documented_outputs(served, name, shape, fill):
-    family, fn = served
+    family, fn, _ = served
     out = {k: v.numpy() for k, v in fn(images=tf.constant(_images(shape, fill))).items()}
-    b = shape[0]
     assert set(out) == {"detection_boxes", "detection_scores", "detection_classes", "num_detections"}
+    _assert_documented_outputs(out, shape[0])
+
+
+def _assert_documented_outputs(out, b):
     boxes, scores, classes, num = (out[k] for k in ("detection_boxes", "detection_scores", "detection_classes",
                                                        "num_detections"))
     assert boxes.dtype == np.float32 and scores.dtype == np.float32
@@ -124,6 +132,113 @@ def test_any_valid_image_is_served_with_documented_outputs(served, name, shape, 
     (np.zeros((0, 8, 8, 3), np.uint8), "with batch, height, width >= 1; got an empty batch or image"),
 ], ids=["float32", "int32", "rank3", "rank5", "grey", "rgba", "zero_height", "empty_batch"])
 def test_wrong_inputs_get_a_clear_error(served, images, match):
-    _, fn = served
+    _, fn, _ = served
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         fn(images=tf.constant(images))
+
+
+def _png(image):
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    elif image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+#: (name, [(h, w), ...] of one encoded batch, fill)
+ENCODED_CASES = [
+    ("1x1", [(1, 1)], None),
+    ("mixed_1x3000_3000x1_17x5", [(1, 3000), (3000, 1), (17, 5)], None),
+    ("mixed_batch8_black", [(1 + 7 * i, 2 + 5 * i) for i in range(8)], 0),
+    ("480x640_and_64x64_white", [(480, 640), (64, 64)], 255),
+    ("4000x4000_noise", [(4000, 4000)], None),
+]
+
+
+@pytest.mark.parametrize("signature", ["encoded_image", "tf_example"])
+@pytest.mark.parametrize("name, sizes, fill", ENCODED_CASES, ids=[c[0] for c in ENCODED_CASES])
+def test_any_valid_encoded_batch_is_served_with_documented_outputs(served, signature, name, sizes, fill):
+    """Mixed sizes in one batch; each image's boxes normalized to its own size, equal to the
+    uint8 signature's answer for that image alone."""
+    _, fn, signatures = served
+    images = [_images((h, w, 3), fill, seed=i) for i, (h, w) in enumerate(sizes)]
+    files = [_png(im) for im in images]
+    if signature == "encoded_image":
+        out = signatures["encoded_image"](image_bytes=tf.constant(files))
+    else:
+        out = signatures["tf_example"](serialized_examples=tf.constant([encode_example(f) for f in files]))
+    out = {k: v.numpy() for k, v in out.items()}
+    shapes = out.pop("image_shapes")
+    np.testing.assert_array_equal(shapes, sizes)
+    assert shapes.dtype == np.int32
+    _assert_documented_outputs(out, len(sizes))
+    for i in {0, len(images) - 1}:
+        alone = {k: v.numpy() for k, v in fn(images=tf.constant(images[i][None])).items()}
+        for key in alone:
+            np.testing.assert_allclose(out[key][i], alone[key][0], atol=1e-5, err_msg=key)
+
+
+def _jpeg(seed=0):
+    return cv2.imencode(".jpg", _images((48, 40, 3), None, seed))[1].tobytes()
+
+
+BAD_ENCODED = [
+    ([b"hello world, not an image"], r"not a JPEG, PNG, GIF or BMP image \(by its first bytes\) at batch index\(es\)\] \[0\]"),
+    ([_jpeg(), b""], r"holds an empty string at batch index\(es\)\] \[1\]"),
+    ([_jpeg(), _jpeg()[:300]], "Invalid JPEG data"),
+    ([_jpeg(), b"\x89PNG\r\n\x1a\n" + b"\0" * 20], "PNG"),
+    ([], "string \\[batch\\] with batch >= 1; got an empty batch"),
+]
+BAD_IDS = ["undecodable", "empty_string", "truncated_jpeg", "broken_png", "empty_batch"]
+
+
+@pytest.mark.parametrize("signature", ["encoded_image", "tf_example"])
+@pytest.mark.parametrize("batch, match", BAD_ENCODED, ids=BAD_IDS)
+def test_bad_encoded_requests_get_a_clear_error(served, signature, batch, match):
+    _, _, signatures = served
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        if signature == "encoded_image":
+            signatures["encoded_image"](image_bytes=tf.constant(batch, dtype=tf.string))
+        else:
+            signatures["tf_example"](serialized_examples=tf.constant([encode_example(b) for b in batch], tf.string))
+
+
+@pytest.mark.parametrize("examples, match", [
+    ([tf.train.Example().SerializeToString()], "image/encoded"),
+    ([b"not a proto"], "Could not parse example input"),
+    ([tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
+        int64_list=tf.train.Int64List(value=[1]))})).SerializeToString()], "image/encoded"),
+], ids=["missing_key", "not_an_example", "wrong_feature_type"])
+def test_bad_tf_examples_get_a_clear_error(served, examples, match):
+    _, _, signatures = served
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        signatures["tf_example"](serialized_examples=tf.constant(examples))
+
+
+def test_wrong_dtype_on_the_encoded_signature(served):
+    _, _, signatures = served
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError), match="string"):
+        signatures["encoded_image"](image_bytes=tf.constant([1, 2]))
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgba", "png16"])
+def test_grey_rgba_and_16bit_pngs_get_the_documented_conversion(served, kind):
+    """Grey -> replicated to RGB; RGBA -> alpha dropped (not composited); 16-bit -> the
+    high byte (``tf.image.convert_image_dtype``): the answer equals the uint8 signature's
+    on the converted pixels."""
+    _, fn, signatures = served
+    rng = np.random.RandomState(7)
+    if kind == "grey":
+        source = rng.randint(0, 256, (50, 60)).astype(np.uint8)
+        rgb = np.repeat(source[..., None], 3, axis=-1)
+    elif kind == "rgba":
+        source = rng.randint(0, 256, (50, 60, 4)).astype(np.uint8)
+        rgb = source[..., :3]
+    else:
+        source = rng.randint(0, 65536, (50, 60, 3)).astype(np.uint16)
+        rgb = (source >> 8).astype(np.uint8)
+    out = {k: v.numpy() for k, v in signatures["encoded_image"](image_bytes=tf.constant([_png(source)])).items()}
+    ref = {k: v.numpy() for k, v in fn(images=tf.constant(rgb[None])).items()}
+    assert int(ref["num_detections"][0]) > 0
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-6, err_msg=key)

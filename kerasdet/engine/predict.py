@@ -12,21 +12,26 @@ from kerasdet.errors import DataFileNotFoundError
 EXPORT_METADATA = "kerasdet_export.json"
 
 
-def export_model(model, config: Config, label_map: dict, export_dir: str) -> str:
-    """:func:`kerasdet.export.export_saved_model` with the input section's resize rule and
-    the run's label map (dataset category ids and names)."""
-    from kerasdet.export import export_saved_model
+def export_model(model, config: Config, label_map: dict, export_dir: str, *, version: int | None = None) -> str:
+    """:func:`kerasdet.export.export_versioned` with the input section's resize rule and
+    the run's label map (dataset category ids and names): writes TF Serving's layout
+    ``<export_dir>/<version>/saved_model.pb`` (``version`` default: one above the highest
+    existing one; an existing version is an :class:`~kerasdet.export.ExportVersionExistsError`).
+    Returns the version folder written."""
+    from kerasdet.export import export_versioned
 
     inp = config.input
-    return export_saved_model(model, export_dir, image_size=inp.image_size, min_size=inp.min_size,
-                              max_size=inp.max_size, category_ids=label_map["category_ids"],
-                              category_names=label_map.get("category_names"))
+    return export_versioned(model, export_dir, version=version, image_size=inp.image_size, min_size=inp.min_size,
+                            max_size=inp.max_size, category_ids=label_map["category_ids"],
+                            category_names=label_map.get("category_names"))
 
 
 def read_export_metadata(saved_model_dir: str) -> dict:
-    """The export's ``kerasdet_export.json`` (``{}`` for a SavedModel written elsewhere)."""
-    if not os.path.isdir(saved_model_dir):
-        raise DataFileNotFoundError(f"no SavedModel folder {saved_model_dir}")
+    """The export's ``kerasdet_export.json`` (``{}`` for a SavedModel written elsewhere);
+    ``saved_model_dir`` as in :func:`predict_images`."""
+    from kerasdet.export import resolve_saved_model_dir
+
+    saved_model_dir = resolve_saved_model_dir(saved_model_dir)
     path = os.path.join(saved_model_dir, EXPORT_METADATA)
     if not os.path.isfile(path):
         return {}
@@ -37,13 +42,20 @@ def read_export_metadata(saved_model_dir: str) -> dict:
 def predict_images(saved_model_dir: str, image_paths, output_dir: str, *, score_threshold: float = 0.3) -> list:
     """Runs an exported SavedModel's ``serving_default`` on image files and writes each
     with its boxes drawn to ``output_dir/<stem>_det.png`` (small images upscaled so labels
-    stay legible). Class names come from the export's metadata. Returns the paths."""
+    stay legible). Class names come from the export's metadata. Returns the paths.
+
+    ``saved_model_dir``: a version folder (or any folder holding ``saved_model.pb``), or a
+    TF Serving base folder, then its highest version
+    (:func:`kerasdet.export.resolve_saved_model_dir`)."""
     import cv2
     import tensorflow as tf
 
     from kerasdet.data.coco import read_image
     from kerasdet.visualize import draw_detections, save_image
 
+    from kerasdet.export import resolve_saved_model_dir
+
+    saved_model_dir = resolve_saved_model_dir(saved_model_dir)
     meta = read_export_metadata(saved_model_dir)
     names = None
     if meta.get("category_names") and meta.get("category_ids"):
