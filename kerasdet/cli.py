@@ -47,8 +47,7 @@ def evaluate(args):
 def export(args):
     from kerasdet.engine.runner import export_run
 
-    version = {"version": args.version} if args.version is not None else {}  # runner: export_run(..., version=)
-    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights, **version)}")
+    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights, version=args.version)}")
     return args.output
 
 

@@ -94,7 +94,7 @@ def test_train_evaluate_export_predict(tmp_path):
     summary = cli.main(["train", "--epochs", "1", "--work-dir", work, "--export-dir", export_dir,
                         "--data-dir", data, "--num-draw", "2", "--verbose", "0"] + TINY)
     assert set(summary["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert os.path.isfile(os.path.join(export_dir, "saved_model.pb"))
+    assert os.path.isfile(os.path.join(export_dir, "1", "saved_model.pb"))  # TF Serving's <base>/<version>/
     drawn = sorted(os.listdir(os.path.join(work, "predictions")))
     assert len(drawn) == 2 and all(p.endswith("_det.png") for p in drawn)
     with open(os.path.join(work, "run.json")) as f:
@@ -104,7 +104,7 @@ def test_train_evaluate_export_predict(tmp_path):
     stats = cli.main(["evaluate", "--run", work])
     np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
     cli.main(["export", "--run", work, "--output", str(tmp_path / "sm2")])
-    assert os.path.isfile(str(tmp_path / "sm2" / "saved_model.pb"))
+    assert os.path.isfile(str(tmp_path / "sm2" / "1" / "saved_model.pb"))
     image = os.path.join(data, "images", "val", sorted(os.listdir(os.path.join(data, "images", "val")))[0])
     cli.main(["predict", "--saved-model", export_dir, "--output-dir", str(tmp_path / "pred"), image])
     assert len(os.listdir(tmp_path / "pred")) == 1

@@ -294,7 +294,7 @@ def test_versioned_layout_never_overwrites(tmp_path):
 
 def test_cli_export_version_flag(monkeypatch):
     """``kerasdet export --version N`` reaches ``export_run`` as ``version=N``; without the
-    flag, ``export_run`` is called as before (next free version)."""
+    flag, ``version=None`` (the next free version)."""
     from kerasdet import cli
     import kerasdet.engine.runner as runner
 
@@ -302,6 +302,6 @@ def test_cli_export_version_flag(monkeypatch):
     monkeypatch.setattr(runner, "export_run", lambda run, output, **kw: calls.append((run, output, kw)) or output)
     cli.main(["export", "--run", "w", "--output", "o", "--version", "3"])
     cli.main(["export", "--run", "w", "--output", "o"])
-    assert calls == [("w", "o", {"weights": None, "version": 3}), ("w", "o", {"weights": None})]
+    assert calls == [("w", "o", {"weights": None, "version": 3}), ("w", "o", {"weights": None, "version": None})]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["export", "--run", "w", "--output", "o", "--version", "x"])

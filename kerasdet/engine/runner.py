@@ -174,11 +174,11 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
         from kerasdet.engine.predict import export_model, predict_images
 
         export_dir = export_dir or config.export.dir or default_export_dir(recipe, preset)
-        export_model(model, config, _label_map(train_source), export_dir)
-        print(f"SavedModel written to {export_dir}")
-        paths["export"] = os.path.abspath(export_dir)
+        version_dir = export_model(model, config, _label_map(train_source), export_dir)
+        print(f"SavedModel written to {version_dir}")
+        paths["export"] = os.path.abspath(version_dir)
         if config.export.num_draw:
-            drawn = predict_images(export_dir, val_source.image_paths[: config.export.num_draw],
+            drawn = predict_images(version_dir, val_source.image_paths[: config.export.num_draw],
                                    os.path.join(work_dir, "predictions"),
                                    score_threshold=config.export.score_threshold)
             print(f"Detections drawn on {len(drawn)} validation images in {os.path.join(work_dir, 'predictions')}")
@@ -331,10 +331,11 @@ def evaluate_run(work_dir: str, *, weights: str | None = None, metric: str | Non
     return builders.evaluate(model, dataset, source, metric=metric or config.eval.metric, results_file=results_file)
 
 
-def export_run(work_dir: str, output: str, *, weights: str | None = None) -> str:
-    """Exports a finished run's weights as a SavedModel (label map from ``run.json``)."""
+def export_run(work_dir: str, output: str, *, weights: str | None = None, version: int | None = None) -> str:
+    """Exports a finished run's weights as a SavedModel (label map from ``run.json``) to
+    TF Serving's layout ``<output>/<version>/`` (default version: one above the highest);
+    returns the version folder."""
     from kerasdet.engine.predict import export_model
 
     _, config, model, record = load_run(work_dir, weights=weights)
-    export_model(model, config, record["label_map"], output)
-    return output
+    return export_model(model, config, record["label_map"], output, version=version)

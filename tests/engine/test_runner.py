@@ -105,7 +105,7 @@ def test_evaluate_and_export_read_run_json_not_the_training_data(tmp_path):
     _, _, model, record = load_run(work)
     assert model.num_classes == len(record["label_map"]["category_ids"]) == 10
     export_run(work, str(tmp_path / "sm"))
-    assert os.path.isfile(str(tmp_path / "sm" / "saved_model.pb"))
+    assert os.path.isfile(str(tmp_path / "sm" / "1" / "saved_model.pb"))
     assert not os.path.exists(os.path.join(data, "annotations", "instances_train.json"))  # nothing regenerated
 
 
