@@ -29,7 +29,6 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
 def _export(tmp):
@@ -131,7 +130,7 @@ def _fresh(args):
 
 def c_api_vs_python(path, repeats, tmp):
     import tensorflow as tf
-    from test_serving_capi import CAPI_RUNNER, signature_tensor_names
+    from kerasdet.capi import CAPI_RUNNER, signature_tensor_names
 
     images, _ = _jpegs(1)
     np.save(os.path.join(tmp, "one.npy"), images)

@@ -365,7 +365,8 @@ class DecompositionWarmup(keras.callbacks.Callback):
 
     At the start of each epoch sets the model's ``p``, ``lam`` and ``gamma`` variables to
     ``start`` for the first ``epochs`` epochs of this fit, to ``end`` afterwards (the
-    category loss's ``p`` follows the same schedule: spec 001 §2.2 choice).
+    category loss's ``p`` follows the same schedule: our choice, the paper gives no
+    schedule for ``p``).
     """
 
     def __init__(self, *, start=0.3, end=1.0, epochs=1, names=("p", "lam", "gamma")):

@@ -1,9 +1,9 @@
 """Choosing a ``tf.distribute`` strategy for ``model.fit``.
 
 Every kerasdet detector trains correctly under any of these strategies (see
-:mod:`kerasdet.models.base` for how losses are scaled). Traps of this stack, measured
-(PLATFORM.md): batch with ``drop_remainder=True`` under a strategy (an empty per-replica
-batch crashes oneDNN on CPU), pad ground truth instead of ragged tensors, and run
+:mod:`kerasdet.models.base` for how losses are scaled). Traps of this stack, measured with
+TensorFlow 2.21 on CPU: batch with ``drop_remainder=True`` under a strategy (oneDNN's
+conv2d of a zero-size per-replica batch returns the wrong shape), pad ground truth instead of ragged tensors, and run
 multi-worker test processes under a hard timeout (a worker can hang when its peer dies).
 
 Multi-worker jobs (``MultiWorkerMirroredStrategy``, one process per worker, ``TF_CONFIG``):

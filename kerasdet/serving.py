@@ -67,9 +67,9 @@ def encode_image(image, format="png", quality=95) -> bytes:
 def encode_example(image_bytes: bytes) -> bytes:
     """A serialized ``tf.train.Example`` with ``image/encoded`` = ``image_bytes`` (the
     ``tf_example`` signature's element)."""
-    from kerasdet.export import encode_example as _encode
+    from kerasdet import export
 
-    return _encode(image_bytes)
+    return export.encode_example(image_bytes)
 
 
 def _inputs(inputs, signature_name):

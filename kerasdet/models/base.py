@@ -11,7 +11,7 @@ only writes ``detection_losses`` (a dict of already-normalized loss terms) and
 * the coupled (Caffe-style, ``grad += wd * w``) weight decay is added per replica divided
   by the number of replicas, for the same reason;
 * logged losses are all-reduced so every replica (and the History) sees the global value;
-* ``MultiWorkerMirroredStrategy`` + ``fit`` (keras-team/keras#20585, see PLATFORM.md):
+* ``MultiWorkerMirroredStrategy`` + ``fit`` (keras-team/keras#20585; measured with Keras 3.15):
   Keras' symbolic build cross-worker-reduces the first PerReplica batch and fails, and its
   ``reduce(MEAN, axis=0)`` of the step outputs fails on scalar logs. Under a multi-worker
   strategy the symbolic build uses this worker's local batch instead (which also builds
@@ -146,7 +146,7 @@ class Detector(keras.Model):
 
     Args:
         weight_decay: coupled L2 weight decay applied to conv/dense kernels only (no decay
-            on biases or normalization layers — spec ambiguity 22). The thesis' 1e-4 is
+            on biases or normalization layers — our choice, the thesis is silent on it). The thesis' 1e-4 is
             Caffe-style (``grad += 1e-4 * w``), which Keras' decoupled
             ``optimizer(weight_decay=...)`` is not once momentum is involved. Default 1e-4.
         nan_policy: what a training step with a non-finite loss/gradient does:
