@@ -54,6 +54,7 @@ UNCLEAN_SHUTDOWN = ("CoordinationServiceError", "stopped sending heartbeats", "C
 OVERRIDES = [
     f"data.generate.num_train={NUM_TRAIN}", f"data.generate.num_val={NUM_VAL}",
     f"train.batch_size={BATCH}", f"train.epochs={EPOCHS}", "train.warmup_steps=40",
+    "train.lr=0.002",  # the bands below were measured at this rate (the preset had 2e-3 then)
     f"eval.every_n_epochs={EPOCHS}", "eval.batch_size=16",
     "backbone.widths=[8,16,24,32]", "backbone.blocks=[0,1,1,1]",
     "model.fpn_channels=24", "model.head_convs=1", "model.head_channels=24",
