@@ -12,8 +12,8 @@ Presets:
   stride (16 px on P3: the digits are 15-45 px), no flip (a mirrored digit is another
   glyph), Adam 1e-3 for 9 epochs with a 200-step linear warm-up. Chosen by measurement
   on the 2-core CPU: at 2e-3 a short run could collapse after the warm-up from round-off
-  alone (2 epochs, seeds 0 / 1 / 2: AP 0.072 / 0.000 / 0.455), at 1e-3 none did (0.376 /
-  0.471 / 0.382) and the 9-epoch AP is the same (0.737 vs 0.736); the 100-step warm-up let the first epoch spike (epoch-1 mean loss
+  alone (2 epochs, seeds 0 / 1 / 2: AP 0.072 / 0.000 / 0.455), at 1e-3 none did (0.237 /
+  0.473 / 0.382, losses falling) and the 9-epoch AP is the same (0.737 vs 0.736); the 100-step warm-up let the first epoch spike (epoch-1 mean loss
   2.4 instead of 0.8) and cost ~5 AP50 points at the end; C2 has no residual block (its
   64x64/32x32 backward passes cost ~28% of the backbone's step time; C2 is not a pyramid
   input); labels are padded to 16 boxes, not 100 (the generator puts at most 4 digits in
