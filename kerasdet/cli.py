@@ -45,8 +45,16 @@ def evaluate(args):
 
 
 def export(args):
-    from kerasdet.engine.runner import export_run
+    from kerasdet.engine.runner import export_run, export_run_litert
 
+    if args.format == "litert":
+        if args.version is not None:
+            raise UserInputError("--version is for SavedModel exports (TF Serving's layout); a LiteRT export is "
+                                 "one file")
+        written = export_run_litert(args.run, args.output, weights=args.weights, quantization=args.quantization,
+                                    input_size=args.input_size)
+        print(f"LiteRT model written to {written}")
+        return written
     print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights, version=args.version)}")
     return args.output
 
@@ -104,8 +112,15 @@ def build_parser():
         if name == "evaluate":
             sp.add_argument("--metric", default=None, choices=["coco", "voc07", "voc12"])
         else:
-            sp.add_argument("--output", required=True, help="TF Serving base folder: writes <output>/<version>/")
+            sp.add_argument("--output", required=True, help="TF Serving base folder: writes <output>/<version>/ "
+                            "(--format litert: the .tflite file)")
             sp.add_argument("--version", type=int, default=None, help="version folder (default: highest + 1)")
+            sp.add_argument("--format", default="savedmodel", choices=["savedmodel", "litert"],
+                            help="savedmodel (default, TF Serving) or litert (a .tflite file, batch 1, fixed size)")
+            sp.add_argument("--quantization", default="float32", choices=["float32", "dynamic_int8"],
+                            help="LiteRT weights (default float32)")
+            sp.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                            help="LiteRT input size (default the model's canvas)")
         sp.set_defaults(func=func)
 
     r = sub.add_parser("predict", help="run a SavedModel on images and write them with boxes drawn")

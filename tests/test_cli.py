@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kerasdet import cli
+from kerasdet.errors import UserInputError
 
 TINY = [
     "--set", "data.generate.num_train=32",
@@ -105,6 +106,16 @@ def test_train_evaluate_export_predict(tmp_path):
     np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
     cli.main(["export", "--run", work, "--output", str(tmp_path / "sm2")])
     assert os.path.isfile(str(tmp_path / "sm2" / "1" / "saved_model.pb"))
+    litert = cli.main(["export", "--run", work, "--format", "litert", "--quantization", "dynamic_int8",
+                       "--output", str(tmp_path / "m.tflite")])
+    with open(tmp_path / "m.json") as f:
+        assert json.load(f)["category_ids"] == record["label_map"]["category_ids"]
+    from kerasdet.litert import load_litert
+
+    out = load_litert(litert)(np.zeros((*record["config"]["input"]["image_size"], 3), np.uint8))
+    assert out["detection_boxes"].shape[0] == 1 and out["num_detections"].shape == (1,)
+    with pytest.raises(UserInputError, match="--version is for SavedModel exports"):
+        cli.main(["export", "--run", work, "--format", "litert", "--version", "3", "--output", "x.tflite"])
     image = os.path.join(data, "images", "val", sorted(os.listdir(os.path.join(data, "images", "val")))[0])
     cli.main(["predict", "--saved-model", export_dir, "--output-dir", str(tmp_path / "pred"), image])
     assert len(os.listdir(tmp_path / "pred")) == 1

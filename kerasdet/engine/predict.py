@@ -26,6 +26,18 @@ def export_model(model, config: Config, label_map: dict, export_dir: str, *, ver
                             category_names=label_map.get("category_names"))
 
 
+def export_model_litert(model, config: Config, label_map: dict, path: str, *, quantization: str = "float32",
+                        input_size=None) -> str:
+    """:func:`kerasdet.litert.export_litert` with the input section's canvas and resize rule
+    and the run's label map; ``input_size`` (default the canvas) is the fixed size of the
+    device's images. Returns the ``.tflite`` path."""
+    from kerasdet.litert import export_litert
+
+    inp = config.input
+    return export_litert(model, path, image_size=inp.image_size, input_size=input_size, quantization=quantization,
+                         min_size=inp.min_size, max_size=inp.max_size, category_ids=label_map["category_ids"])
+
+
 def read_export_metadata(saved_model_dir: str) -> dict:
     """The export's ``kerasdet_export.json`` (``{}`` for a SavedModel written elsewhere);
     ``saved_model_dir`` as in :func:`predict_images`."""

@@ -339,3 +339,14 @@ def export_run(work_dir: str, output: str, *, weights: str | None = None, versio
 
     _, config, model, record = load_run(work_dir, weights=weights)
     return export_model(model, config, record["label_map"], output, version=version)
+
+
+def export_run_litert(work_dir: str, output: str, *, weights: str | None = None, quantization: str = "float32",
+                      input_size=None) -> str:
+    """Exports a finished run's weights as a LiteRT file ``output`` (``.tflite``, with its
+    ``.json`` label map; see :mod:`kerasdet.litert`); returns the file written."""
+    from kerasdet.engine.predict import export_model_litert
+
+    _, config, model, record = load_run(work_dir, weights=weights)
+    return export_model_litert(model, config, record["label_map"], output, quantization=quantization,
+                               input_size=input_size)

@@ -25,6 +25,30 @@ def format_detections(boxes, scores, classes, valid, max_detections):
     }
 
 
+def padded_nms(boxes, scores, values, *, max_output_size, iou_threshold, score_threshold):
+    """``tf.image.non_max_suppression_padded`` of a ``[B, N, 4]`` / ``[B, N]`` batch:
+    ``(kept, valid [B])`` with ``kept`` the ``[B, max_output_size, ...]`` rows of each
+    tensor of ``values`` (each ``[B, N, ...]``) in NMS order; rows past ``valid`` are
+    padding.
+
+    With a static batch of 1 (the LiteRT export) it runs the single-image form, one
+    ``NonMaxSuppressionV4`` op (a LiteRT builtin, and an XLA kernel) instead of the batched
+    tiled ``while_loop``, and gathers the rows of the single image (measured trap, TF 2.21 /
+    LiteRT 2.3: a ``batch_dims=1`` gather of that op's indices converts with a static
+    ``[1, K]`` index shape that the kernel resizes to ``[K]`` at run time, "GATHER failed
+    to prepare"). Same rows as the batched form (tested).
+    """
+    if boxes.shape[0] == 1:
+        index, valid = tf.image.non_max_suppression_padded(
+            boxes[0], scores[0], max_output_size=max_output_size, iou_threshold=iou_threshold,
+            score_threshold=score_threshold, pad_to_max_output_size=True)
+        return [tf.gather(v[0], index)[None] for v in values], tf.reshape(valid, [1])
+    index, valid = tf.image.non_max_suppression_padded(
+        boxes, scores, max_output_size=max_output_size, iou_threshold=iou_threshold,
+        score_threshold=score_threshold, pad_to_max_output_size=True)
+    return [tf.gather(v, index, batch_dims=1) for v in values], valid
+
+
 def per_class_nms(boxes, probs, image_shape, *, padded, max_detections, iou_threshold, score_threshold,
                   pre_nms_topk=1000):
     """Per-class NMS of two-stage detections (Faster R-CNN, R-FCN, CoupleNet).
@@ -60,12 +84,10 @@ def per_class_nms(boxes, probs, image_shape, *, padded, max_detections, iou_thre
     extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
     offset = tf.cast(classes, tf.float32)[..., None] * extent
     scores = tf.where(scores > score_threshold, scores, 0.0)
-    keep, valid = tf.image.non_max_suppression_padded(
-        cand + offset, scores, max_output_size=max_detections, iou_threshold=iou_threshold,
-        score_threshold=score_threshold, pad_to_max_output_size=True,
-    )
-    return format_detections(tf.gather(cand, keep, batch_dims=1), tf.gather(scores, keep, batch_dims=1),
-                             tf.gather(classes, keep, batch_dims=1), valid, max_detections)
+    (cand, scores, classes), valid = padded_nms(cand + offset, scores, (cand, scores, classes),
+                                                max_output_size=max_detections, iou_threshold=iou_threshold,
+                                                score_threshold=score_threshold)
+    return format_detections(cand, scores, classes, valid, max_detections)
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -201,17 +223,9 @@ class DetectionPostProcessor(keras.layers.Layer):
         extent = tf.cast(tf.maximum(image_shape[0], image_shape[1]), tf.float32) + 1.0
         offset = tf.cast(classes, tf.float32)[..., None] * extent
         scores = tf.where(scores > self.score_threshold, scores, 0.0)
-        index, valid = tf.image.non_max_suppression_padded(
-            boxes + offset,
-            scores,
-            max_output_size=self.max_detections,
-            iou_threshold=self.nms_iou_threshold,
-            score_threshold=self.score_threshold,
-            pad_to_max_output_size=True,
-        )
-        out_boxes = tf.gather(boxes, index, batch_dims=1)
-        out_scores = tf.gather(scores, index, batch_dims=1)
-        out_classes = tf.gather(classes, index, batch_dims=1)
+        (out_boxes, out_scores, out_classes), valid = padded_nms(
+            boxes + offset, scores, (boxes, scores, classes), max_output_size=self.max_detections,
+            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold)
         return self._format(out_boxes, out_scores, out_classes, valid)
 
     def _format(self, boxes, scores, classes, valid):

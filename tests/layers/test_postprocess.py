@@ -183,3 +183,26 @@ def test_two_stage_topk_compiles_with_xla_and_matches_eager():
     np.testing.assert_array_equal(eager["num_detections"], xla["num_detections"])
     np.testing.assert_allclose(eager["scores"], xla["scores"], atol=1e-6)
     np.testing.assert_allclose(eager["boxes"], xla["boxes"], atol=1e-3)
+
+
+def test_padded_nms_single_image_form_equals_batched():
+    """A static batch of 1 takes the single-image ``NonMaxSuppressionV4`` (LiteRT builtin);
+    its indices and counts equal the batched tiled form's on the same image."""
+    from kerasdet.layers.postprocess import padded_nms
+
+    rng = np.random.RandomState(1)
+    yx = rng.uniform(0, 100, (2, 400, 2))
+    hw = rng.uniform(4, 30, (2, 400, 2))
+    boxes = tf.constant(np.concatenate([yx, yx + hw], -1), tf.float32)
+    scores = tf.constant(rng.uniform(0, 1, (2, 400)), tf.float32)
+    args = dict(max_output_size=60, iou_threshold=0.5, score_threshold=0.2)
+    ids = tf.broadcast_to(tf.range(400)[None], (2, 400))
+    (batched_boxes, batched_ids), batched_valid = padded_nms(boxes, scores, (boxes, ids), **args)  # tiled form
+    for i in range(2):
+        (kept_boxes, kept_ids), valid = padded_nms(boxes[i:i + 1], scores[i:i + 1], (boxes[i:i + 1], ids[i:i + 1]),
+                                                   **args)
+        assert kept_ids.shape == (1, 60) and kept_boxes.shape == (1, 60, 4) and valid.shape == (1,)
+        n = int(valid[0])
+        assert n == int(batched_valid[i]) and n > 10
+        np.testing.assert_array_equal(kept_ids[0, :n], batched_ids[i, :n])
+        np.testing.assert_array_equal(kept_boxes[0, :n], batched_boxes[i, :n])
