@@ -26,7 +26,7 @@ setup(
         "serving": ["tensorflow-serving-api>=2.16"],
         # The LiteRT interpreter for kerasdet.litert (TensorFlow's tf.lite.Interpreter is the fallback).
         "litert": ["ai-edge-litert>=2.0"],
-        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16", "ai-edge-litert>=2.0"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16", "ai-edge-litert>=2.0"],
         "bench": ["keras-hub>=0.20"],
     },
     entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},
