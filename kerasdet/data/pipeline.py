@@ -45,9 +45,13 @@ batch is ``B * max_boxes * H * W`` bytes (2 x 100 x 1344^2 = 361 MB: lower
 ``max_boxes`` for large canvases). Not supported with ``ssd_augmentation``.
 
 Structure (and why): per-image labels enter as ragged tensor slices (no Python
-generator); images are decoded with OpenCV inside ``tf.numpy_function`` (grey, RGBA,
-16-bit, BGR -> RGB handled in :func:`~kerasdet.data.coco.read_image`; a bad file raises
-an error naming it). Shuffling happens on file indices before decoding, or on decoded
+generator); images are decoded by TensorFlow ops (``decoder="tf"``, the default:
+:mod:`kerasdet.data.decoding`, PNG / JPEG, bit-identical to OpenCV; other formats by
+OpenCV) or by OpenCV inside ``tf.numpy_function`` (``decoder="opencv"``; grey, RGBA,
+16-bit, BGR -> RGB handled in :func:`~kerasdet.data.coco.read_image`); either way a bad
+file raises an error naming it. Without masks and without ``cache_images`` + ``repeat``
+(a host-memory cache) the whole per-element map is graph ops, so it can run on tf.data
+service workers; mask rasterization (pycocotools) stays on the host. Shuffling happens on file indices before decoding, or on decoded
 images after ``cache()`` when ``cache_images``. Randomness is stateless per element,
 seeded from ``tf.data.Dataset.random(seed)``, so a seeded pipeline is reproducible and
 still differs between epochs.
@@ -68,13 +72,14 @@ import tensorflow as tf
 
 from .box_format import to_yxyx_source
 from .coco import DetectionSource, read_image
+from .decoding import DECODERS, needs_opencv, read_image_graph
 from .geometry import MIN_VISIBLE_FRACTION, numpy_resized_shapes
 from .masks import MASK_MODES, mask_loader
 from .preprocess import preprocess_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES"]
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES", "DECODERS"]
 
 def _decode_numpy(path, height, width, cache=None):
     path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
@@ -89,19 +94,47 @@ def _decode_numpy(path, height, width, cache=None):
     return image
 
 
-def decode_image(path, height, width, cache=None):
-    """Graph op: read ``path`` with OpenCV as RGB uint8 ``[h, w, 3]``.
+def decode_image(path, height, width, cache=None, *, decoder="opencv", opencv=None):
+    """Graph op: read ``path`` as RGB uint8 ``[h, w, 3]``.
 
     Raises (at run time) an error whose message names the file when it is missing,
-    unreadable, truncated, or not of the expected ``(height, width)``. ``cache``: an
-    optional dict (path -> decoded image) kept across calls (in-memory image cache that
-    does not depend on the order images are read in).
+    unreadable, truncated, or not of the expected ``(height, width)``.
+
+    Args:
+      decoder: ``"opencv"`` (default here; OpenCV in a ``tf.numpy_function``, the
+        decoding of :func:`~kerasdet.data.coco.read_image`) or ``"tf"`` (TensorFlow ops,
+        :func:`kerasdet.data.decoding.read_image_graph`: PNG / JPEG, same tensors).
+      cache: ``"opencv"`` only: an optional dict (path -> decoded image) kept across
+        calls (in-memory image cache that does not depend on the order images are read in).
+      opencv: ``"tf"`` only: an optional bool tensor; where True this image goes through
+        OpenCV instead (a format TensorFlow does not decode, see
+        :func:`kerasdet.data.decoding.needs_opencv`). Default None: never.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "tf" and cache is None:
+        if opencv is None:
+            return read_image_graph(path, height, width)
+        return tf.cond(opencv, lambda: decode_image(path, height, width),
+                       lambda: read_image_graph(path, height, width))
     fn = _decode_numpy if cache is None else (
         lambda p, h, w: _decode_numpy(p, h, w, cache))
     image = tf.numpy_function(fn, [path, height, width], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def _opencv_flags(source, decoder, cache_images):
+    """Per-image "decode with OpenCV" flags for ``decoder="tf"`` (None: no image needs it)."""
+    if decoder != "tf" or cache_images:
+        return None
+    flags = needs_opencv(source.image_paths)
+    if flags.any():
+        logger.info("make_dataset: %d of %d image(s) are not PNG/JPEG by extension: OpenCV "
+                    "decodes those (not serializable to tf.data service workers)",
+                    int(flags.sum()), len(flags))
+        return flags
+    return None
 
 
 def _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes):
@@ -172,6 +205,7 @@ def make_dataset(
     masks: str | None = None,
     bounding_box_format: str = "yxyx",
     input_context: tf.distribute.InputContext | None = None,
+    decoder: str = "tf",
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -233,7 +267,14 @@ def make_dataset(
         Default: :func:`kerasdet.distribute.current_input_context` (set by
         :func:`kerasdet.callbacks.fit_resumable` under a multi-worker strategy), else
         none (the whole stream).
+      decoder: ``"tf"`` (default: TensorFlow ops, :mod:`kerasdet.data.decoding`; PNG and
+        JPEG, other formats by OpenCV) or ``"opencv"`` (OpenCV in a ``tf.numpy_function``
+        for every image, the pipeline before graph decoding). Both give the same tensors.
+        ``cache_images`` with ``repeat`` keeps a host-memory cache and decodes with OpenCV
+        whatever ``decoder`` says.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
     source = to_yxyx_source(source, bounding_box_format=bounding_box_format)
@@ -271,7 +312,7 @@ def make_dataset(
             max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
             cache_images=cache_images, min_visible_fraction=min_visible_fraction,
             start_batch=int(start_batch), ssd_augmentation=ssd_augmentation, masks=masks,
-            input_context=input_context)
+            input_context=input_context, decoder=decoder)
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -283,13 +324,17 @@ def make_dataset(
         "classes": _ragged(source.classes, np.int32),
         "is_crowd": _ragged(source.is_crowd, bool),
     }
+    opencv = _opencv_flags(source, decoder, cache_images=False)
+    if opencv is not None:
+        slices["opencv"] = opencv
     ds = tf.data.Dataset.from_tensor_slices(slices)
     load_masks = mask_loader(source, masks)[0] if masks else None
 
     def load(example):
         example = dict(example)
         example["image"] = decode_image(example.pop("path"), example["size"][0],
-                                        example["size"][1])
+                                        example["size"][1], decoder=decoder,
+                                        opencv=example.pop("opencv", None))
         if load_masks is not None:
             example["masks"] = load_masks(example["index"])
         return example
@@ -356,7 +401,7 @@ def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
                     scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
                     min_visible_fraction, start_batch, ssd_augmentation=False, masks=None,
-                    input_context=None):
+                    input_context=None, decoder="tf"):
     """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
 
     Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
@@ -382,6 +427,8 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     boxes = _ragged(source.boxes, np.float32, (4,))
     classes = _ragged(source.classes, np.int32)
     is_crowd = _ragged(source.is_crowd, bool)
+    opencv = _opencv_flags(source, decoder, cache_images)
+    opencv = None if opencv is None else tf.constant(opencv)
 
     def epoch_order(epoch):
         order = tf.range(n, dtype=tf.int64)
@@ -400,7 +447,9 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     def load(position, index):
         size = tf.gather(sizes, index)
         example = {
-            "image": decode_image(tf.gather(paths, index), size[0], size[1], cache=cache),
+            "image": decode_image(tf.gather(paths, index), size[0], size[1], cache=cache,
+                                  decoder="opencv" if cache is not None else decoder,
+                                  opencv=None if opencv is None else tf.gather(opencv, index)),
             "image_id": tf.gather(image_ids, index),
             "size": size,
             "boxes": boxes[index],
