@@ -70,6 +70,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from kerasdet.errors import ConfigError
+
 from .box_format import to_yxyx_source
 from .coco import DetectionSource, read_image
 from .decoding import DECODERS, needs_opencv, read_image_graph
@@ -79,7 +81,7 @@ from .preprocess import preprocess_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES", "DECODERS"]
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "prepare_example", "MASK_MODES", "DECODERS"]
 
 def _decode_numpy(path, height, width, cache=None):
     path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
@@ -206,6 +208,8 @@ def make_dataset(
     bounding_box_format: str = "yxyx",
     input_context: tf.distribute.InputContext | None = None,
     decoder: str = "tf",
+    data_service: str | None = None,
+    num_batches: int | None = None,
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -272,6 +276,16 @@ def make_dataset(
         for every image, the pipeline before graph decoding). Both give the same tensors.
         ``cache_images`` with ``repeat`` keeps a host-memory cache and decodes with OpenCV
         whatever ``decoder`` says.
+      data_service: with ``repeat``: ``"grpc://host:port"`` of a tf.data service
+        dispatcher. The per-image work (decode, augmentation, resize, padding) runs on
+        its workers in ``distributed_epoch`` mode: the stream positions are split between
+        the workers, so each position (each image of each data epoch, with its
+        augmentation seed) is processed by exactly one worker; elements come back in
+        arrival order and are batched here, so the batch composition depends on worker
+        timing (not bit-exact across runs or resumes, unlike the local stream). Needs a
+        graph-only pipeline: no ``masks``, no ``cache_images``, PNG/JPEG files, one input
+        pipeline. Default None (local).
+      num_batches: with ``repeat``: stop after this many batches (default None: infinite).
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -312,7 +326,10 @@ def make_dataset(
             max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
             cache_images=cache_images, min_visible_fraction=min_visible_fraction,
             start_batch=int(start_batch), ssd_augmentation=ssd_augmentation, masks=masks,
-            input_context=input_context, decoder=decoder)
+            input_context=input_context, decoder=decoder, data_service=data_service,
+            num_batches=num_batches)
+    if data_service or num_batches is not None:
+        raise ValueError("data_service and num_batches need repeat=True (the training stream)")
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -359,7 +376,7 @@ def make_dataset(
 
     def prepare(example, rand):
         element_seed = tf.stack([rand, tf.constant(0x5EED, tf.int64)]) if random_aug else None
-        return _prepare_example(
+        return prepare_example(
             example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
             ssd_augmentation=ssd_augmentation, masks=masks)
@@ -369,7 +386,7 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args):
+def prepare_example(example, seed, *, image_size, masks=None, **preprocess_args):
     """``(image, labels)`` of one decoded example: :func:`preprocess_example` plus the label
     dict every model reads (``image_id``, ``image_scale``, ``original_size`` ride along;
     ``foreground`` / ``masks`` with ``masks="union"`` / ``"instances"``)."""
@@ -401,7 +418,7 @@ def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
                     scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
                     min_visible_fraction, start_batch, ssd_augmentation=False, masks=None,
-                    input_context=None, decoder="tf"):
+                    input_context=None, decoder="tf", data_service=None, num_batches=None):
     """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
 
     Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
@@ -428,6 +445,15 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     classes = _ragged(source.classes, np.int32)
     is_crowd = _ragged(source.is_crowd, bool)
     opencv = _opencv_flags(source, decoder, cache_images)
+    if data_service:
+        problems = [what for what, bad in (
+            ("masks (rasterized on the host)", masks), ("cache_images (a host cache)", cache_images),
+            ("decoder='opencv'", decoder == "opencv"), ("images that are not PNG/JPEG", opencv is not None),
+            ("several input pipelines", input_context is not None and input_context.num_input_pipelines > 1))
+            if bad]
+        if problems:
+            raise ConfigError("input.data_service needs a pipeline of graph ops only (tf.data service "
+                              f"workers cannot run Python): not with {', '.join(problems)}")
     opencv = None if opencv is None else tf.constant(opencv)
 
     def epoch_order(epoch):
@@ -440,6 +466,7 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     order = (tf.data.Dataset.counter(first_epoch, dtype=tf.int64)
              .flat_map(epoch_order).skip(start - first_epoch * n))
     positions = tf.data.Dataset.counter(start, dtype=tf.int64)
+    stop = None if num_batches is None else start + int(num_batches) * int(batch_size)
     cache = {} if cache_images else None
     load_masks = (mask_loader(source, masks, {} if cache_images else None)[0]
                   if masks else None)
@@ -460,7 +487,18 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
             example["masks"] = load_masks(index)
         return example, position
 
-    ds = tf.data.Dataset.zip(positions, order)
+    if data_service:  # a splittable source: the index of each position computed from it
+        def position_and_index(position):
+            epoch = position // n
+            order = tf.range(n, dtype=tf.int64)
+            if shuffle:
+                order = tf.random.experimental.stateless_shuffle(
+                    order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            return position, order[position - epoch * n]
+
+        ds = (tf.data.Dataset.range(start, stop) if stop is not None else positions).map(position_and_index)
+    else:
+        ds = tf.data.Dataset.zip(positions, order)
     out_batch = int(batch_size)
     if input_context is not None and input_context.num_input_pipelines > 1:
         from kerasdet.distribute import shard_of_batch
@@ -477,13 +515,20 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     def prepare(example, position):
         element_seed = (tf.stack([tf.constant(aug_seed, tf.int64), position])
                         if random_aug else None)
-        return _prepare_example(
+        return prepare_example(
             example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
             ssd_augmentation=ssd_augmentation, masks=masks)
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
+    if data_service:
+        ds = ds.apply(tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=data_service))
+        logger.info("make_dataset: preprocessing on the tf.data service at %s (distributed_epoch)",
+                    data_service)
     ds = ds.batch(out_batch, drop_remainder=True)
+    if num_batches is not None and not data_service:
+        ds = ds.take(int(num_batches))
     if input_context is not None:
         options = tf.data.Options()  # already sharded: tf.distribute must not shard it again
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
