@@ -74,10 +74,34 @@ def show_config(args):
 
 
 def convert(args):
-    from kerasdet.data.convert import voc_to_coco
+    from kerasdet.errors import ConfigError
 
-    print(f"COCO JSON written to {voc_to_coco(args.voc_root, args.output, sets=args.sets)}")
-    return args.output
+    def need(*flags):
+        missing = [f for f in flags if not getattr(args, f.lstrip("-").replace("-", "_"))]
+        if missing:
+            raise ConfigError(f"convert {args.kind} needs {', '.join(missing)}")
+
+    if args.kind == "voc2coco":
+        from kerasdet.data.convert import voc_to_coco
+
+        need("--voc-root")
+        print(f"COCO JSON written to {voc_to_coco(args.voc_root, args.output, sets=args.sets)}")
+        return args.output
+    if args.num_shards < 1:
+        raise ConfigError(f"--num-shards must be >= 1, got {args.num_shards}")
+    if args.kind == "coco2tfrecord":
+        from kerasdet.data.tfrecord import coco_to_tfrecord
+
+        need("--annotations", "--images")
+        files = coco_to_tfrecord(args.annotations, args.images, args.output, num_shards=args.num_shards,
+                                 include_masks=args.include_masks)
+    else:
+        from kerasdet.data.tfrecord import voc_to_tfrecord
+
+        need("--voc-root")
+        files = voc_to_tfrecord(args.voc_root, args.output, sets=args.sets, num_shards=args.num_shards)
+    print(f"{len(files)} TFRecord shard(s) written: {files[0]} ...")
+    return files
 
 
 def build_parser():
@@ -134,11 +158,16 @@ def build_parser():
     recipe_args(s)
     s.set_defaults(func=show_config)
 
-    c = sub.add_parser("convert", help="convert annotations")
-    c.add_argument("kind", choices=["voc2coco"])
-    c.add_argument("--voc-root", required=True, help="the VOCdevkit folder")
-    c.add_argument("--sets", nargs="+", default=["2007/test"], help="<year>/<split> entries (default 2007/test)")
-    c.add_argument("--output", required=True, help="the COCO JSON to write")
+    c = sub.add_parser("convert", help="convert annotations (voc2coco) or write TFRecord shards")
+    c.add_argument("kind", choices=["voc2coco", "coco2tfrecord", "voc2tfrecord"])
+    c.add_argument("--voc-root", default=None, help="voc2*: the VOCdevkit folder")
+    c.add_argument("--sets", nargs="+", default=["2007/test"], help="voc2*: <year>/<split> entries (default 2007/test)")
+    c.add_argument("--annotations", default=None, help="coco2tfrecord: the COCO JSON")
+    c.add_argument("--images", default=None, help="coco2tfrecord: the image folder")
+    c.add_argument("--num-shards", type=int, default=1, help="*2tfrecord: number of shards (default 1)")
+    c.add_argument("--include-masks", action="store_true", help="coco2tfrecord: write image/object/mask PNGs")
+    c.add_argument("--output", required=True,
+                   help="voc2coco: the COCO JSON to write; *2tfrecord: the shard prefix (PREFIX-00000-of-0000N.tfrecord)")
     c.set_defaults(func=convert)
     return p
 

@@ -30,11 +30,13 @@ MATRIX = [
      "load_coco: FileNotFoundError naming the file and the image id (check_images=True or 'exists'); "
      "with check_images=False the pipeline's read fails naming the file",
      [f"{COCO}::test_missing_image_names_file_and_id", f"{PIPE}::test_bad_image_at_run_time_names_the_file",
-      f"{HERE}::test_missing_file_in_the_training_stream_names_it"]),
+      f"{HERE}::test_missing_file_in_the_training_stream_names_it",
+      "tests/data/test_decoding.py::test_bad_files_fail_naming_the_file"]),
     ("unreadable / truncated image (cut PNG or JPEG, not an image, empty file)",
      "ValueError naming the file (and image id); a truncated JPEG that OpenCV would half-decode is caught by "
      "its missing end marker",
-     [f"{COCO}::test_unreadable_or_truncated_image_names_file"]),
+     [f"{COCO}::test_unreadable_or_truncated_image_names_file",
+      "tests/data/test_decoding.py::test_bad_files_fail_naming_the_file"]),
     ("grey, RGBA, 16-bit images",
      "converted to RGB uint8 (grey replicated, alpha dropped, 16-bit scaled by 1/257)",
      [f"{COCO}::test_grey_rgba_16bit_become_rgb_uint8", f"{COCO}::test_all_image_kinds_load"]),

@@ -45,9 +45,13 @@ batch is ``B * max_boxes * H * W`` bytes (2 x 100 x 1344^2 = 361 MB: lower
 ``max_boxes`` for large canvases). Not supported with ``ssd_augmentation``.
 
 Structure (and why): per-image labels enter as ragged tensor slices (no Python
-generator); images are decoded with OpenCV inside ``tf.numpy_function`` (grey, RGBA,
-16-bit, BGR -> RGB handled in :func:`~kerasdet.data.coco.read_image`; a bad file raises
-an error naming it). Shuffling happens on file indices before decoding, or on decoded
+generator); images are decoded by TensorFlow ops (``decoder="tf"``, the default:
+:mod:`kerasdet.data.decoding`, PNG / JPEG, bit-identical to OpenCV; other formats by
+OpenCV) or by OpenCV inside ``tf.numpy_function`` (``decoder="opencv"``; grey, RGBA,
+16-bit, BGR -> RGB handled in :func:`~kerasdet.data.coco.read_image`); either way a bad
+file raises an error naming it. Without masks and without ``cache_images`` + ``repeat``
+(a host-memory cache) the whole per-element map is graph ops, so it can run on tf.data
+service workers; mask rasterization (pycocotools) stays on the host. Shuffling happens on file indices before decoding, or on decoded
 images after ``cache()`` when ``cache_images``. Randomness is stateless per element,
 seeded from ``tf.data.Dataset.random(seed)``, so a seeded pipeline is reproducible and
 still differs between epochs.
@@ -66,15 +70,18 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from kerasdet.errors import ConfigError
+
 from .box_format import to_yxyx_source
 from .coco import DetectionSource, read_image
+from .decoding import DECODERS, needs_opencv, read_image_graph
 from .geometry import MIN_VISIBLE_FRACTION, numpy_resized_shapes
 from .masks import MASK_MODES, mask_loader
 from .preprocess import preprocess_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionSource", "make_dataset", "decode_image", "MASK_MODES"]
+__all__ = ["DetectionSource", "make_dataset", "decode_image", "prepare_example", "MASK_MODES", "DECODERS"]
 
 def _decode_numpy(path, height, width, cache=None):
     path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else str(path)
@@ -89,19 +96,47 @@ def _decode_numpy(path, height, width, cache=None):
     return image
 
 
-def decode_image(path, height, width, cache=None):
-    """Graph op: read ``path`` with OpenCV as RGB uint8 ``[h, w, 3]``.
+def decode_image(path, height, width, cache=None, *, decoder="opencv", opencv=None):
+    """Graph op: read ``path`` as RGB uint8 ``[h, w, 3]``.
 
     Raises (at run time) an error whose message names the file when it is missing,
-    unreadable, truncated, or not of the expected ``(height, width)``. ``cache``: an
-    optional dict (path -> decoded image) kept across calls (in-memory image cache that
-    does not depend on the order images are read in).
+    unreadable, truncated, or not of the expected ``(height, width)``.
+
+    Args:
+      decoder: ``"opencv"`` (default here; OpenCV in a ``tf.numpy_function``, the
+        decoding of :func:`~kerasdet.data.coco.read_image`) or ``"tf"`` (TensorFlow ops,
+        :func:`kerasdet.data.decoding.read_image_graph`: PNG / JPEG, same tensors).
+      cache: ``"opencv"`` only: an optional dict (path -> decoded image) kept across
+        calls (in-memory image cache that does not depend on the order images are read in).
+      opencv: ``"tf"`` only: an optional bool tensor; where True this image goes through
+        OpenCV instead (a format TensorFlow does not decode, see
+        :func:`kerasdet.data.decoding.needs_opencv`). Default None: never.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "tf" and cache is None:
+        if opencv is None:
+            return read_image_graph(path, height, width)
+        return tf.cond(opencv, lambda: decode_image(path, height, width),
+                       lambda: read_image_graph(path, height, width))
     fn = _decode_numpy if cache is None else (
         lambda p, h, w: _decode_numpy(p, h, w, cache))
     image = tf.numpy_function(fn, [path, height, width], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def _opencv_flags(source, decoder, cache_images):
+    """Per-image "decode with OpenCV" flags for ``decoder="tf"`` (None: no image needs it)."""
+    if decoder != "tf" or cache_images:
+        return None
+    flags = needs_opencv(source.image_paths)
+    if flags.any():
+        logger.info("make_dataset: %d of %d image(s) are not PNG/JPEG by extension: OpenCV "
+                    "decodes those (not serializable to tf.data service workers)",
+                    int(flags.sum()), len(flags))
+        return flags
+    return None
 
 
 def _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes):
@@ -172,6 +207,9 @@ def make_dataset(
     masks: str | None = None,
     bounding_box_format: str = "yxyx",
     input_context: tf.distribute.InputContext | None = None,
+    decoder: str = "tf",
+    data_service: str | None = None,
+    num_batches: int | None = None,
 ) -> tf.data.Dataset:
     """Batched ``(images, labels)`` dataset for a detection source (see module doc).
 
@@ -233,7 +271,24 @@ def make_dataset(
         Default: :func:`kerasdet.distribute.current_input_context` (set by
         :func:`kerasdet.callbacks.fit_resumable` under a multi-worker strategy), else
         none (the whole stream).
+      decoder: ``"tf"`` (default: TensorFlow ops, :mod:`kerasdet.data.decoding`; PNG and
+        JPEG, other formats by OpenCV) or ``"opencv"`` (OpenCV in a ``tf.numpy_function``
+        for every image, the pipeline before graph decoding). Both give the same tensors.
+        ``cache_images`` with ``repeat`` keeps a host-memory cache and decodes with OpenCV
+        whatever ``decoder`` says.
+      data_service: with ``repeat``: ``"grpc://host:port"`` of a tf.data service
+        dispatcher. The per-image work (decode, augmentation, resize, padding) runs on
+        its workers in ``distributed_epoch`` mode: the stream positions are split between
+        the workers, so each position (each image of each data epoch, with its
+        augmentation seed) is processed by exactly one worker; elements come back in
+        arrival order and are batched here, so the batch composition depends on worker
+        timing (not bit-exact across runs or resumes, unlike the local stream). Needs a
+        graph-only pipeline: no ``masks``, no ``cache_images``, PNG/JPEG files, one input
+        pipeline. Default None (local).
+      num_batches: with ``repeat``: stop after this many batches (default None: infinite).
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     image_size = (int(image_size[0]), int(image_size[1]))
     _validate(source, batch_size, image_size, min_size, max_size, scale_jitter, max_boxes)
     source = to_yxyx_source(source, bounding_box_format=bounding_box_format)
@@ -271,7 +326,10 @@ def make_dataset(
             max_boxes=max_boxes, seed=seed, num_parallel_calls=num_parallel_calls,
             cache_images=cache_images, min_visible_fraction=min_visible_fraction,
             start_batch=int(start_batch), ssd_augmentation=ssd_augmentation, masks=masks,
-            input_context=input_context)
+            input_context=input_context, decoder=decoder, data_service=data_service,
+            num_batches=num_batches)
+    if data_service or num_batches is not None:
+        raise ValueError("data_service and num_batches need repeat=True (the training stream)")
 
     slices = {
         "index": np.arange(n, dtype=np.int64),
@@ -283,13 +341,17 @@ def make_dataset(
         "classes": _ragged(source.classes, np.int32),
         "is_crowd": _ragged(source.is_crowd, bool),
     }
+    opencv = _opencv_flags(source, decoder, cache_images=False)
+    if opencv is not None:
+        slices["opencv"] = opencv
     ds = tf.data.Dataset.from_tensor_slices(slices)
     load_masks = mask_loader(source, masks)[0] if masks else None
 
     def load(example):
         example = dict(example)
         example["image"] = decode_image(example.pop("path"), example["size"][0],
-                                        example["size"][1])
+                                        example["size"][1], decoder=decoder,
+                                        opencv=example.pop("opencv", None))
         if load_masks is not None:
             example["masks"] = load_masks(example["index"])
         return example
@@ -314,7 +376,7 @@ def make_dataset(
 
     def prepare(example, rand):
         element_seed = tf.stack([rand, tf.constant(0x5EED, tf.int64)]) if random_aug else None
-        return _prepare_example(
+        return prepare_example(
             example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
             ssd_augmentation=ssd_augmentation, masks=masks)
@@ -324,7 +386,7 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args):
+def prepare_example(example, seed, *, image_size, masks=None, **preprocess_args):
     """``(image, labels)`` of one decoded example: :func:`preprocess_example` plus the label
     dict every model reads (``image_id``, ``image_scale``, ``original_size`` ride along;
     ``foreground`` / ``masks`` with ``masks="union"`` / ``"instances"``)."""
@@ -356,7 +418,7 @@ def _prepare_example(example, seed, *, image_size, masks=None, **preprocess_args
 def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuffle, flip,
                     scale_jitter, max_boxes, seed, num_parallel_calls, cache_images,
                     min_visible_fraction, start_batch, ssd_augmentation=False, masks=None,
-                    input_context=None):
+                    input_context=None, decoder="tf", data_service=None, num_batches=None):
     """The ``repeat=True`` stream of :func:`make_dataset`: stateless and skippable.
 
     Element ``p`` of the infinite stream is image ``perm_e[p - e * n]`` of data epoch
@@ -382,6 +444,17 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     boxes = _ragged(source.boxes, np.float32, (4,))
     classes = _ragged(source.classes, np.int32)
     is_crowd = _ragged(source.is_crowd, bool)
+    opencv = _opencv_flags(source, decoder, cache_images)
+    if data_service:
+        problems = [what for what, bad in (
+            ("masks (rasterized on the host)", masks), ("cache_images (a host cache)", cache_images),
+            ("decoder='opencv'", decoder == "opencv"), ("images that are not PNG/JPEG", opencv is not None),
+            ("several input pipelines", input_context is not None and input_context.num_input_pipelines > 1))
+            if bad]
+        if problems:
+            raise ConfigError("input.data_service needs a pipeline of graph ops only (tf.data service "
+                              f"workers cannot run Python): not with {', '.join(problems)}")
+    opencv = None if opencv is None else tf.constant(opencv)
 
     def epoch_order(epoch):
         order = tf.range(n, dtype=tf.int64)
@@ -393,6 +466,7 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     order = (tf.data.Dataset.counter(first_epoch, dtype=tf.int64)
              .flat_map(epoch_order).skip(start - first_epoch * n))
     positions = tf.data.Dataset.counter(start, dtype=tf.int64)
+    stop = None if num_batches is None else start + int(num_batches) * int(batch_size)
     cache = {} if cache_images else None
     load_masks = (mask_loader(source, masks, {} if cache_images else None)[0]
                   if masks else None)
@@ -400,7 +474,9 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     def load(position, index):
         size = tf.gather(sizes, index)
         example = {
-            "image": decode_image(tf.gather(paths, index), size[0], size[1], cache=cache),
+            "image": decode_image(tf.gather(paths, index), size[0], size[1], cache=cache,
+                                  decoder="opencv" if cache is not None else decoder,
+                                  opencv=None if opencv is None else tf.gather(opencv, index)),
             "image_id": tf.gather(image_ids, index),
             "size": size,
             "boxes": boxes[index],
@@ -411,7 +487,18 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
             example["masks"] = load_masks(index)
         return example, position
 
-    ds = tf.data.Dataset.zip(positions, order)
+    if data_service:  # a splittable source: the index of each position computed from it
+        def position_and_index(position):
+            epoch = position // n
+            order = tf.range(n, dtype=tf.int64)
+            if shuffle:
+                order = tf.random.experimental.stateless_shuffle(
+                    order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            return position, order[position - epoch * n]
+
+        ds = (tf.data.Dataset.range(start, stop) if stop is not None else positions).map(position_and_index)
+    else:
+        ds = tf.data.Dataset.zip(positions, order)
     out_batch = int(batch_size)
     if input_context is not None and input_context.num_input_pipelines > 1:
         from kerasdet.distribute import shard_of_batch
@@ -428,13 +515,20 @@ def _stream_dataset(source, *, batch_size, image_size, min_size, max_size, shuff
     def prepare(example, position):
         element_seed = (tf.stack([tf.constant(aug_seed, tf.int64), position])
                         if random_aug else None)
-        return _prepare_example(
+        return prepare_example(
             example, element_seed, image_size=image_size, min_size=min_size, max_size=max_size, flip=flip,
             scale_jitter=scale_jitter, max_boxes=max_boxes, min_visible_fraction=min_visible_fraction,
             ssd_augmentation=ssd_augmentation, masks=masks)
 
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls)
+    if data_service:
+        ds = ds.apply(tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=data_service))
+        logger.info("make_dataset: preprocessing on the tf.data service at %s (distributed_epoch)",
+                    data_service)
     ds = ds.batch(out_batch, drop_remainder=True)
+    if num_batches is not None and not data_service:
+        ds = ds.take(int(num_batches))
     if input_context is not None:
         options = tf.data.Options()  # already sharded: tf.distribute must not shard it again
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -32,7 +32,15 @@ def data_paths(config: Config, data_dir: str | None = None) -> dict:
         if missing:
             raise ConfigError(f"data.kind 'coco' needs data.{', data.'.join(missing)} (--set data.{missing[0]}=...)")
         return paths
-    raise ConfigError(f"data.kind {data.kind!r} has no annotation files (expected 'digits' or 'coco')")
+    if data.kind == "tfrecord":
+        paths = {k: getattr(data, k) for k in ("train_records", "val_records")}
+        missing = [k for k, v in paths.items() if not v]
+        if missing:
+            raise ConfigError(f"data.kind 'tfrecord' needs data.{', data.'.join(missing)} (glob patterns of "
+                              f"the shards, --set data.{missing[0]}=...)")
+        return paths
+    raise ConfigError(f"data.kind {data.kind!r} has no annotation files (expected 'digits', 'coco' or "
+                      "'tfrecord')")
 
 
 def build_sources(config: Config, data_dir: str | None = None):
@@ -67,6 +75,11 @@ def build_source(config: Config, split: str, *, data_dir=None, category_ids=None
         sets = data.train_sets if split == "train" else data.val_sets
         return load_voc_sets(data.voc_root, sets=sets, class_names=VOC_CLASSES, use_difficult=data.use_difficult)
     paths = paths or data_paths(config, data_dir)
+    if data.kind == "tfrecord":
+        from kerasdet.data.tfrecord import load_tfrecord_source
+
+        return load_tfrecord_source(paths[f"{split}_records"], category_ids=category_ids,
+                                    label_map=data.label_map)
     annotations, images = paths[f"{split}_annotations"], paths[f"{split}_images"]
     return load_coco(annotations, images, category_ids=category_ids)
 
@@ -80,18 +93,36 @@ def build_dataset(config: Config, source, *, training: bool, seed: int = 0, star
     needs. Under several workers each worker reads its own slice of every global batch
     (``input_context`` of ``strategy.distribute_datasets_from_function``; by default the
     one :func:`kerasdet.callbacks.fit_resumable` sets). Evaluation: one pass,
-    ``eval.batch_size``.
+    ``eval.batch_size``. ``data.kind="tfrecord"``: the same batches from the shards
+    (:func:`kerasdet.data.tfrecord.make_tfrecord_dataset`). ``input.data_service``: the
+    training preprocessing runs on tf.data service workers.
     """
     from kerasdet.data.pipeline import make_dataset
 
     inp = config.input
+    if config.data.kind == "tfrecord":
+        from kerasdet.data.tfrecord import make_tfrecord_dataset
+
+        if inp.masks or inp.cache_images or inp.decoder != "tf":
+            raise ConfigError("data.kind 'tfrecord' reads boxes only and decodes in the graph: set "
+                              "input.masks=null, input.cache_images=false, input.decoder='tf'")
+        common = dict(image_size=inp.image_size, min_size=inp.min_size, max_size=inp.max_size,
+                      max_boxes=inp.max_boxes, category_ids=source.category_ids)
+        if not training:
+            return make_tfrecord_dataset(source.annotation_file, batch_size=config.eval.batch_size, **common)
+        return make_tfrecord_dataset(
+            source.annotation_file, batch_size=config.train.batch_size, training=True, flip=inp.flip,
+            scale_jitter=inp.scale_jitter, ssd_augmentation=inp.ssd_augmentation, seed=seed,
+            shuffle_buffer_size=inp.shuffle_buffer_size, start_batch=start_batch, input_context=input_context,
+            data_service=inp.data_service, **common)
     common = dict(image_size=inp.image_size, min_size=inp.min_size, max_size=inp.max_size,
-                  max_boxes=inp.max_boxes, masks=inp.masks, cache_images=inp.cache_images)
+                  max_boxes=inp.max_boxes, masks=inp.masks, cache_images=inp.cache_images, decoder=inp.decoder)
     if not training:
         return make_dataset(source, batch_size=config.eval.batch_size, training=False, **common)
     return make_dataset(source, batch_size=config.train.batch_size, training=True, flip=inp.flip,
                         scale_jitter=inp.scale_jitter, ssd_augmentation=inp.ssd_augmentation, seed=seed,
-                        repeat=True, start_batch=start_batch, input_context=input_context, **common)
+                        repeat=True, start_batch=start_batch, input_context=input_context,
+                        data_service=inp.data_service, **common)
 
 
 def steps_per_epoch(config: Config, num_train_images: int) -> int:

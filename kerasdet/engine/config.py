@@ -50,9 +50,14 @@ class DataConfig:
         (``("2007/trainval", "2012/trainval")`` is the papers' 07+12).
       use_difficult: voc: train on ``difficult`` objects too (default: ignored, as the VOC
         protocol).
+      train_records, val_records: tfrecord: glob patterns of the TFRecord shards
+        (OD API / Model Garden ``tf.Example`` schema, :mod:`kerasdet.data.tfrecord`).
+      label_map: tfrecord: optional OD API label map (pbtxt) or JSON ``{id: name}``: the
+        class list (its ids, sorted) and names; default: the sorted labels found in the
+        training records, named by their ``class/text``.
     """
 
-    kind: Literal["digits", "coco", "voc"] = "digits"
+    kind: Literal["digits", "coco", "voc", "tfrecord"] = "digits"
     dir: str = "data/digits"
     generate: dict = dataclasses.field(default_factory=dict)
     train_annotations: Optional[str] = None
@@ -63,6 +68,9 @@ class DataConfig:
     train_sets: tuple[str, ...] = ("2007/trainval", "2012/trainval")
     val_sets: tuple[str, ...] = ("2007/test",)
     use_difficult: bool = False
+    train_records: Optional[str] = None
+    val_records: Optional[str] = None
+    label_map: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -79,6 +87,13 @@ class InputConfig:
       cache_images: keep decoded images in memory after the first epoch.
       max_boxes: rows of the padded label tensors.
       masks: ``"union"`` / ``"instances"`` to decode segmentations, else none.
+      decoder: ``"tf"`` (graph-native PNG/JPEG decoding, the default) or ``"opencv"``
+        (OpenCV in a ``tf.numpy_function``, the pipeline before graph decoding).
+      data_service: ``"grpc://host:port"`` of a tf.data service dispatcher: the per-image
+        training preprocessing runs on its workers (``distributed_epoch``: each stream
+        position is processed by exactly one worker; batches are formed here). Default
+        None: preprocessing in this process.
+      shuffle_buffer_size: tfrecord: the record shuffle buffer in training.
     """
 
     image_size: tuple[int, int] = (512, 512)
@@ -90,6 +105,9 @@ class InputConfig:
     cache_images: bool = False
     max_boxes: int = 100
     masks: Optional[Literal["union", "instances"]] = None
+    decoder: Literal["tf", "opencv"] = "tf"
+    data_service: Optional[str] = None
+    shuffle_buffer_size: int = 1024
 
 
 @dataclasses.dataclass

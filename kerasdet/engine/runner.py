@@ -72,6 +72,8 @@ def _val_paths(config: Config, paths) -> dict:
     """What ``run.json`` needs to find the validation split again without the generator."""
     if config.data.kind == "voc":
         return {"voc_root": os.path.abspath(config.data.voc_root), "val_sets": list(config.data.val_sets)}
+    if config.data.kind == "tfrecord":
+        return {"val_records": os.path.abspath(paths["val_records"])}
     return {k: os.path.abspath(paths[k]) for k in ("val_annotations", "val_images")}
 
 
@@ -315,6 +317,8 @@ def val_source_of_run(config: Config, record: dict):
     val = record["paths"]["val"]
     if config.data.kind == "voc":
         return builders.build_source(config, "val", category_ids=label_ids)
+    if config.data.kind == "tfrecord":
+        return builders.build_source(config, "val", category_ids=label_ids, paths=val)
     for key in ("val_annotations", "val_images"):
         if not os.path.exists(val[key]):
             raise DataFileNotFoundError(f"{key} of the run: {val[key]} does not exist")

@@ -131,3 +131,31 @@ def make_mask_coco(root, annotations=None):
     with open(ann_file, "w") as f:
         json.dump(data, f)
     return ann_file, os.path.join(root, "images"), data
+
+
+def make_jpeg_coco(root, *, num_images=6, size=(48, 64), quality=90, seed=0):
+    """A COCO set of ``num_images`` smooth colour JPEGs (``size`` = (h, w), odd images
+    transposed) with 1-3 random boxes each; returns (annotation_file, image_dir)."""
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(root, "jpegs")
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = size if i % 2 == 0 else size[::-1]
+        pixels = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (5, 5), 2)
+        name = f"{i:04d}.jpg"
+        assert cv2.imwrite(os.path.join(image_dir, name), pixels,
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = float(rng.uniform(0, w / 2)), float(rng.uniform(0, h / 2))
+            bw, bh = float(rng.uniform(4, w / 2)), float(rng.uniform(4, h / 2))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": int(rng.integers(1, 4)),
+                                "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0})
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}
+    ann_file = os.path.join(root, "jpegs.json")
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    return ann_file, image_dir
