@@ -48,8 +48,15 @@ def _check_rows(y, tol=1.0):
                 continue
             assert set(np.unique(m)) <= {0, 1}
             assert m.any(), (b, i, y["boxes"][b, i])
-            np.testing.assert_allclose(_mask_box(m), y["boxes"][b, i], atol=tol,
-                                       err_msg=f"batch row {b}, object {i}")
+            box, mask_box = y["boxes"][b, i], _mask_box(m)
+            height, width = m.shape
+            if box[0] <= tol or box[1] <= tol or box[2] >= height - tol or box[3] >= width - tol:
+                # Cut by the canvas (jitter crop): the box is clipped to the canvas, and the
+                # visible part of a non-rectangular object can be shorter than the clipped box.
+                assert (mask_box[:2] >= box[:2] - tol).all() and (mask_box[2:] <= box[2:] + tol).all(), \
+                    (b, i, box, mask_box)
+            else:
+                np.testing.assert_allclose(mask_box, box, atol=tol, err_msg=f"batch row {b}, object {i}")
             checked += 1
     return checked
 
@@ -112,8 +119,9 @@ def test_masks_follow_flip_and_scale_jitter(tiny):
               scale_jitter=(0.6, 1.7), max_boxes=6, seed=3)
     ds_i = make_dataset(src, masks="instances", **kw)
     ds_u = make_dataset(src, masks="union", **kw)
-    ys_i = [_collect(ds_i) for _ in range(4)]  # 4 epochs: new flips / scales each time
-    ys_u = [_collect(ds_u) for _ in range(4)]
+    # 10 epochs: new flips / scales each time (image 1 all flipped or all unflipped: p = 2^-9)
+    ys_i = [_collect(ds_i) for _ in range(10)]
+    ys_u = [_collect(ds_u) for _ in range(10)]
     checked, full, centres, scales = 0, 0, [], []
     for yi, yu in zip(ys_i, ys_u):
         np.testing.assert_array_equal(yi["boxes"], yu["boxes"])  # same augmentation
