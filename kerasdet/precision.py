@@ -13,7 +13,12 @@ slower than float32 (measure with ``benchmarks/vs_keras_hub.py --precisions``).
 
 :func:`fold_batchnorm` / :func:`fold_detector_batchnorm` make an inference copy whose
 frozen BatchNormalization layers are folded into the preceding convolutions.
+:func:`inference_variant` is what the exports trace: by default every backbone BN folded
+(an inference graph runs them all on moving statistics) and the precision asked for
+(``"auto"``: bfloat16 on CPUs with native bfloat16, AVX512_BF16 / AMX).
 """
+import contextlib
+
 import keras
 import numpy as np
 
@@ -74,9 +79,24 @@ class FoldedBatchNorm(keras.layers.Layer):
         return input_shape
 
 
-def fold_batchnorm(backbone):
+def fold_pairs(backbone, *, only_frozen=True):
+    """``{conv layer name: the BatchNormalization it feeds}`` of a functional backbone:
+    the BN layers :func:`fold_batchnorm` folds (``only_frozen``: non-trainable ones only;
+    channels-last BN whose input is a ``Conv2D`` output read by nothing else)."""
+    pairs = {}
+    for op in getattr(backbone, "operations", ()):
+        if not isinstance(op, keras.layers.BatchNormalization) or (op.trainable and only_frozen):
+            continue
+        source = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
+        if isinstance(source, keras.layers.Conv2D) and len(source._outbound_nodes) == 1 and op.axis in (-1, 3):
+            pairs[source.name] = op
+    return pairs
+
+
+def fold_batchnorm(backbone, *, only_frozen=True):
     """An inference copy of a functional backbone with every frozen BatchNormalization
-    folded into the convolution that feeds it.
+    folded into the convolution that feeds it (``only_frozen=False``: every
+    BatchNormalization, as an inference graph runs them all on their moving statistics).
 
     ``BN(conv(x)) = conv'(x)`` with ``W' = W * s`` and ``b' = (b - mean) * s + beta``,
     ``s = gamma / sqrt(var + eps)`` per output channel: one pass over each activation map
@@ -86,13 +106,7 @@ def fold_batchnorm(backbone):
     cloned with its weights. Layer names are kept. The result is for inference and export:
     train the original.
     """
-    pairs = {}
-    for op in backbone.operations:
-        if not isinstance(op, keras.layers.BatchNormalization) or op.trainable:
-            continue
-        source = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
-        if isinstance(source, keras.layers.Conv2D) and len(source._outbound_nodes) == 1 and op.axis in (-1, 3):
-            pairs[source.name] = op
+    pairs = fold_pairs(backbone, only_frozen=only_frozen)
     folded_bn = {bn.name for bn in pairs.values()}
 
     def clone(layer):
@@ -123,12 +137,16 @@ def fold_batchnorm(backbone):
     return folded
 
 
-def fold_detector_batchnorm(detector):
+def fold_detector_batchnorm(detector, *, only_frozen=True):
     """A copy of a built kerasdet detector whose ``backbone`` has its frozen BN folded
-    (:func:`fold_batchnorm`); every other weight is copied. For inference/export."""
+    (:func:`fold_batchnorm`; ``only_frozen=False``: every BN); every other weight is
+    copied. For inference/export. Raises ``ValueError`` for a detector that is not built
+    as ``backbone`` + the rest (SMN, decompNet, the sliding-window baseline)."""
     config = detector.get_config()
+    if "backbone" not in config or not isinstance(getattr(detector, "backbone", None), keras.Model):
+        raise ValueError(f"{type(detector).__name__} has no functional `backbone` to fold")
     config.pop("backbone")
-    backbone = fold_batchnorm(detector.backbone)
+    backbone = fold_batchnorm(detector.backbone, only_frozen=only_frozen)
     copy = detector.__class__(backbone=backbone, **config)
     copy.build()
     for source, target in zip(detector.layers, copy.layers):
@@ -137,3 +155,76 @@ def fold_detector_batchnorm(detector):
         if source is not detector.backbone:
             target.set_weights(source.get_weights())
     return copy
+
+
+#: ``precision`` values of :func:`inference_variant` / the exports.
+PRECISIONS = ("float32", "bfloat16", "auto")
+#: CPU flags (``/proc/cpuinfo``) with native bfloat16 arithmetic (oneDNN uses them).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_supports_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Whether this machine's CPU has native bfloat16 (AVX512_BF16 or AMX-BF16)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def resolve_precision(precision):
+    """``"auto"`` -> ``"bfloat16"`` on a CPU with native bfloat16 (see
+    :func:`cpu_supports_bfloat16`), else ``"float32"``; the others as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if cpu_supports_bfloat16() else "float32"
+    return precision
+
+
+def foldable_batchnorm(detector):
+    """The number of BatchNormalization layers of ``detector``'s backbone that
+    :func:`fold_detector_batchnorm` (``only_frozen=False``) folds: 0 for a detector
+    without a functional backbone."""
+    backbone = getattr(detector, "backbone", None)
+    if "backbone" not in detector.get_config() or not isinstance(backbone, keras.Model):
+        return 0
+    return len(fold_pairs(backbone, only_frozen=False))
+
+
+@contextlib.contextmanager
+def inference_variant(model, *, fold_batchnorm="auto", precision="float32"):
+    """The model to trace an inference graph with (an export): ``with inference_variant(m)
+    as (variant, info):``.
+
+    Args:
+        model: a built kerasdet detector (left as it was when the block ends).
+        fold_batchnorm: ``"auto"`` (default): a copy with every backbone BatchNormalization
+            folded into its convolution (:func:`fold_detector_batchnorm` with
+            ``only_frozen=False``: an inference graph runs every BN on its moving
+            statistics) where the detector is ``backbone`` + the rest and has BN to fold,
+            else the model itself; ``True``: the folded copy or a ``ValueError``;
+            ``False``: the model itself.
+        precision: ``"float32"`` (default), ``"bfloat16"`` (compute in bfloat16, weights and
+            post-processing float32; :func:`set_compute_dtype`) or ``"auto"``
+            (:func:`resolve_precision`).
+
+    ``info``: ``{"fold_batchnorm": folded BN layer count (0: not folded), "precision": the
+    compute dtype}``.
+    """
+    if fold_batchnorm not in ("auto", True, False):
+        raise ValueError(f"fold_batchnorm must be 'auto', True or False, got {fold_batchnorm!r}")
+    precision = resolve_precision(precision)
+    folded = foldable_batchnorm(model) if fold_batchnorm else 0
+    if fold_batchnorm is True and not folded:
+        raise ValueError(f"{type(model).__name__}: no BatchNormalization to fold into a convolution")
+    variant = fold_detector_batchnorm(model, only_frozen=False) if folded else model
+    before = compute_dtype(variant)
+    if precision != "float32" or before != "float32":
+        set_compute_dtype(variant, precision)
+    try:
+        yield variant, {"fold_batchnorm": int(folded), "precision": precision}
+    finally:
+        if variant is model and compute_dtype(model) != before and before in COMPUTE_DTYPES:
+            set_compute_dtype(model, before)

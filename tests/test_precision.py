@@ -106,3 +106,61 @@ def test_fold_detector_batchnorm_same_detections_and_trainable_bn_untouched():
     kept = fold_batchnorm(small)
     assert sum(isinstance(l, keras.layers.BatchNormalization) for l in kept.layers) == sum(
         isinstance(l, keras.layers.BatchNormalization) for l in small.layers) > 0
+
+
+def test_inference_variant_folds_every_bn_and_leaves_the_model_as_it_was(tmp_path):
+    """The exports' graph: every backbone BN folded (trainable ones too: an inference
+    graph runs them on moving statistics), same detections; the model itself untouched
+    (its BN layers, its float32 compute) after the block, also for ``bfloat16``."""
+    from kerasdet.precision import FoldedBatchNorm, foldable_batchnorm, inference_variant
+
+    model = _model()
+    _randomize_bn(model.backbone)
+    images = _images()
+    ref = model.predict_on_batch(images)
+    n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.backbone.layers)
+    assert foldable_batchnorm(model) == n_bn > 0
+    with inference_variant(model) as (variant, info):
+        assert variant is not model and info == {"fold_batchnorm": n_bn, "precision": "float32"}
+        assert sum(isinstance(l, FoldedBatchNorm) for l in variant.backbone.layers) == n_bn
+        out = variant.detect(images)
+        np.testing.assert_array_equal(out["num_detections"], ref["num_detections"])
+        np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-5)
+        np.testing.assert_allclose(out["boxes"], ref["boxes"], atol=1e-3)
+    with inference_variant(model, fold_batchnorm=False, precision="bfloat16") as (variant, info):
+        assert variant is model and compute_dtype(model) == "bfloat16" and info["fold_batchnorm"] == 0
+    assert compute_dtype(model) == "float32"
+    np.testing.assert_array_equal(model.predict_on_batch(images)["scores"], ref["scores"])
+
+
+def test_precision_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
+    from kerasdet import precision
+
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("flags\t\t: fpu avx2 fma\n")
+    assert precision.cpu_supports_bfloat16(str(amx)) and not precision.cpu_supports_bfloat16(str(avx2))
+    assert not precision.cpu_supports_bfloat16(str(tmp_path / "missing"))
+    for supported, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "cpu_supports_bfloat16", lambda supported=supported: supported)
+        assert precision.resolve_precision("auto") == expected
+    assert precision.resolve_precision("float32") == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision.resolve_precision("int8")
+
+
+def test_inference_variant_without_a_backbone_to_fold():
+    """Models that are not ``backbone`` + the rest (decompNet) export unfolded under
+    ``"auto"``; ``fold_batchnorm=True`` says why it cannot."""
+    from test_serving import FAMILIES
+
+    from kerasdet.precision import inference_variant
+
+    factory, size, _ = FAMILIES["decompnet"]
+    model = factory()
+    model.build((None, *size, 3))
+    with inference_variant(model) as (variant, info):
+        assert variant is model and info["fold_batchnorm"] == 0
+    with pytest.raises(ValueError, match="no BatchNormalization to fold"):
+        with inference_variant(model, fold_batchnorm=True):
+            pass
