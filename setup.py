@@ -24,7 +24,9 @@ setup(
     extras_require={
         # TF Serving warm-up requests and gRPC PredictRequest protos (kerasdet.serving).
         "serving": ["tensorflow-serving-api>=2.16"],
-        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16"],
+        # keras-hub: tests/test_weights.py builds its RetinaNet/ResNet offline as the reference
+        # (0.32.0 verified; it imports without tensorflow-text or kagglehub).
+        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16", "keras-hub>=0.32"],
         "bench": ["keras-hub>=0.20"],
     },
     entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},

@@ -578,8 +578,10 @@ def transfer_detector_weights(source, target, *, class_names=None, source_class_
     skip = set()
     if head_t is not None and hasattr(head_t, "class_out"):
         skip = {id(head_t.class_out.kernel), id(head_t.class_out.bias)}
-    src = [v for v in source.weights if not (head_s is not None and hasattr(head_s, "class_out")
-                                             and v in (head_s.class_out.kernel, head_s.class_out.bias))]
+    src_skip = set()
+    if head_s is not None and hasattr(head_s, "class_out"):
+        src_skip = {id(head_s.class_out.kernel), id(head_s.class_out.bias)}
+    src = [v for v in source.weights if id(v) not in src_skip]
     dst = [v for v in target.weights if id(v) not in skip]
     if len(src) != len(dst):
         raise WeightsError(f"{source_name}: {len(src)} variables, the model has {len(dst)}: not the same architecture")
