@@ -26,7 +26,10 @@ setup(
         "serving": ["tensorflow-serving-api>=2.16"],
         # The LiteRT interpreter for kerasdet.litert (TensorFlow's tf.lite.Interpreter is the fallback).
         "litert": ["ai-edge-litert>=2.0"],
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16", "ai-edge-litert>=2.0"],
+        # keras-hub: tests/test_weights.py builds its RetinaNet/ResNet offline as the reference
+        # (0.32.0 verified, with the tensorflow-text 2.21.1 it pulls in beside TensorFlow 2.21.0).
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16",
+                 "ai-edge-litert>=2.0", "keras-hub>=0.32"],
         "bench": ["keras-hub>=0.20"],
     },
     entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},

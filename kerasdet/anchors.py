@@ -31,6 +31,12 @@ class AnchorGenerator:
         scales: multipliers of the base size; default the three octave scales
             ``2**0, 2**(1/3), 2**(2/3)`` of RetinaNet (one scale ``(1.0,)`` for the RPN).
         aspect_ratios: ``height / width`` ratios. Default ``(0.5, 1.0, 2.0)``.
+        center_offset: anchor centres at ``(i + center_offset) * stride``. Default 0.5
+            (pixel centres); 0.0 is torchvision's / keras-hub's grid (centres on the
+            top-left corner of each cell), needed by weights trained with it.
+        round_to_pixels: ``False`` (default): exact sizes. ``True``: torchvision's /
+            keras-hub's rounding: the size ``anchor_size * stride * scale`` truncated to an
+            integer, then each half-extent rounded to a whole pixel.
     """
 
     def __init__(
@@ -41,6 +47,8 @@ class AnchorGenerator:
         anchor_size=4.0,
         scales=(1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0)),
         aspect_ratios=(0.5, 1.0, 2.0),
+        center_offset=0.5,
+        round_to_pixels=False,
     ):
         if min_level > max_level:
             raise ValueError(f"min_level ({min_level}) must be <= max_level ({max_level}).")
@@ -53,6 +61,8 @@ class AnchorGenerator:
         self.anchor_size = float(anchor_size)
         self.scales = tuple(float(s) for s in scales)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.center_offset = float(center_offset)
+        self.round_to_pixels = bool(round_to_pixels)
 
     @property
     def levels(self):
@@ -69,6 +79,8 @@ class AnchorGenerator:
             "anchor_size": self.anchor_size,
             "scales": list(self.scales),
             "aspect_ratios": list(self.aspect_ratios),
+            "center_offset": self.center_offset,
+            "round_to_pixels": self.round_to_pixels,
         }
 
     @classmethod
@@ -78,6 +90,14 @@ class AnchorGenerator:
     def base_shapes(self, level):
         """``[A, 2]`` (height, width) of the anchors of one level, scale-major."""
         stride = 2.0**level
+        if self.round_to_pixels:  # keras-hub's AnchorGenerator.generate_base_anchors, in float32
+            sizes = [float(int(self.anchor_size * stride * scale)) for scale in self.scales]
+            h_ratios = tf.sqrt(tf.constant(self.aspect_ratios, tf.float32))
+            w_ratios = 1.0 / h_ratios
+            size = tf.constant(sizes, tf.float32)[:, None]  # [S, 1]: scale-major
+            hs = 2.0 * tf.round(h_ratios[None, :] * size / 2.0)
+            ws = 2.0 * tf.round(w_ratios[None, :] * size / 2.0)
+            return tf.reshape(tf.stack([hs, ws], axis=-1), [-1, 2])
         shapes = []
         for scale in self.scales:
             size = self.anchor_size * stride * scale
@@ -91,8 +111,8 @@ class AnchorGenerator:
         ``height``/``width`` may be Python ints or scalar tensors (dynamic image sizes).
         """
         stride = 2.0**level
-        ys = (tf.cast(tf.range(height), tf.float32) + 0.5) * stride
-        xs = (tf.cast(tf.range(width), tf.float32) + 0.5) * stride
+        ys = (tf.cast(tf.range(height), tf.float32) + self.center_offset) * stride
+        xs = (tf.cast(tf.range(width), tf.float32) + self.center_offset) * stride
         cy, cx = tf.meshgrid(ys, xs, indexing="ij")  # [H, W]
         centers = tf.stack([cy, cx, cy, cx], axis=-1)[:, :, None, :]  # [H, W, 1, 4]
         hw = self.base_shapes(level)

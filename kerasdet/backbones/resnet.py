@@ -86,25 +86,34 @@ class CaffePreprocess(layers.Layer):
         mean: per-channel mean to subtract, in the output (BGR) channel order. Default: the
             ImageNet mean ``[103.939, 116.779, 123.68]``.
         reverse_channels: flip RGB->BGR before subtracting (default ``True``).
+        scale: ``None`` (default: no scaling, Caffe) or a per-channel multiplier applied
+            after the subtraction, in the output channel order. ``reverse_channels=False``
+            with ``mean = 255 * (0.485, 0.456, 0.406)`` and ``scale = 1 / (255 * (0.229,
+            0.224, 0.225))`` is the torchvision / keras-hub ImageNet normalization.
     """
 
-    def __init__(self, mean=IMAGENET_BGR_MEAN, reverse_channels=True, **kwargs):
+    def __init__(self, mean=IMAGENET_BGR_MEAN, reverse_channels=True, scale=None, **kwargs):
         super().__init__(**kwargs)
         self.mean = tuple(float(m) for m in mean)
         self.reverse_channels = bool(reverse_channels)
+        self.scale = None if scale is None else tuple(float(v) for v in scale)
 
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)
         if self.reverse_channels:
             x = ops.flip(x, axis=-1)
-        return x - ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        x = x - ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        if self.scale is not None:
+            x = x * ops.convert_to_tensor(self.scale, dtype=self.compute_dtype)
+        return x
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"mean": list(self.mean), "reverse_channels": self.reverse_channels})
+        config.update({"mean": list(self.mean), "reverse_channels": self.reverse_channels,
+                       "scale": None if self.scale is None else list(self.scale)})
         return config
 
 
@@ -276,6 +285,9 @@ def resnet_backbone(
     input_shape=(None, None, 3),
     freeze_at=2,
     frozen_batchnorm=True,
+    stride_in_3x3=False,
+    batchnorm_epsilon=1.001e-5,
+    normalization=None,
     name=None,
 ):
     """Builds a ResNet backbone returning ``{"C2", "C3", "C4", "C5"}`` feature maps.
@@ -289,6 +301,18 @@ def resnet_backbone(
         freeze_at: stages frozen Detectron-style (default 2: stem + stage 2), see
             :func:`freeze_resnet`.
         frozen_batchnorm: all BatchNormalization layers non-trainable (default ``True``).
+        stride_in_3x3: ``False`` (default): keras.applications' v1 blocks, the stride of a
+            downsampling block in its first 1x1 conv. ``True``: the "v1.5" blocks of
+            torchvision and keras-hub (``ResNetBackbone(block_type="bottleneck_block")``),
+            the stride in the 3x3 conv, applied as zero padding 1 + a "valid" conv (as
+            keras-hub). Same layer names and weight shapes either way, so either kind of
+            weight file loads, but they are different networks: use ``True`` for weights
+            trained that way (:mod:`kerasdet.weights` checks it).
+        batchnorm_epsilon: BatchNormalization epsilon (keras.applications 1.001e-5, the
+            default; keras-hub / torchvision 1e-5).
+        normalization: ``None`` (default: Caffe BGR mean subtraction, as keras.applications)
+            or a dict of :class:`CaffePreprocess` arguments (``mean``, ``reverse_channels``,
+            ``scale``) for weights trained with another image normalization.
         name: model name (default ``"resnet{depth}_backbone"``).
 
     Returns:
@@ -309,14 +333,23 @@ def resnet_backbone(
         imagenet_file=f"resnet{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5",
     )
     application = RESNET_APPLICATIONS[depth]
+    norm_args = dict(normalization or {})
+    unknown = sorted(set(norm_args) - {"mean", "reverse_channels", "scale"})
+    if unknown:
+        raise ValueError(f"{family} backbone: unknown normalization keys {unknown}; expected "
+                         "mean, reverse_channels, scale")
 
     images = keras.Input(shape=input_shape, dtype="float32", name="images")
-    x = CaffePreprocess(name="caffe_preprocess")(images)
-    base = application(include_top=False, weights=None, input_tensor=x, input_shape=input_shape)
-    outputs = {
-        level: base.get_layer(layer_name).output
-        for level, layer_name in RESNET_LEVEL_LAYERS[depth].items()
-    }
+    x = CaffePreprocess(name="caffe_preprocess", **norm_args)(images)
+    if stride_in_3x3 or float(batchnorm_epsilon) != 1.001e-5:
+        out = resnet_v1_layers(x, depth, stride_in_3x3=stride_in_3x3, batchnorm_epsilon=batchnorm_epsilon)
+        outputs = {level: out[layer_name] for level, layer_name in RESNET_LEVEL_LAYERS[depth].items()}
+    else:
+        base = application(include_top=False, weights=None, input_tensor=x, input_shape=input_shape)
+        outputs = {
+            level: base.get_layer(layer_name).output
+            for level, layer_name in RESNET_LEVEL_LAYERS[depth].items()
+        }
     model = keras.Model(images, outputs, name=name or f"resnet{depth}_backbone")
     if path is not None:
         load_local_weights(
@@ -331,6 +364,56 @@ def resnet_backbone(
     # Freeze after loading: legacy .h5 loading orders a layer's weights trainable-first.
     freeze_resnet(model, freeze_at=freeze_at, frozen_batchnorm=frozen_batchnorm)
     return model
+
+
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+"""Bottleneck blocks per stage (conv2..conv5) of each depth."""
+
+
+def resnet_v1_layers(x, depth, *, stride_in_3x3=False, batchnorm_epsilon=1.001e-5):
+    """The keras.applications ResNet v1 graph (``include_top=False``) on tensor ``x``,
+    layer by layer with keras.applications' names, in its layer order.
+
+    ``stride_in_3x3=False`` is the same network as ``keras.applications.ResNet{depth}``;
+    ``True`` moves each downsampling block's stride into its 3x3 conv ("v1.5", zero
+    padding 1 + "valid" conv, layer ``conv{k}_block1_2_pad``). Returns ``{block output
+    layer name: tensor}`` for every ``conv{k}_block{i}_out``.
+    """
+    bn_axis = 3
+    eps = float(batchnorm_epsilon)
+    x = layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name="conv1_pad")(x)
+    x = layers.Conv2D(64, 7, strides=2, use_bias=True, name="conv1_conv")(x)
+    x = layers.BatchNormalization(axis=bn_axis, epsilon=eps, name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    outputs = {}
+    for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), RESNET_BLOCKS[depth]), start=2):
+        for i in range(1, blocks + 1):
+            stride = 2 if (i == 1 and stage > 2) else 1
+            name = f"conv{stage}_block{i}"
+            if i == 1:
+                shortcut = layers.Conv2D(4 * filters, 1, strides=stride, name=name + "_0_conv")(x)
+                shortcut = layers.BatchNormalization(axis=bn_axis, epsilon=eps, name=name + "_0_bn")(shortcut)
+            else:
+                shortcut = x
+            first_stride = 1 if stride_in_3x3 else stride
+            y = layers.Conv2D(filters, 1, strides=first_stride, name=name + "_1_conv")(x)
+            y = layers.BatchNormalization(axis=bn_axis, epsilon=eps, name=name + "_1_bn")(y)
+            y = layers.Activation("relu", name=name + "_1_relu")(y)
+            if stride_in_3x3 and stride > 1:
+                y = layers.ZeroPadding2D(padding=1, name=name + "_2_pad")(y)
+                y = layers.Conv2D(filters, 3, strides=stride, padding="valid", name=name + "_2_conv")(y)
+            else:
+                y = layers.Conv2D(filters, 3, padding="same", name=name + "_2_conv")(y)
+            y = layers.BatchNormalization(axis=bn_axis, epsilon=eps, name=name + "_2_bn")(y)
+            y = layers.Activation("relu", name=name + "_2_relu")(y)
+            y = layers.Conv2D(4 * filters, 1, name=name + "_3_conv")(y)
+            y = layers.BatchNormalization(axis=bn_axis, epsilon=eps, name=name + "_3_bn")(y)
+            x = layers.Add(name=name + "_add")([shortcut, y])
+            x = layers.Activation("relu", name=name + "_out")(x)
+            outputs[name + "_out"] = x
+    return outputs
 
 
 def _check_input_shape(input_shape, family):

@@ -160,9 +160,34 @@ def build_backbone(config: Config, section: str = "backbone"):
 def build_detector(model_class, config: Config, num_classes: int, *, section: str = "model", **extra):
     """``model_class(backbone=build_backbone(config), num_classes=..., weight_decay=
     train.weight_decay, **config.<section>, **extra)``: the ``build_model`` of a recipe
-    whose config follows the house layout."""
-    return model_class(backbone=build_backbone(config), num_classes=num_classes,
-                       weight_decay=config.train.weight_decay, **config.section(section), **extra)
+    whose config follows the house layout. The section's ``weights`` / ``freeze`` keys
+    (:data:`~kerasdet.engine.config.MODEL_WEIGHT_KEYS`) are applied after building, see
+    :func:`load_model_weights`."""
+    args = dict(config.section(section))
+    weights, freeze = args.pop("weights", None), args.pop("freeze", "none")
+    model = model_class(backbone=build_backbone(config), num_classes=num_classes,
+                        weight_decay=config.train.weight_decay, **args, **extra)
+    if weights is not None or freeze != "none":
+        load_model_weights(model, weights, freeze=freeze)
+    return model
+
+
+def load_model_weights(model, weights, *, freeze="none"):
+    """``model.weights`` / ``model.freeze`` of a config: builds ``model`` and loads
+    ``weights`` (a keras-hub preset folder, a kerasdet run folder or ``.weights.h5``;
+    ``None``: none) with :func:`kerasdet.weights.load_detector_weights`, then freezes."""
+    import logging
+
+    from kerasdet.weights import FREEZE_CHOICES, freeze_detector, load_detector_weights
+
+    if freeze not in FREEZE_CHOICES:
+        raise ConfigError(f"model.freeze: {freeze!r} is not one of {', '.join(FREEZE_CHOICES)}")
+    if weights is None:
+        model.build()
+        return freeze_detector(model, freeze)
+    report = load_detector_weights(model, weights, freeze=freeze)
+    logging.getLogger("kerasdet").info("%s", report.summary())
+    return model
 
 
 def build_optimizer(stage: StageConfig, total_steps: int, *, train=None):

@@ -29,6 +29,12 @@ from typing import Any, Literal, Optional, Union
 
 from kerasdet.errors import ConfigError
 
+#: Keys of the ``model`` section that are not the model class's arguments: the weights to
+#: start from (:func:`kerasdet.weights.load_detector_weights`: a keras-hub preset folder, a
+#: kerasdet run folder or ``.weights.h5`` file) and what to freeze (``none``,
+#: ``backbone``, ``backbone_fpn``).
+MODEL_WEIGHT_KEYS = {"weights": None, "freeze": "none"}
+
 #: The closed sections and the open ones every recipe has.
 SECTIONS = ("data", "input", "backbone", "model", "train", "eval", "export")
 
@@ -491,7 +497,8 @@ def load_config(preset: dict, overrides: dict | None = None, *, model_class=None
         raise ConfigError(f"train.stages: stage names must be unique, got {names}")
     model = dict(raw.get("model", {}))
     if model_class is not None:
-        model = check_kwargs(model_class, model, "model", exclude=("backbone", "num_classes", "weight_decay", "base"))
+        model = check_kwargs(model_class, model, "model", exclude=("backbone", "num_classes", "weight_decay", "base"),
+                             extra=MODEL_WEIGHT_KEYS)
     backbone = dict(raw.get("backbone", {}))
     if backbone:
         backbone = check_backbone(backbone, backbone_builder)

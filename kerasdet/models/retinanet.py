@@ -38,6 +38,9 @@ class RetinaNet(Detector):
         extra_levels: FPN mode for levels above C5, default ``"conv_c5"`` (RetinaNet).
         head_convs, head_channels: subnet depth/width. Default 4 x 256.
         anchor_size, scales, aspect_ratios: see :class:`~kerasdet.anchors.AnchorGenerator`.
+        anchor_center_offset, anchor_round_to_pixels: the generator's ``center_offset``
+            (default 0.5) and ``round_to_pixels`` (default False); 0.0 / True is the anchor
+            grid of torchvision and keras-hub (see :mod:`kerasdet.weights`).
         box_weights: box coder weights. Default (1, 1, 1, 1).
         positive_threshold, negative_threshold, allow_low_quality_matches: matcher. Default
             0.5 / 0.4 / True.
@@ -72,6 +75,8 @@ class RetinaNet(Detector):
         anchor_size=4.0,
         scales=(1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0)),
         aspect_ratios=(0.5, 1.0, 2.0),
+        anchor_center_offset=0.5,
+        anchor_round_to_pixels=False,
         box_weights=(1.0, 1.0, 1.0, 1.0),
         positive_threshold=0.5,
         negative_threshold=0.4,
@@ -111,6 +116,8 @@ class RetinaNet(Detector):
             anchor_size=anchor_size,
             scales=scales,
             aspect_ratios=aspect_ratios,
+            center_offset=anchor_center_offset,
+            round_to_pixels=anchor_round_to_pixels,
         )
         self.matcher = ArgMaxMatcher(
             positive_threshold=positive_threshold,
@@ -154,6 +161,8 @@ class RetinaNet(Detector):
             anchor_size=anchor_size,
             scales=list(scales),
             aspect_ratios=list(aspect_ratios),
+            anchor_center_offset=float(anchor_center_offset),
+            anchor_round_to_pixels=bool(anchor_round_to_pixels),
             box_weights=list(self.box_weights),
             positive_threshold=positive_threshold,
             negative_threshold=negative_threshold,

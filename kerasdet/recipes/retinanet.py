@@ -19,6 +19,11 @@ Presets:
   input); labels are padded to 16 boxes, not 100 (the generator puts at most 4 digits in
   an image), which makes anchor matching ~6x cheaper.
 
+* ``keras_hub``: the ``paper`` preset with the architecture of keras-hub's
+  ``retinanet_resnet50_fpn_coco`` (torchvision's v1.5 ResNet-50 with ImageNet mean/std
+  normalization, torchvision's anchor grid), so that ``--set model.weights=PRESET_DIR``
+  loads that preset (see :mod:`kerasdet.weights`); fine-tunes to the data's classes.
+
 Run: ``python recipes/retinanet.py --preset digits`` (same as
 ``kerasdet train --recipe retinanet --preset digits``).
 """
@@ -72,6 +77,17 @@ PRESETS = {
         },
         "eval": {"every_n_epochs": 3, "batch_size": 50},
     },
+}
+
+
+PRESETS["keras_hub"] = {
+    **PRESETS["paper"],
+    "backbone": {"name": "resnet50", "weights": None, "freeze_at": 2, "stride_in_3x3": True,
+                 "batchnorm_epsilon": 1e-5,
+                 "normalization": {"mean": [123.675, 116.28, 103.53],
+                                   "scale": [1 / (255 * 0.229), 1 / (255 * 0.224), 1 / (255 * 0.225)],
+                                   "reverse_channels": False}},
+    "model": {"anchor_center_offset": 0.0, "anchor_round_to_pixels": True, "weights": None, "freeze": "none"},
 }
 
 
