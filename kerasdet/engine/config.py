@@ -497,8 +497,11 @@ def load_config(preset: dict, overrides: dict | None = None, *, model_class=None
         raise ConfigError(f"train.stages: stage names must be unique, got {names}")
     model = dict(raw.get("model", {}))
     if model_class is not None:
+        # model.weights / model.freeze: for the models built as backbone + the rest
+        # (build_detector applies them); SMN (a `base`) and decompNet do not take them.
+        takes_backbone = "backbone" in inspect.signature(model_class).parameters
         model = check_kwargs(model_class, model, "model", exclude=("backbone", "num_classes", "weight_decay", "base"),
-                             extra=MODEL_WEIGHT_KEYS)
+                             extra=MODEL_WEIGHT_KEYS if takes_backbone else None)
     backbone = dict(raw.get("backbone", {}))
     if backbone:
         backbone = check_backbone(backbone, backbone_builder)

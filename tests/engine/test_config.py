@@ -96,3 +96,12 @@ def test_check_kwargs_against_a_signature():
     with pytest.raises(ConfigError, match=r"unknown key 'widht' in section 's'; did you mean 'width'"):
         check_kwargs(builder, {"widht": 3}, "s")
     assert check_kwargs(builder, {"weights": "p"}, "s", extra={"weights": None}) == {"weights": "p"}
+
+
+def test_model_weights_keys_only_for_models_built_from_a_backbone():
+    """``model.weights`` / ``model.freeze`` are applied by ``build_detector``; the recipes
+    whose model is not ``backbone`` + the rest reject them as unknown keys (one line)."""
+    assert load_recipe("retinanet").config("digits", {"model.freeze": "backbone"}).model["freeze"] == "backbone"
+    for name, key in (("smn", "model.freeze"), ("decompnet", "model.weights")):
+        with pytest.raises(ConfigError, match=f"unknown key '{key.split('.')[1]}' in section 'model'"):
+            load_recipe(name).config("digits", {key: "backbone"})
