@@ -102,6 +102,12 @@ def test_train_evaluate_export_predict(tmp_path):
         record = json.load(f)
     assert record["stats"]["AP"] == summary["stats"]["AP"] and record["recipe"] == "retinanet"
     assert record["config"]["train"]["epochs"] == 1 and len(record["label_map"]["category_ids"]) == 10
+    from kerasdet.precision import cpu_supports_bfloat16
+
+    chosen = record["export"]  # export.precision "auto": the CPU, then (bfloat16 CPUs) the AP check
+    assert chosen["precision"] in ("float32", "bfloat16") and ("bfloat16" in chosen) == cpu_supports_bfloat16()
+    with open(os.path.join(export_dir, "1", "kerasdet_export.json")) as f:
+        assert json.load(f)["inference_graph"]["precision"] == chosen["precision"]
     stats = cli.main(["evaluate", "--run", work])
     np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
     cli.main(["export", "--run", work, "--output", str(tmp_path / "sm2")])

@@ -240,12 +240,23 @@ class ExportConfig:
       dir: where; default ``saved_models/<recipe>_<preset>``.
       num_draw: validation images drawn with the exported model's detections.
       score_threshold: drawing threshold.
+      precision: the serving graph's compute dtype: ``"auto"`` (default: bfloat16 on a CPU
+        with native bfloat16, AVX512_BF16 / AMX-BF16, when the validation headline metric
+        computed in bfloat16 is at most ``max_metric_drop`` below float32's, else
+        float32; the check and the choice are written to ``run.json``), ``"float32"`` or
+        ``"bfloat16"`` (forced).
+      max_metric_drop: ``"auto"``'s tolerance. Default 0.005 (half a point of AP).
+      fold_batchnorm: fold every backbone BatchNormalization into its convolution in the
+        serving graph (:func:`kerasdet.precision.inference_variant`). Default True.
     """
 
     enabled: bool = True
     dir: Optional[str] = None
     num_draw: int = 4
     score_threshold: float = 0.3
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_metric_drop: float = 0.005
+    fold_batchnorm: bool = True
 
 
 @dataclasses.dataclass

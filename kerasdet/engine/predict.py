@@ -12,18 +12,47 @@ from kerasdet.errors import DataFileNotFoundError
 EXPORT_METADATA = "kerasdet_export.json"
 
 
-def export_model(model, config: Config, label_map: dict, export_dir: str, *, version: int | None = None) -> str:
-    """:func:`kerasdet.export.export_versioned` with the input section's resize rule and
-    the run's label map (dataset category ids and names): writes TF Serving's layout
-    ``<export_dir>/<version>/saved_model.pb`` (``version`` default: one above the highest
-    existing one; an existing version is an :class:`~kerasdet.export.ExportVersionExistsError`).
-    Returns the version folder written."""
+def export_model(model, config: Config, label_map: dict, export_dir: str, *, version: int | None = None,
+                 precision: str | None = None) -> str:
+    """:func:`kerasdet.export.export_versioned` with the input section's resize rule, the
+    export section's ``fold_batchnorm`` and the run's label map (dataset category ids and
+    names): writes TF Serving's layout ``<export_dir>/<version>/saved_model.pb``
+    (``version`` default: one above the highest existing one; an existing version is an
+    :class:`~kerasdet.export.ExportVersionExistsError`). ``precision``: the serving graph's
+    compute dtype (default ``export.precision``, whose ``"auto"`` resolves here by the
+    CPU alone; the runner resolves it with the metric check of
+    :func:`choose_export_precision` first). Returns the version folder written."""
     from kerasdet.export import export_versioned
 
     inp = config.input
     return export_versioned(model, export_dir, version=version, image_size=inp.image_size, min_size=inp.min_size,
                             max_size=inp.max_size, category_ids=label_map["category_ids"],
-                            category_names=label_map.get("category_names"))
+                            category_names=label_map.get("category_names"),
+                            fold_batchnorm="auto" if config.export.fold_batchnorm else False,
+                            precision=precision or config.export.precision)
+
+
+def choose_export_precision(model, config: Config, evaluate, float32_stats: dict, headline: str) -> dict:
+    """``export.precision`` resolved for a trained model: ``"auto"`` is bfloat16 only on a
+    CPU with native bfloat16 and when ``evaluate(variant)`` (the validation stats of the
+    bfloat16 serving graph) loses at most ``export.max_metric_drop`` of ``headline``
+    against ``float32_stats``. Returns ``{"precision", "reason", ...}`` for ``run.json``."""
+    from kerasdet.precision import cpu_supports_bfloat16, inference_variant
+
+    exp = config.export
+    if exp.precision != "auto":
+        return {"precision": exp.precision, "reason": "export.precision"}
+    if not cpu_supports_bfloat16():
+        return {"precision": "float32", "reason": "this CPU has no native bfloat16 (AVX512_BF16 / AMX-BF16)"}
+    fold = "auto" if exp.fold_batchnorm else False
+    with inference_variant(model, fold_batchnorm=fold, precision="bfloat16") as (variant, _):
+        stats = evaluate(variant)
+    reference, reduced = float(float32_stats[headline]), float(stats[headline])
+    ok = reference - reduced <= exp.max_metric_drop
+    return {"precision": "bfloat16" if ok else "float32", "metric": headline, "float32": reference,
+            "bfloat16": reduced, "max_metric_drop": exp.max_metric_drop,
+            "reason": f"{headline} {reduced:.4f} in bfloat16 vs {reference:.4f} in float32: "
+                      f"{'within' if ok else 'beyond'} {exp.max_metric_drop}"}
 
 
 def export_model_litert(model, config: Config, label_map: dict, path: str, *, quantization: str = "float32",

@@ -172,11 +172,17 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
     paths = {"work_dir": os.path.abspath(work_dir), "weights": os.path.abspath(weights_path),
              "best_weights": os.path.abspath(os.path.join(work_dir, "best.weights.h5")),
              "val": _val_paths(config, paths_in)}
+    export_record = None
     if config.export.enabled and chief:
-        from kerasdet.engine.predict import export_model, predict_images
+        from kerasdet.engine.predict import choose_export_precision, export_model, predict_images
 
+        export_record = choose_export_precision(
+            model, config, lambda variant: builders.evaluate(variant, val_ds, val_source, metric=metric), stats,
+            headline)
+        print(f"serving precision {export_record['precision']} ({export_record['reason']})")
         export_dir = export_dir or config.export.dir or default_export_dir(recipe, preset)
-        version_dir = export_model(model, config, _label_map(train_source), export_dir)
+        version_dir = export_model(model, config, _label_map(train_source), export_dir,
+                                   precision=export_record["precision"])
         print(f"SavedModel written to {version_dir}")
         paths["export"] = os.path.abspath(version_dir)
         if config.export.num_draw:
@@ -188,7 +194,7 @@ def run(recipe: Recipe | str, config: Config, *, preset: str = "custom", work_di
         "recipe": recipe.name, "recipe_file": recipe.source, "preset": preset, "seed": seed,
         "config": config.to_dict(), "label_map": _label_map(train_source), "num_classes": train_source.num_classes,
         "model_class": type(model).__name__, "parameters": int(model.count_params()),
-        "stages": records, "metric": metric, "stats": stats, "paths": paths,
+        "stages": records, "metric": metric, "stats": stats, "paths": paths, "export": export_record,
         "strategy": type(strategy).__name__, "num_replicas": int(strategy.num_replicas_in_sync),
         "times": {"data_seconds": t_data, "train_seconds": t_train, "total_seconds": time.time() - t0},
         "resumed_from_step": next((r.get("restored_step", 0) for r in records if r.get("restored_step")), 0),
@@ -342,7 +348,8 @@ def export_run(work_dir: str, output: str, *, weights: str | None = None, versio
     from kerasdet.engine.predict import export_model
 
     _, config, model, record = load_run(work_dir, weights=weights)
-    return export_model(model, config, record["label_map"], output, version=version)
+    chosen = (record.get("export") or {}).get("precision")  # the run's own choice, made with its metric check
+    return export_model(model, config, record["label_map"], output, version=version, precision=chosen)
 
 
 def export_run_litert(work_dir: str, output: str, *, weights: str | None = None, quantization: str = "float32",

@@ -106,6 +106,13 @@ def test_evaluate_and_export_read_run_json_not_the_training_data(tmp_path):
     assert model.num_classes == len(record["label_map"]["category_ids"]) == 10
     export_run(work, str(tmp_path / "sm"))
     assert os.path.isfile(str(tmp_path / "sm" / "1" / "saved_model.pb"))
+    # the serving graph: BN folded, the precision the run chose (recorded with its reason)
+    with open(tmp_path / "sm" / "1" / "kerasdet_export.json") as f:
+        graph = json.load(f)["inference_graph"]
+    from kerasdet.precision import resolve_precision
+
+    assert record["export"] is None  # the run did not export (export.enabled false): the CPU decides
+    assert graph["fold_batchnorm"] > 0 and graph["precision"] == resolve_precision("auto")
     assert not os.path.exists(os.path.join(data, "annotations", "instances_train.json"))  # nothing regenerated
 
 
@@ -163,3 +170,34 @@ def test_smn_killed_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     # base_1 2 steps, base_2 1, memory_n2 2, memory_n5 1, memory_n10 1; killed 1 step into memory_n2
     resumed = _staged_resume(tmp_path, "smn", "digits", {"base_1": 2, "memory_n2": 2}, crash_at=4)
     assert [s["restored_step"] for s in resumed["stages"]] == [0, 0, 1, 0, 0]
+
+
+def test_export_precision_auto_needs_the_cpu_and_the_metric_check(monkeypatch):
+    """``export.precision="auto"``: float32 without native bfloat16 (no evaluation);
+    with it, bfloat16 only when the bfloat16 graph's headline metric is within
+    ``export.max_metric_drop``; a forced value is taken as it is."""
+    from kerasdet import precision
+    from kerasdet.engine.predict import choose_export_precision
+
+    r = load_recipe("retinanet")
+    model = r.build_model(r.config("digits", SMALL), 10)
+    model.build()
+    config = r.config("digits", SMALL)
+    seen = []
+
+    def evaluate(ap):
+        def fn(variant):
+            seen.append(precision.compute_dtype(variant))
+            return {"AP": ap}
+        return fn
+
+    monkeypatch.setattr(precision, "cpu_supports_bfloat16", lambda: False)
+    assert choose_export_precision(model, config, evaluate(0.0), {"AP": 0.5}, "AP")["precision"] == "float32"
+    assert seen == []
+    monkeypatch.setattr(precision, "cpu_supports_bfloat16", lambda: True)
+    chosen = choose_export_precision(model, config, evaluate(0.497), {"AP": 0.5}, "AP")
+    assert chosen["precision"] == "bfloat16" and chosen["bfloat16"] == 0.497 and seen == ["bfloat16"]
+    assert choose_export_precision(model, config, evaluate(0.49), {"AP": 0.5}, "AP")["precision"] == "float32"
+    assert precision.compute_dtype(model) == "float32"  # the trained model is left as it was
+    forced = r.config("digits", {**SMALL, "export.precision": "bfloat16"})
+    assert choose_export_precision(model, forced, evaluate(0.0), {"AP": 0.5}, "AP")["precision"] == "bfloat16"
