@@ -162,7 +162,7 @@ def to_canvas(mask, image_id):
     return canvas
 
 
-def to_network_batch(dets, image_ids, max_detections):
+def to_network_batch(dets, image_ids, max_detections, with_masks=True):
     """Detections -> a detector's batched ``predict`` output with ``masks`` (plain loops,
     independent of the package)."""
     b = len(image_ids)
@@ -170,7 +170,8 @@ def to_network_batch(dets, image_ids, max_detections):
            "scores": np.zeros((b, max_detections), np.float32),
            "classes": np.full((b, max_detections), -1, np.int32),
            "num_detections": np.zeros((b,), np.int32),
-           "masks": np.zeros((b, max_detections) + CANVAS, np.float32)}
+           "masks": np.zeros((b, max_detections) + (CANVAS if with_masks else (1, 1)),
+                             np.float32)}
     for row, image_id in enumerate(image_ids):
         mine = [d for d in dets if d[0] == image_id]
         assert len(mine) <= max_detections
@@ -180,7 +181,8 @@ def to_network_batch(dets, image_ids, max_detections):
             out["boxes"][row, k] = [y * s, x * s, (y + h) * s, (x + w) * s]
             out["scores"][row, k] = score
             out["classes"][row, k] = CATEGORY_IDS.index(cat)
-            out["masks"][row, k] = to_canvas(mask, image_id)
+            if with_masks:
+                out["masks"][row, k] = to_canvas(mask, image_id)
         out["num_detections"][row] = len(mine)
         # rows past num_detections are garbage that must be ignored
         out["classes"][row, len(mine):] = 0
