@@ -175,7 +175,7 @@ def to_network_batch(dets, image_ids, max_detections, with_masks=True):
     for row, image_id in enumerate(image_ids):
         mine = [d for d in dets if d[0] == image_id]
         assert len(mine) <= max_detections
-        s = SCALES[image_id]
+        s = SCALES.get(image_id, 1.0)
         for k, (_, cat, mask, score) in enumerate(mine):
             x, y, w, h = _bbox(mask)
             out["boxes"][row, k] = [y * s, x * s, (y + h) * s, (x + w) * s]

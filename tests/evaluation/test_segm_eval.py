@@ -169,3 +169,108 @@ def test_results_file_rescored_by_pycocotools(gt_file, tmp_path):
                                direct_cocoeval(gt_file, segm_only, "segm"), rtol=0, atol=1e-12)
     np.testing.assert_allclose([stats[k] for k in STAT_KEYS],
                                direct_cocoeval(gt_file, results, "bbox"), rtol=0, atol=1e-12)
+
+
+def _lookup_detector(table):
+    """A fake detector (as in test_callback): the image id is written in pixel (0, 0, 0)
+    and the detections, masks included, are looked up by it; one trainable scalar."""
+    import keras
+    import tensorflow as tf
+
+    class Detector(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.table = {k: tf.constant(v) for k, v in table.items()}
+            self.w = self.add_weight(shape=(), initializer="zeros", name="w")
+
+        def call(self, images, training=False):
+            return tf.reduce_mean(images, axis=[1, 2, 3]) * self.w
+
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return tf.square(self.w - 1.0) + 0.0 * tf.reduce_sum(y_pred)
+
+        def predict_step(self, data):
+            images = data[0] if isinstance(data, (tuple, list)) else data
+            ids = tf.cast(images[:, 0, 0, 0], tf.int32)
+            return {k: tf.gather(v, ids) for k, v in self.table.items()}
+
+    return Detector()
+
+
+def _id_dataset(batch_size=2):
+    import tensorflow as tf
+
+    images = np.zeros((len(IMAGE_IDS), 8, 8, 3), np.float32)
+    images[:, 0, 0, 0] = IMAGE_IDS
+    labels = {"image_id": np.array(IMAGE_IDS, np.int64),
+              "image_scale": np.array([SCALES[i] for i in IMAGE_IDS], np.float32)}
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+
+def test_fit_history_has_mask_ap_equal_to_pycocotools(gt_file):
+    import keras
+
+    from kerasdet.evaluation import CocoEvalCallback, evaluate_model
+
+    dets = detections(seed=1)
+    table = to_network_batch(dets, list(range(max(IMAGE_IDS) + 1)), 8)
+    want = dict(zip(MASK_STAT_KEYS, direct_cocoeval(gt_file, reference_results(dets, "segm"),
+                                                    "segm")))
+    want.update(zip(STAT_KEYS, direct_cocoeval(gt_file, reference_results(dets, "bbox"), "bbox")))
+    model = _lookup_detector(table)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    callback = CocoEvalCallback(_id_dataset(), str(gt_file), category_ids=CATEGORY_IDS,
+                                metric="coco_segm", verbose=0)
+    history = model.fit(_id_dataset(), epochs=1, callbacks=[callback], verbose=0)
+    for key in STAT_KEYS + MASK_STAT_KEYS:
+        assert history.history["val_" + key] == [pytest.approx(want[key], abs=1e-12)], key
+    proposals = evaluate_model(model, _id_dataset(batch_size=3), gt_file,
+                               category_ids=CATEGORY_IDS, metric="proposals_segm")
+    assert proposals["mask_AR100"] == pytest.approx(
+        direct_cocoeval(gt_file, reference_results(dets, "segm"), "segm", use_cats=False,
+                        max_dets=(10, 100, 1000))[7], abs=1e-12)
+
+    table.pop("masks")
+    with pytest.raises(ValueError, match="'masks'"):
+        evaluate_model(_lookup_detector(table), _id_dataset(), gt_file,
+                       category_ids=CATEGORY_IDS, metric="coco_segm")
+
+
+def test_decompnet_on_digits_through_the_engine(tmp_path):
+    """A config with eval.metric='coco_segm': a (tiny, untrained) DecompNet's predict
+    masks scored by builders.evaluate, equal to pycocotools on the results file it
+    writes; digits images 48 px on a 64 px canvas (scale 4/3)."""
+    from kerasdet.data.digits import generate_digits
+    from kerasdet.engine import builders
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.models.decompnet import DecompNet
+
+    paths = generate_digits(str(tmp_path / "digits"), num_train=2, num_val=4,
+                            image_size=(48, 48), seed=0)
+    config = load_recipe("decompnet").config(
+        "digits", {"eval.metric": "coco_segm", "input.image_size": [64, 64],
+                   "input.min_size": None, "input.max_size": None, "eval.batch_size": 2})
+    assert builders.HEADLINE_METRIC[config.eval.metric] == "mask_AP"
+    source = builders.build_source(config, "val", paths=paths)
+    dataset = builders.build_dataset(config, source, training=False)
+    model = DecompNet(num_classes=source.num_classes, image_size=(64, 64), steps=3,
+                      max_instances=3, units=16, instance_filters=8,
+                      category_widths=(8, 8, 8, 8, 8, 8), box_hidden=16, weight_decay=0.0,
+                      stop_threshold=0.0)  # untrained: emit every step, so results exist
+    results_file = str(tmp_path / "val_results.json")
+    stats = builders.evaluate(model, dataset, source, metric=config.eval.metric,
+                              results_file=results_file)
+    assert list(stats) == builders.metric_keys("coco_segm")
+    results = json.loads(open(results_file).read())
+    assert len(results) == 4 * source.num_classes * 3  # every step of every category
+    assert {tuple(r["segmentation"]["size"]) for r in results} == {(48, 48)}
+    segm_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    ids = sorted(source.image_ids)
+    np.testing.assert_allclose(
+        [stats[k] for k in MASK_STAT_KEYS],
+        direct_cocoeval(paths["val_annotations"], segm_only, "segm", image_ids=ids),
+        rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        [stats[k] for k in STAT_KEYS],
+        direct_cocoeval(paths["val_annotations"], results, "bbox", image_ids=ids),
+        rtol=0, atol=1e-12)
