@@ -274,3 +274,16 @@ def test_decompnet_on_digits_through_the_engine(tmp_path):
         [stats[k] for k in STAT_KEYS],
         direct_cocoeval(paths["val_annotations"], results, "bbox", image_ids=ids),
         rtol=0, atol=1e-12)
+
+
+def test_engine_knows_every_metric():
+    import typing
+
+    from kerasdet.engine import builders
+    from kerasdet.engine.config import EvalConfig
+    from kerasdet.evaluation.metrics import METRICS, PRIMARY_KEYS
+
+    assert builders.HEADLINE_METRIC == PRIMARY_KEYS
+    assert set(typing.get_args(typing.get_type_hints(EvalConfig)["metric"])) == set(METRICS)
+    for metric in METRICS:
+        assert PRIMARY_KEYS[metric] in builders.metric_keys(metric)
