@@ -134,7 +134,8 @@ def build_parser():
         sp.add_argument("--run", required=True, help="the run's work dir (holds run.json)")
         sp.add_argument("--weights", default=None, help="default the run's model.weights.h5")
         if name == "evaluate":
-            sp.add_argument("--metric", default=None, choices=["coco", "voc07", "voc12"])
+            sp.add_argument("--metric", default=None,
+                            choices=["coco", "coco_segm", "proposals", "proposals_segm", "voc07", "voc12"])
         else:
             sp.add_argument("--output", required=True, help="TF Serving base folder: writes <output>/<version>/ "
                             "(--format litert: the .tflite file)")

@@ -12,8 +12,10 @@ import os
 from kerasdet.engine.config import Config, StageConfig
 from kerasdet.errors import ConfigError, DataFileNotFoundError
 
-#: COCO results / VOC mAP key that names the headline metric of each ``eval.metric``.
-HEADLINE_METRIC = {"coco": "AP", "voc07": "mAP", "voc12": "mAP"}
+#: COCO results / proposal AR / VOC mAP key that names the headline metric of each
+#: ``eval.metric`` (:data:`kerasdet.evaluation.metrics.PRIMARY_KEYS`).
+HEADLINE_METRIC = {"coco": "AP", "coco_segm": "mask_AP", "proposals": "AR1000",
+                   "proposals_segm": "mask_AR1000", "voc07": "mAP", "voc12": "mAP"}
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -237,9 +239,11 @@ def build_optimizer(stage: StageConfig, total_steps: int, *, train=None):
 # --- evaluation ----------------------------------------------------------------------------
 def evaluate(model, dataset, source, *, metric: str = "coco", results_file: str | None = None) -> dict:
     """Scores ``model`` on ``dataset`` (of ``source``) by ``metric``: ``"coco"``
-    (pycocotools: AP, AP50, ...) or ``"voc07"`` / ``"voc12"`` (mAP at IoU 0.5, difficult
-    objects ignored, with per-class AP). The ground truth is the source itself (its COCO
-    file, or an in-memory COCO of a VOC source)."""
+    (pycocotools: AP, AP50, ...), ``"coco_segm"`` (also mask AP: ``mask_AP``, ...),
+    ``"proposals"`` / ``"proposals_segm"`` (class-agnostic AR of the boxes / boxes and
+    masks) or ``"voc07"`` / ``"voc12"`` (mAP at IoU 0.5, difficult objects ignored, with
+    per-class AP). The ground truth is the source itself (its COCO file, or an in-memory
+    COCO of a VOC source)."""
     from kerasdet.evaluation.callback import evaluate_model
 
     return evaluate_model(model, dataset, source, metric=metric, results_file=results_file)
@@ -261,12 +265,10 @@ def format_stats(stats: dict) -> str:
 
 
 def metric_keys(metric: str, class_names=()) -> list:
-    """The stat names ``metric`` produces (the columns of ``history.csv``)."""
-    if metric == "coco":
-        from kerasdet.evaluation.coco_eval import STAT_KEYS
+    """The stat names ``metric`` produces (the columns of ``history.csv``; VOC: ``mAP``)."""
+    from kerasdet.evaluation.metrics import stat_keys
 
-        return list(STAT_KEYS)
-    return ["mAP"]
+    return list(stat_keys(metric))
 
 
 def is_finite_number(value) -> bool:

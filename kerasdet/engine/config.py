@@ -220,13 +220,17 @@ class EvalConfig:
     """Evaluation on the validation split.
 
     Attributes:
-      metric: ``"coco"`` (pycocotools AP, AP50, ...), ``"voc07"`` (11-point mAP at IoU 0.5,
-        difficult objects ignored) or ``"voc12"`` (all-point mAP).
+      metric: ``"coco"`` (pycocotools AP, AP50, ...), ``"coco_segm"`` (box and mask AP:
+        also ``mask_AP``, ...; the model must predict ``masks``), ``"proposals"`` /
+        ``"proposals_segm"`` (class-agnostic box / box and segment AR: ``AR10``, ...,
+        ``ARl1000``, ``mask_AR10``, ...), ``"voc07"`` (11-point mAP at IoU 0.5, difficult
+        objects ignored) or ``"voc12"`` (all-point mAP); see
+        :mod:`kerasdet.evaluation.metrics`.
       every_n_epochs: evaluation during training (the last stage), every N epochs.
       batch_size: images per evaluation batch.
     """
 
-    metric: Literal["coco", "voc07", "voc12"] = "coco"
+    metric: Literal["coco", "coco_segm", "proposals", "proposals_segm", "voc07", "voc12"] = "coco"
     every_n_epochs: int = 1
     batch_size: int = 8
 

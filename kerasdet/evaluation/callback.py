@@ -1,9 +1,11 @@
-"""A Keras callback that scores a detector during ``model.fit`` (pycocotools COCO AP, or
-VOC07 / VOC12 mAP), and the stand-alone :func:`evaluate_model`.
+"""A Keras callback that scores a detector during ``model.fit`` (pycocotools COCO box /
+mask AP, class-agnostic proposal AR, or VOC07 / VOC12 mAP), and the stand-alone
+:func:`evaluate_model`.
 
 The callback and :func:`evaluate_model` share one code path (:func:`_collect_detections`
 + the evaluator :func:`~kerasdet.evaluation.metrics.make_evaluator` picks for ``metric``:
-:class:`~kerasdet.evaluation.coco_eval.CocoEvaluator` or
+:class:`~kerasdet.evaluation.coco_eval.CocoEvaluator`,
+:class:`~kerasdet.evaluation.proposal_recall.ProposalRecallEvaluator` or
 :class:`~kerasdet.evaluation.metrics.VocEvaluator`), so the numbers in ``History`` are the
 numbers a stand-alone evaluation prints.
 """
@@ -76,16 +78,19 @@ def make_predictor(model):
 
 def _collect_detections(model, dataset, evaluator: CocoEvaluator, predict=None):
     """Runs the model over ``dataset`` and feeds ``evaluator`` (reset first): any object
-    with CocoEvaluator's ``reset``/``update`` (also VocEvaluator)."""
+    with CocoEvaluator's ``reset``/``update`` (also VocEvaluator); ``predict``'s
+    ``"masks"`` are passed too when the evaluator ``needs_masks``."""
     predict = predict or make_predictor(model)
+    with_masks = bool(getattr(evaluator, "needs_masks", False))
+    required = _PREDICTION_KEYS + (("masks",) if with_masks else ())
     evaluator.reset()
     for element in dataset:
         images, labels = _split_element(element)
         outputs = predict(images)
-        if not isinstance(outputs, dict) or any(k not in outputs for k in _PREDICTION_KEYS):
+        if not isinstance(outputs, dict) or any(k not in outputs for k in required):
             got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
             raise ValueError(
-                f"the model's predict_step must return a dict with {_PREDICTION_KEYS}, "
+                f"the model's predict_step must return a dict with {required}, "
                 f"got {got}")
         batch = int(np.shape(labels["image_id"])[0])
         if len(outputs["boxes"]) != batch:
@@ -99,6 +104,7 @@ def _collect_detections(model, dataset, evaluator: CocoEvaluator, predict=None):
             outputs["classes"],
             outputs["num_detections"],
             labels["image_scale"],
+            **({"masks": outputs["masks"]} if with_masks else {}),
         )
     return evaluator
 
@@ -134,14 +140,18 @@ def evaluate_model(
       results_file: if given, the detections are written there too as a COCO results
         JSON (original-image pixels, dataset category ids), whatever the metric.
       verbose: print the evaluator's summary (pycocotools' for ``"coco"``).
-      metric: ``"coco"`` (pycocotools), ``"voc07"`` (VOC2007 11-point mAP@0.5, difficult
-        ignored) or ``"voc12"`` (all-point mAP@0.5); see
+      metric: ``"coco"`` (pycocotools), ``"coco_segm"`` (box and mask AP; the model's
+        ``predict`` must return ``"masks"``), ``"proposals"`` / ``"proposals_segm"``
+        (class-agnostic box / box and segment AR), ``"voc07"`` (VOC2007 11-point
+        mAP@0.5, difficult ignored) or ``"voc12"`` (all-point mAP@0.5); see
         :mod:`kerasdet.evaluation.metrics`.
 
     Returns:
       ``"coco"``: the 12 COCO stats keyed by
-      :data:`~kerasdet.evaluation.coco_eval.STAT_KEYS`; ``"voc07"``/``"voc12"``:
-      ``{"mAP": float, "AP/<class name>": float}``. :func:`format_stats` prints either.
+      :data:`~kerasdet.evaluation.coco_eval.STAT_KEYS` (``"coco_segm"``: also the
+      ``mask_`` ones); the proposal metrics:
+      :func:`~kerasdet.evaluation.metrics.stat_keys`; ``"voc07"``/``"voc12"``:
+      ``{"mAP": float, "AP/<class name>": float}``. :func:`format_stats` prints any.
     """
     evaluator = make_evaluator(metric, coco_gt, category_ids=category_ids)
     _collect_detections(model, dataset, evaluator)
@@ -155,7 +165,8 @@ class CocoEvalCallback(keras.callbacks.Callback):
     epochs.
 
     The stats are written into the epoch ``logs`` as ``prefix + key``: for
-    ``metric="coco"`` ``val_AP``, ``val_AP50``, ..., ``val_ARl``; for ``"voc07"`` /
+    ``metric="coco"`` ``val_AP``, ``val_AP50``, ..., ``val_ARl`` (``"coco_segm"`` also
+    ``val_mask_AP``, ...; ``"proposals"`` ``val_AR10``, ..., ``val_ARl1000``); for ``"voc07"`` /
     ``"voc12"`` ``val_mAP`` and ``val_AP/<class name>``
     (:func:`~kerasdet.evaluation.metrics.primary_key` names the one to monitor). They
     land in ``History`` and can be monitored by callbacks placed *after* this one in the
@@ -179,7 +190,9 @@ class CocoEvalCallback(keras.callbacks.Callback):
         to the chief only.
       prefix: prefix of the log keys and TensorBoard tags.
       verbose: 0 silent, 1 one summary line per evaluation, 2 also the full table.
-      metric: ``"coco"``, ``"voc07"`` or ``"voc12"`` (see :func:`evaluate_model`).
+      metric: ``"coco"``, ``"coco_segm"``, ``"proposals"``, ``"proposals_segm"``,
+        ``"voc07"`` or ``"voc12"`` (see :func:`evaluate_model`); the ``_segm`` ones pass
+        the model's ``predict`` ``"masks"`` to the evaluator.
 
     Attributes:
       last_stats: the stats of the latest evaluation (``None`` before the first).
@@ -231,7 +244,10 @@ class CocoEvalCallback(keras.callbacks.Callback):
         if self.log_dir is not None:
             self._write_summaries(stats, epoch)
         if self.verbose >= 1:
-            keys = ("AP", "AP50", "AP75") if self.metric == "coco" else ("mAP",)
+            keys = {"coco": ("AP", "AP50", "AP75"), "coco_segm": ("AP", "mask_AP", "mask_AP50"),
+                    "proposals": ("AR100", "AR1000"),
+                    "proposals_segm": ("AR1000", "mask_AR100", "mask_AR1000")
+                    }.get(self.metric, ("mAP",))
             line = "  ".join(f"{self.prefix}{k}={stats[k]:.4f}" for k in keys)
             print(f"\nEpoch {epoch + 1}: {self.metric.upper()} {line}")
         if self.verbose >= 2:

@@ -1,8 +1,10 @@
-"""COCO-style box evaluation through pycocotools.
+"""COCO-style box and mask evaluation through pycocotools.
 
 The scoring itself is pycocotools' ``COCOeval`` (the reference implementation of the COCO
-metrics); this module only converts a detector's batched ``predict`` output into COCO
-results entries and drives ``COCOeval`` quietly.
+metrics: "Detecting Common Objects in Context", T.-Y. Lin, Cornell 2017, chapter 2: crowd
+regions are ignored, §2.4.3; instances are scored by their segmentation masks as well as
+by boxes, §2.7); this module only converts a detector's batched ``predict`` output into
+COCO results entries and drives ``COCOeval`` quietly.
 
 Conventions (see the package README):
 
@@ -14,6 +16,18 @@ Conventions (see the package README):
   (``[B]``, aspect-preserving resize) or a ``(scale_y, scale_x)`` pair (``[B, 2]``).
 * ``category_ids`` maps a contiguous class index to the dataset's own category id
   (``category_ids[c]``), e.g. COCO's sparse ids 1..90.
+* Masks (``iou_type="segm"``): ``predict``'s ``"masks"`` ``[B, K, H, W]`` (0/1 or
+  probabilities) on the network canvas, row ``k`` the mask of detection ``k``. The image
+  occupies the canvas' top-left ``round(h * scale_y) x round(w * scale_x)`` pixels (the
+  loaders' resize, then padding bottom/right); that region is resized back to the
+  original ``h x w`` (from the ground truth's ``images`` entry) bilinearly with
+  half-pixel centres (OpenCV ``INTER_LINEAR``, what ``tf.image.resize`` does) and
+  binarized at ``>= 0.5`` (:func:`canvas_masks_to_original`), then RLE-encoded with
+  ``pycocotools.mask.encode`` (``counts`` as ``str``, JSON-ready). The segm results carry
+  no ``bbox`` when scored: ``loadRes`` would take a result's area from its box otherwise,
+  and the small/medium/large split of mask AP must use the mask's area.
+* Stat names: box stats are :data:`STAT_KEYS` (``AP``, ``AP50``, ...), mask stats the same
+  names prefixed ``mask_`` (:data:`MASK_STAT_KEYS`: ``mask_AP``, ``mask_AP50``, ...).
 """
 from __future__ import annotations
 
@@ -34,6 +48,13 @@ STAT_KEYS = (
     "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )
 
+#: Prefix of the stats of ``iou_type="segm"`` (mask AP): ``mask_AP``, ``mask_AP50``, ...
+MASK_PREFIX = "mask_"
+#: The 12 ``COCOeval.summarize`` numbers of ``iou_type="segm"``, in its order.
+MASK_STAT_KEYS = tuple(MASK_PREFIX + k for k in STAT_KEYS)
+#: The IoU types :class:`CocoEvaluator` scores (pycocotools' ``iouType``).
+IOU_TYPES = ("bbox", "segm")
+
 # (metric, IoU, area, maxDets) of each stat, as pycocotools' summary prints them.
 _STAT_DESCRIPTIONS = {
     "AP": ("Average Precision", "0.50:0.95", "all", 100),
@@ -49,6 +70,29 @@ _STAT_DESCRIPTIONS = {
     "ARm": ("Average Recall", "0.50:0.95", "medium", 100),
     "ARl": ("Average Recall", "0.50:0.95", "large", 100),
 }
+
+
+#: key -> (measure, IoU, area, maxDets) of every row :func:`format_table` knows; other
+#: modules (proposal recall) add theirs with :func:`register_stat_descriptions`.
+STAT_DESCRIPTIONS = dict(_STAT_DESCRIPTIONS)
+STAT_DESCRIPTIONS.update({
+    MASK_PREFIX + k: ("Mask " + measure, iou, area, max_dets)
+    for k, (measure, iou, area, max_dets) in _STAT_DESCRIPTIONS.items()})
+
+
+def register_stat_descriptions(descriptions: Mapping[str, tuple]) -> None:
+    """Adds ``{key: (measure, IoU, area, maxDets)}`` rows to :func:`format_table`."""
+    STAT_DESCRIPTIONS.update(descriptions)
+
+
+def iou_types_of(iou_type) -> tuple:
+    """``"bbox"``, ``"segm"`` or a sequence of them -> a tuple in :data:`IOU_TYPES` order
+    (``ValueError`` otherwise)."""
+    given = (iou_type,) if isinstance(iou_type, str) else tuple(iou_type)
+    bad = [t for t in given if t not in IOU_TYPES]
+    if bad or not given:
+        raise ValueError(f"iou_type must be 'bbox', 'segm' or a sequence of them, got {iou_type!r}")
+    return tuple(t for t in IOU_TYPES if t in given)
 
 
 @contextlib.contextmanager
@@ -77,6 +121,8 @@ def detections_to_coco_results(
     num_detections,
     image_scales,
     category_ids: Sequence[int],
+    masks=None,
+    image_sizes=None,
 ) -> list[dict]:
     """Converts a batch of detector outputs into COCO results entries.
 
@@ -90,10 +136,17 @@ def detections_to_coco_results(
       image_scales: ``[B]`` (or ``[B, 2]`` as ``(scale_y, scale_x)``) network pixels per
         original pixel; boxes are divided by it to get original-image pixels.
       category_ids: contiguous index -> dataset category id.
+      masks: default ``None`` (boxes only); else ``[B, K, H, W]`` masks on the network
+        canvas (0/1 or probabilities), encoded per valid row at the original image size
+        (:func:`canvas_masks_to_original`, then ``pycocotools.mask.encode``).
+      image_sizes: ``[B, 2]`` original ``(height, width)`` of each image; required with
+        ``masks`` (default ``None``).
 
     Returns:
       A list of ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score":
-      float}`` with ``bbox`` in original image pixels, plain Python types (JSON-ready).
+      float}`` with ``bbox`` in original image pixels, plain Python types (JSON-ready);
+      with ``masks`` each entry also has ``"segmentation"``: an RLE ``{"size": [h, w],
+      "counts": str}`` at the original size.
       Boxes are not clipped to the image (pycocotools does not need it; a detector's
       post-processing already clips to the network input).
 
@@ -152,10 +205,76 @@ def detections_to_coco_results(
     out_image_ids = image_ids[b_idx].astype(np.int64).tolist()
     out_cats = category_ids[classes[b_idx, k_idx]].tolist()
     out_scores = scores[b_idx, k_idx].tolist()
-    return [
+    results = [
         {"image_id": i, "category_id": c, "bbox": bb, "score": s}
         for i, c, bb, s in zip(out_image_ids, out_cats, xywh, out_scores)
     ]
+    if masks is not None:
+        for entry, rle in zip(results, _encode_masks(masks, image_sizes, b_idx, k_idx,
+                                                     scale_y, scale_x, batch, k)):
+            entry["segmentation"] = rle
+    return results
+
+
+def canvas_masks_to_original(masks, *, scale_y: float, scale_x: float, height: int,
+                             width: int, threshold: float = 0.5) -> np.ndarray:
+    """One image's canvas masks -> binary masks at its original size.
+
+    Args:
+      masks: ``[N, H, W]`` masks on the network canvas (0/1 or probabilities).
+      scale_y, scale_x: network pixels per original pixel of the image.
+      height, width: the original image size.
+      threshold: a pixel is in the mask where the resized value is ``>= threshold``
+        (default 0.5).
+
+    Returns:
+      uint8 ``[height, width, N]`` 0/1 in Fortran order (what ``pycocotools.mask.encode``
+      takes). The image's region of the canvas, its top-left ``round(height * scale_y) x
+      round(width * scale_x)`` pixels (clipped to the canvas), is resized to ``(height,
+      width)`` bilinearly with half-pixel centres (OpenCV ``INTER_LINEAR``); an exactly
+      nearest-upsampled mask comes back exactly.
+    """
+    import cv2
+
+    masks = np.asarray(masks, np.float32)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
+    n, canvas_h, canvas_w = masks.shape
+    height, width = int(height), int(width)
+    vh = min(canvas_h, max(1, int(round(height * float(scale_y)))))
+    vw = min(canvas_w, max(1, int(round(width * float(scale_x)))))
+    out = np.zeros((height, width, n), np.uint8, order="F")
+    for j in range(n):
+        region = masks[j, :vh, :vw]
+        if region.shape != (height, width):
+            region = cv2.resize(region, (width, height), interpolation=cv2.INTER_LINEAR)
+        out[:, :, j] = region >= threshold
+    return out
+
+
+def _encode_masks(masks, image_sizes, b_idx, k_idx, scale_y, scale_x, batch, k):
+    """RLEs (``counts`` as str) of the selected rows ``(b_idx, k_idx)``, in their order."""
+    from pycocotools import mask as mask_utils
+
+    masks = _as_numpy(masks)
+    if masks.ndim != 4 or masks.shape[:2] != (batch, k):
+        raise ValueError(
+            f"detections: 'masks' must be [B, K, H, W] with (B, K) = {(batch, k)}, got "
+            f"shape {masks.shape}")
+    if image_sizes is None:
+        raise ValueError("detections: 'image_sizes' (original (height, width) per image) is "
+                         "required with 'masks'")
+    image_sizes = _as_numpy(image_sizes).astype(np.int64).reshape(batch, 2)
+    rles = []
+    for b in np.unique(b_idx):
+        rows = k_idx[b_idx == b]
+        binary = canvas_masks_to_original(
+            masks[b, rows], scale_y=scale_y[b], scale_x=scale_x[b],
+            height=image_sizes[b, 0], width=image_sizes[b, 1])
+        for rle in mask_utils.encode(binary):
+            rles.append({"size": [int(v) for v in rle["size"]],
+                         "counts": rle["counts"].decode("ascii")})
+    return rles
 
 
 def _is_source(obj) -> bool:
@@ -212,35 +331,58 @@ def empty_results(coco_gt):
     return res
 
 
-def run_cocoeval(
+def check_segmentations(coco_gt, image_ids=None) -> None:
+    """:class:`~kerasdet.errors.DataError` naming the first ground-truth annotation (of
+    ``image_ids``, default all) without a usable ``segmentation`` (``iou_type="segm"``
+    scores masks, so box-only ground truth cannot be scored)."""
+    ids = coco_gt.getAnnIds(imgIds=sorted(image_ids)) if image_ids is not None \
+        else coco_gt.getAnnIds()
+    for ann in coco_gt.loadAnns(ids):
+        segm = ann.get("segmentation")
+        if not segm or (isinstance(segm, dict) and "counts" not in segm):
+            raise DataError(
+                f"COCO segm evaluation: ground-truth annotation {ann.get('id')} (image "
+                f"{ann.get('image_id')}) has no 'segmentation'; mask AP needs instance masks")
+
+
+def coco_evaluate(
     coco_gt,
     results: list[dict],
     *,
     image_ids: Iterable[int] | None = None,
     iou_type: str = "bbox",
+    use_cats: bool = True,
+    max_dets: Sequence[int] | None = None,
+    summarize: bool = True,
     verbose: bool = False,
-) -> dict[str, float]:
-    """Runs pycocotools' ``COCOeval`` (loadRes, evaluate, accumulate, summarize).
+):
+    """pycocotools' ``COCOeval`` after ``evaluate``, ``accumulate`` and ``summarize``.
 
     Args:
       coco_gt: pycocotools ``COCO`` ground truth, a path to its JSON, or a DetectionSource
         (see :func:`load_coco_gt`).
       results: COCO results entries (not modified: pycocotools' ``loadRes`` mutates its
-        input, so a deep copy is handed to it).
+        input, so a deep copy is handed to it). ``iou_type="segm"`` needs a
+        ``"segmentation"`` in each; their ``"bbox"`` is dropped from the copy (the
+        result's area is then its mask's, see the module docstring).
       image_ids: restricts ``params.imgIds`` to these images (images without any
         detection count as misses). ``None`` keeps pycocotools' default: every GT image.
-      iou_type: only ``"bbox"`` is supported.
+      iou_type: ``"bbox"`` (default) or ``"segm"``.
+      use_cats: ``params.useCats`` (default True; False: class-agnostic, every result
+        may match every ground-truth object of its image, as for proposals).
+      max_dets: ``params.maxDets`` (default ``None``: pycocotools' ``[1, 10, 100]``).
+      summarize: also run ``summarize()`` (default True; it fills ``.stats`` and needs
+        at least three ``maxDets``).
       verbose: let pycocotools print its progress and summary.
 
     Returns:
-      ``{key: float}`` for :data:`STAT_KEYS`. pycocotools' ``-1`` (no ground truth in that
-      area range) is kept as ``-1``. With no detections at all the stats are computed
-      against an empty results set: ``0.0`` wherever ground truth exists.
+      The ``COCOeval`` object (``.eval["precision"]``, ``.eval["recall"]``, ``.stats``).
+      With no detections at all it is run against an empty results set.
     """
     from pycocotools.cocoeval import COCOeval
 
-    if iou_type != "bbox":
-        raise ValueError(f"iou_type={iou_type!r} is not supported (only 'bbox')")
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     coco_gt = load_coco_gt(coco_gt, verbose)
     gt_image_ids = set(coco_gt.getImgIds())
     if image_ids is not None:
@@ -257,33 +399,79 @@ def run_cocoeval(
     if unknown:
         raise DataError(
             f"COCO results: 'image_id' values {unknown[:10]} are not in the ground truth")
+    results = copy.deepcopy(results)
+    if iou_type == "segm":
+        check_segmentations(coco_gt, image_ids)
+        for k, r in enumerate(results):
+            if "segmentation" not in r:
+                raise ValueError(f"COCO segm evaluation: results[{k}] has no 'segmentation'")
+            r.pop("bbox", None)
 
     with quiet(verbose):
         if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+            coco_dt = coco_gt.loadRes(results)
         else:
             coco_dt = empty_results(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         if image_ids is not None:
             coco_eval.params.imgIds = image_ids
+        coco_eval.params.useCats = int(bool(use_cats))
+        if max_dets is not None:
+            coco_eval.params.maxDets = [int(m) for m in max_dets]
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
-    return {key: float(v) for key, v in zip(STAT_KEYS, coco_eval.stats)}
+        if summarize:
+            coco_eval.summarize()
+    return coco_eval
+
+
+def run_cocoeval(
+    coco_gt,
+    results: list[dict],
+    *,
+    image_ids: Iterable[int] | None = None,
+    iou_type: str = "bbox",
+    verbose: bool = False,
+) -> dict[str, float]:
+    """Runs pycocotools' ``COCOeval`` (loadRes, evaluate, accumulate, summarize).
+
+    Args:
+      coco_gt: pycocotools ``COCO`` ground truth, a path to its JSON, or a DetectionSource
+        (see :func:`load_coco_gt`).
+      results: COCO results entries (not modified; see :func:`coco_evaluate`).
+      image_ids: restricts ``params.imgIds`` to these images (images without any
+        detection count as misses). ``None`` keeps pycocotools' default: every GT image.
+      iou_type: ``"bbox"`` (default) or ``"segm"`` (mask AP: each result needs a
+        ``"segmentation"``, each ground-truth annotation one too).
+      verbose: let pycocotools print its progress and summary.
+
+    Returns:
+      ``{key: float}`` for :data:`STAT_KEYS` (``"bbox"``) or :data:`MASK_STAT_KEYS`
+      (``"segm"``). pycocotools' ``-1`` (no ground truth in that area range) is kept as
+      ``-1``. With no detections at all the stats are computed against an empty results
+      set: ``0.0`` wherever ground truth exists.
+    """
+    coco_eval = coco_evaluate(coco_gt, results, image_ids=image_ids, iou_type=iou_type,
+                              verbose=verbose)
+    keys = MASK_STAT_KEYS if iou_type == "segm" else STAT_KEYS
+    return {key: float(v) for key, v in zip(keys, coco_eval.stats)}
 
 
 def format_table(stats: Mapping[str, float]) -> str:
-    """A readable table of the COCO stats (the rows pycocotools' summary prints)."""
-    header = f"{'Metric':<8} {'Measure':<18} {'IoU':<10} {'Area':<7} {'MaxDets':>7} {'Value':>8}"
+    """A readable table of the COCO stats (the rows pycocotools' summary prints), in the
+    order of ``stats``; keys without a :data:`STAT_DESCRIPTIONS` row are left out."""
+    keys = [k for k in stats if k in STAT_DESCRIPTIONS]
+    kw = max([8] + [len(k) for k in keys])
+    mw = max([18] + [len(STAT_DESCRIPTIONS[k][0]) for k in keys])
+    header = (f"{'Metric':<{kw}} {'Measure':<{mw}} {'IoU':<10} {'Area':<7} {'MaxDets':>7} "
+              f"{'Value':>8}")
     lines = [header, "-" * len(header)]
-    for key in STAT_KEYS:
-        if key not in stats:
-            continue
-        measure, iou, area, max_dets = _STAT_DESCRIPTIONS[key]
+    for key in keys:
+        measure, iou, area, max_dets = STAT_DESCRIPTIONS[key]
         value = float(stats[key])
         shown = "   n/a" if value < 0 else f"{value:8.4f}"
         lines.append(
-            f"{key:<8} {measure:<18} {iou:<10} {area:<7} {max_dets:>7} {shown:>8}")
+            f"{key:<{kw}} {measure:<{mw}} {iou:<10} {area:<7} {max_dets:>7} {shown:>8}")
     return "\n".join(lines)
 
 
@@ -300,6 +488,10 @@ class CocoEvaluator:
         stats = evaluator.evaluate()
         print(format_table(stats))
 
+    With ``iou_type="segm"`` (or ``("bbox", "segm")``) :meth:`update` also takes
+    ``masks=out["masks"]`` (``[B, K, H, W]`` on the canvas), encoded as RLE at each
+    image's original size (module docstring; sizes from the ground truth's ``images``).
+
     Only the images passed to :meth:`update` are scored (``params.imgIds``), so evaluating
     a subset of a split is meaningful; an image passed with zero detections counts as all
     misses.
@@ -312,17 +504,21 @@ class CocoEvaluator:
         category of ``coco_gt``; default (``None``) the source's ``category_ids``
         (required when ``coco_gt`` is not a source). AP is averaged over all GT
         categories (pycocotools' default), as the official COCO numbers are.
-      iou_type: ``"bbox"`` (the only supported type).
+      iou_type: ``"bbox"`` (default: box AP, :data:`STAT_KEYS`), ``"segm"`` (mask AP,
+        :data:`MASK_STAT_KEYS`) or ``("bbox", "segm")`` (both, one set of detections).
+        ``"segm"`` needs a ``segmentation`` on every ground-truth annotation.
+
+    Attributes:
+      needs_masks: True when :meth:`update` must be given ``masks`` (``"segm"`` scored).
     """
 
     def __init__(self, coco_gt, *, category_ids: Sequence[int] | None = None,
-                 iou_type: str = "bbox"):
-        if iou_type != "bbox":
-            raise ValueError(f"iou_type={iou_type!r} is not supported (only 'bbox')")
+                 iou_type="bbox"):
+        self.iou_types = iou_types_of(iou_type)
         if category_ids is None:
             if not _is_source(coco_gt):
-                raise ValueError("CocoEvaluator: category_ids is required unless coco_gt "
-                                 "is a DetectionSource")
+                raise ValueError(f"{type(self).__name__}: category_ids is required unless "
+                                 "coco_gt is a DetectionSource")
             category_ids = coco_gt.category_ids
         self.coco_gt = load_coco_gt(coco_gt)
         self.category_ids = [int(c) for c in category_ids]
@@ -334,16 +530,39 @@ class CocoEvaluator:
             raise DataError(
                 f"category_ids {unknown} are not in the ground truth 'categories' "
                 f"(which has ids {sorted(gt_cats)[:20]}...)")
-        self.iou_type = iou_type
+        if "segm" in self.iou_types:
+            check_segmentations(self.coco_gt)
+        self.iou_type = iou_type if isinstance(iou_type, str) else self.iou_types
         self.reset()
+
+    @property
+    def needs_masks(self) -> bool:
+        return "segm" in self.iou_types
 
     def reset(self) -> None:
         """Forgets every accumulated detection and image id."""
         self.results: list[dict] = []
         self.image_ids: set[int] = set()
 
-    def update(self, image_ids, boxes, scores, classes, num_detections, image_scales) -> None:
-        """Adds one batch (see :func:`detections_to_coco_results` for the formats)."""
+    def image_sizes(self, image_ids) -> np.ndarray:
+        """``[B, 2]`` original ``(height, width)`` of ``image_ids`` from the ground truth."""
+        ids = _as_numpy(image_ids).reshape(-1)
+        try:
+            infos = [self.coco_gt.imgs[int(i)] for i in ids]
+        except KeyError as e:
+            raise DataError(f"COCO evaluation: image id {e.args[0]} is not in the ground "
+                            "truth 'images'") from None
+        return np.array([[int(im["height"]), int(im["width"])] for im in infos], np.int64)
+
+    def update(self, image_ids, boxes, scores, classes, num_detections, image_scales, *,
+               masks=None) -> None:
+        """Adds one batch (see :func:`detections_to_coco_results` for the formats);
+        ``masks`` (default ``None``) is required when :attr:`needs_masks` and ignored
+        otherwise."""
+        if self.needs_masks and masks is None:
+            raise ValueError(f"{type(self).__name__}(iou_type={self.iou_type!r}).update: "
+                             "'masks' are required (the model's predict 'masks')")
+        with_masks = masks is not None and self.needs_masks
         self.results.extend(
             detections_to_coco_results(
                 image_ids=image_ids,
@@ -353,6 +572,8 @@ class CocoEvaluator:
                 num_detections=num_detections,
                 image_scales=image_scales,
                 category_ids=self.category_ids,
+                masks=masks if with_masks else None,
+                image_sizes=self.image_sizes(image_ids) if with_masks else None,
             ))
         self.image_ids.update(int(i) for i in _as_numpy(image_ids).reshape(-1))
 
@@ -369,18 +590,23 @@ class CocoEvaluator:
     def evaluate(self, verbose: bool = False) -> dict[str, float]:
         """Scores the accumulated detections on the images seen so far.
 
-        Returns the 12 stats of :data:`STAT_KEYS` (``-1`` where pycocotools has no ground
-        truth for an area range). Raises ``ValueError`` if :meth:`update` was never called.
+        Returns the 12 stats of :data:`STAT_KEYS` per box type and/or of
+        :data:`MASK_STAT_KEYS` (``-1`` where pycocotools has no ground truth for an area
+        range). Raises ``ValueError`` if :meth:`update` was never called.
         """
         if not self.image_ids:
-            raise ValueError("CocoEvaluator.evaluate: no images were added with update()")
-        return run_cocoeval(
-            self.coco_gt,
-            self.results,
-            image_ids=self.image_ids,
-            iou_type=self.iou_type,
-            verbose=verbose,
-        )
+            raise ValueError(f"{type(self).__name__}.evaluate: no images were added with "
+                             "update()")
+        stats = {}
+        for iou_type in self.iou_types:
+            stats.update(run_cocoeval(
+                self.coco_gt,
+                self.results,
+                image_ids=self.image_ids,
+                iou_type=iou_type,
+                verbose=verbose,
+            ))
+        return stats
 
     format_table = staticmethod(format_table)
 
@@ -419,9 +645,18 @@ def evaluate_results_file(
 
 
 __all__ = [
+    "IOU_TYPES",
+    "MASK_PREFIX",
+    "MASK_STAT_KEYS",
+    "STAT_DESCRIPTIONS",
     "STAT_KEYS",
     "CocoEvaluator",
+    "canvas_masks_to_original",
+    "check_segmentations",
+    "coco_evaluate",
     "detections_to_coco_results",
+    "iou_types_of",
+    "register_stat_descriptions",
     "empty_results",
     "evaluate_results_file",
     "format_table",

@@ -1,8 +1,18 @@
-"""Evaluation chosen by a ``metric`` string: ``"coco"``, ``"voc07"``, ``"voc12"``.
+"""Evaluation chosen by a ``metric`` string: ``"coco"``, ``"coco_segm"``, ``"proposals"``,
+``"proposals_segm"``, ``"voc07"``, ``"voc12"``.
 
 * ``"coco"``: pycocotools' ``COCOeval`` (AP averaged over IoU 0.50:0.95, the 12 numbers of
   :data:`~kerasdet.evaluation.coco_eval.STAT_KEYS`; Lin et al., ECCV 2014), through
   :class:`~kerasdet.evaluation.coco_eval.CocoEvaluator`.
+* ``"coco_segm"``: the same for boxes *and* masks (``iouType="segm"``, the model's
+  ``predict`` ``"masks"`` as RLE at the original image size): the ``"coco"`` keys plus
+  :data:`~kerasdet.evaluation.coco_eval.MASK_STAT_KEYS` (``mask_AP``, ``mask_AP50``,
+  ...); headline ``mask_AP``.
+* ``"proposals"`` / ``"proposals_segm"``: class-agnostic proposal recall
+  (:mod:`kerasdet.evaluation.proposal_recall`: ``useCats=0``, AR at 10 / 100 / 1000
+  proposals and for small / medium / large objects at 1000) of the boxes, resp. of the
+  boxes and the masks (``mask_`` keys); headline ``AR1000`` resp. ``mask_AR1000``
+  ("Detecting Common Objects in Context", T.-Y. Lin, 2017, §4.5.1 and §4.6.1).
 * ``"voc07"``: Pascal VOC2007 mAP at IoU 0.5, 11-point interpolated AP, *difficult*
   objects ignored (Everingham et al., "The PASCAL Visual Object Classes (VOC)
   Challenge", IJCV 2010; the VOC2007 devkit's ``VOCevaldet.m``), the number the VOC07
@@ -11,7 +21,7 @@
   precision envelope, devkit ``VOCap.m``).
 
 Every evaluator has the interface of ``CocoEvaluator`` (``reset``, ``update``,
-``write_results``, ``evaluate``), so :func:`kerasdet.evaluation.callback.evaluate_model`
+``write_results``, ``evaluate``, ``needs_masks``: pass ``update(..., masks=...)``), so :func:`kerasdet.evaluation.callback.evaluate_model`
 and the callback drive any of them the same way. VOC stats are ``{"mAP": float,
 "AP/<class name>": float}``; a class without non-difficult ground truth in the evaluated
 images has AP ``nan`` and is left out of ``mAP`` (as the devkit leaves it undefined).
@@ -30,16 +40,26 @@ import numpy as np
 
 from kerasdet.errors import ConfigError, DataError
 from kerasdet.evaluation.coco_eval import (
+    MASK_STAT_KEYS,
+    STAT_DESCRIPTIONS,
     STAT_KEYS,
     CocoEvaluator,
     _as_numpy,
     detections_to_coco_results,
     format_table,
 )
+from kerasdet.evaluation.proposal_recall import (
+    MASK_PROPOSAL_STAT_KEYS,
+    PROPOSAL_STAT_KEYS,
+    ProposalRecallEvaluator,
+)
 
 #: metric name -> the stat a checkpoint monitors (logged as ``val_`` + this key).
-PRIMARY_KEYS = {"coco": "AP", "voc07": "mAP", "voc12": "mAP"}
+PRIMARY_KEYS = {"coco": "AP", "coco_segm": "mask_AP", "proposals": "AR1000",
+                "proposals_segm": "mask_AR1000", "voc07": "mAP", "voc12": "mAP"}
 METRICS = tuple(PRIMARY_KEYS)
+#: The metrics that score the model's ``predict`` ``"masks"``.
+MASK_METRICS = ("coco_segm", "proposals_segm")
 
 
 def check_metric(metric: str) -> str:
@@ -51,8 +71,24 @@ def check_metric(metric: str) -> str:
 
 
 def primary_key(metric: str) -> str:
-    """The main stat of ``metric``: ``"AP"`` (coco) or ``"mAP"`` (voc07/voc12)."""
+    """The main stat of ``metric``: ``"AP"`` (coco), ``"mask_AP"`` (coco_segm),
+    ``"AR1000"`` (proposals), ``"mask_AR1000"`` (proposals_segm) or ``"mAP"``
+    (voc07/voc12)."""
     return PRIMARY_KEYS[check_metric(metric)]
+
+
+def needs_masks(metric: str) -> bool:
+    """Whether ``metric`` scores the model's ``predict`` ``"masks"``."""
+    return check_metric(metric) in MASK_METRICS
+
+
+def stat_keys(metric: str) -> tuple:
+    """The fixed stat names ``metric`` returns, in order (VOC: ``("mAP",)``; its
+    ``AP/<class name>`` keys depend on the data)."""
+    metric = check_metric(metric)
+    return {"coco": STAT_KEYS, "coco_segm": STAT_KEYS + MASK_STAT_KEYS,
+            "proposals": PROPOSAL_STAT_KEYS,
+            "proposals_segm": PROPOSAL_STAT_KEYS + MASK_PROPOSAL_STAT_KEYS}.get(metric, ("mAP",))
 
 
 def _is_source(obj) -> bool:
@@ -97,6 +133,9 @@ class VocEvaluator:
                             f"{source.annotation_file} (ids {list(source.category_ids)})")
         self._position = {int(i): k for k, i in enumerate(source.image_ids)}
         self.reset()
+
+    #: VOC scores boxes only (the callback passes no ``masks``).
+    needs_masks = False
 
     def reset(self) -> None:
         """Forgets every accumulated detection and image id."""
@@ -171,17 +210,23 @@ def make_evaluator(metric: str, ground_truth, *, category_ids: Sequence[int] | N
     """The evaluator for ``metric``.
 
     Args:
-      metric: ``"coco"``, ``"voc07"`` or ``"voc12"``.
+      metric: one of :data:`METRICS`.
       ground_truth: a :class:`~kerasdet.data.coco.DetectionSource` (any metric; COCO
         evaluation of a source without a COCO JSON, e.g. VOC, uses an in-memory COCO
         built by :func:`kerasdet.data.convert.coco_from_source`), a COCO JSON path (any
-        metric) or a pycocotools ``COCO`` (``"coco"`` only).
+        metric) or a pycocotools ``COCO`` (not ``"voc07"``/``"voc12"``). The ``_segm``
+        metrics need a ``segmentation`` on every annotation.
       category_ids: contiguous class index -> dataset category id; default the source's
-        (required for a path / ``COCO`` with ``"coco"``).
+        (required for a path / ``COCO`` with the COCO metrics).
     """
     metric = check_metric(metric)
-    if metric == "coco":
-        return CocoEvaluator(ground_truth, category_ids=category_ids)
+    if metric in ("coco", "coco_segm"):
+        return CocoEvaluator(ground_truth, category_ids=category_ids,
+                             iou_type=("bbox", "segm") if metric == "coco_segm" else "bbox")
+    if metric in ("proposals", "proposals_segm"):
+        return ProposalRecallEvaluator(
+            ground_truth, category_ids=category_ids,
+            iou_type=("bbox", "segm") if metric == "proposals_segm" else "bbox")
     if not _is_source(ground_truth) and not isinstance(ground_truth, (str, bytes)) \
             and not hasattr(ground_truth, "__fspath__"):
         raise ValueError(f"metric={metric!r} needs a DetectionSource or a COCO JSON path as "
@@ -191,9 +236,10 @@ def make_evaluator(metric: str, ground_truth, *, category_ids: Sequence[int] | N
 
 
 def format_stats(stats: Mapping[str, float]) -> str:
-    """A readable table of COCO stats (:func:`~kerasdet.evaluation.coco_eval.format_table`)
-    or VOC stats (``mAP`` then one row per class)."""
-    if any(k in stats for k in STAT_KEYS):
+    """A readable table of COCO / proposal-recall stats
+    (:func:`~kerasdet.evaluation.coco_eval.format_table`) or VOC stats (``mAP`` then one
+    row per class)."""
+    if any(k in stats for k in STAT_DESCRIPTIONS):
         return format_table(stats)
     rows = [(k[3:], float(v)) for k, v in stats.items() if k.startswith("AP/")]
     width = max([len("mAP")] + [len(n) for n, _ in rows])
@@ -206,5 +252,5 @@ def format_stats(stats: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METRICS", "PRIMARY_KEYS", "VocEvaluator", "check_metric", "format_stats",
-           "make_evaluator", "primary_key"]
+__all__ = ["MASK_METRICS", "METRICS", "PRIMARY_KEYS", "VocEvaluator", "check_metric",
+           "format_stats", "make_evaluator", "needs_masks", "primary_key", "stat_keys"]

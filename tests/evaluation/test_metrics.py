@@ -212,7 +212,8 @@ def test_format_stats_and_bad_metric(capsys):
     assert "cat" in text and "0.7500" in text and "n/a" in text and text.splitlines()[-1].startswith("mAP")
     coco = dict(zip(STAT_KEYS, [0.25] * 12))
     assert format_stats(coco).splitlines()[2].startswith("AP ")
-    with pytest.raises(ConfigError, match=r"metric must be one of \['coco', 'voc07', 'voc12'\]"):
+    with pytest.raises(ConfigError, match=r"metric must be one of \['coco', 'coco_segm', 'proposals', "
+                       r"'proposals_segm', 'voc07', 'voc12'\]"):
         make_evaluator("voc2007", make_source())
     with pytest.raises(ConfigError):
         DetectionEvalCallback(dataset(), make_source(), metric="map")
