@@ -260,7 +260,10 @@ def test_versioned_layout_never_overwrites(tmp_path):
     from kerasdet.export import ExportVersionExistsError, existing_versions, resolve_saved_model_dir
 
     model = _model("retinanet")
-    config = SimpleNamespace(input=SimpleNamespace(image_size=(64, 64), min_size=None, max_size=None))
+    from kerasdet.engine.config import ExportConfig
+
+    config = SimpleNamespace(input=SimpleNamespace(image_size=(64, 64), min_size=None, max_size=None),
+                             export=ExportConfig(precision="float32"))
     label_map = {"category_ids": CATEGORY_IDS, "category_names": ["a", "b", "c"]}
     base = str(tmp_path / "retinanet_digits")
     first = export_model(model, config, label_map, base)

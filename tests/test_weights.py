@@ -48,6 +48,15 @@ def hub_preset(tmp_path_factory):
     return det, converter, path
 
 
+@pytest.fixture(scope="module")
+def hub_preset_80(tmp_path_factory):
+    """An 80-class keras-hub RetinaNet preset (COCO's class count), random but fixed weights."""
+    det, converter = _hub_retinanet(num_classes=80, seed=1)
+    path = str(tmp_path_factory.mktemp("hub80") / "retinanet")
+    det.save_to_preset(path)
+    return det, converter, path
+
+
 def _images(n=2, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
 
@@ -204,14 +213,14 @@ def test_mismatches_are_errors_naming_the_piece(hub_preset, tmp_path):
         kw.retinanet_from_keras_hub(str(other))
 
 
-def test_finetune_new_class_list_keeps_every_other_weight_and_named_rows(hub_preset, tmp_path):
-    """An 80-class-style pretrained detector (here 5 classes, random but fixed weights)
-    fine-tuned to 3 classes: every non-output weight kept at load, output re-initialized
-    with the prior bias except the rows of the classes named in both lists; it trains and
-    exports."""
-    _, _, path = hub_preset
+def test_finetune_new_class_list_keeps_every_other_weight_and_named_rows(hub_preset_80, tmp_path):
+    """A pretrained 80-class detector (random but fixed weights) fine-tuned to 3 classes:
+    every non-output weight kept at load, output re-initialized with the prior bias except
+    the rows of the classes named in both lists; it trains and exports."""
+    _, _, path = hub_preset_80
     src, _ = kw.retinanet_from_keras_hub(path)
-    source_names = ["person", "car", "dog", "cat", "bus"]
+    assert src.num_classes == 80
+    source_names = ["person", "car", "dog", "cat", "bus"] + [f"class{i}" for i in range(5, 80)]
     model, report = kw.retinanet_from_keras_hub(path, num_classes=3, class_names=["dog", "zebra", "person"],
                                                 source_class_names=source_names, freeze="backbone")
     assert report.kept_classes == {0: 2, 2: 0}
@@ -225,8 +234,8 @@ def test_finetune_new_class_list_keeps_every_other_weight_and_named_rows(hub_pre
     kernel, bias = (np.asarray(v) for v in (model.head.class_out.kernel, model.head.class_out.bias))
     s_kernel, s_bias = (np.asarray(v) for v in (src.head.class_out.kernel, src.head.class_out.bias))
     a = model.head.num_anchors
-    np.testing.assert_array_equal(kernel[..., np.arange(a) * 3 + 0], s_kernel[..., np.arange(a) * 5 + 2])
-    np.testing.assert_array_equal(bias[np.arange(a) * 3 + 2], s_bias[np.arange(a) * 5 + 0])
+    np.testing.assert_array_equal(kernel[..., np.arange(a) * 3 + 0], s_kernel[..., np.arange(a) * 80 + 2])
+    np.testing.assert_array_equal(bias[np.arange(a) * 3 + 2], s_bias[np.arange(a) * 80 + 0])
     np.testing.assert_allclose(bias[np.arange(a) * 3 + 1], -np.log(0.99 / 0.01), rtol=1e-6)  # "zebra": prior
     assert not model.backbone.trainable and model.fpn.trainable
 
