@@ -151,25 +151,28 @@ def test_retinanet_preset_same_detections_where_postprocessing_agrees(hub_preset
                                np.asarray(hub_det["confidence"])[0, :n_hub], atol=1e-4)
 
 
-def test_resnet_preset_same_features(tmp_path):
+@pytest.mark.parametrize("depth", [50, 101])
+def test_resnet_preset_same_features(tmp_path, depth):
     keras_hub = pytest.importorskip("keras_hub")
     keras.utils.set_random_seed(1)
     enc = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128, 256, 512],
-        stackwise_num_blocks=[3, 4, 6, 3], stackwise_num_strides=[1, 2, 2, 2], block_type="bottleneck_block",
-        use_pre_activation=False)
+        stackwise_num_blocks=[3, 4, 6, 3] if depth == 50 else [3, 4, 23, 3], stackwise_num_strides=[1, 2, 2, 2],
+        block_type="bottleneck_block", use_pre_activation=False)
     rng = np.random.default_rng(1)
     for layer in enc.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
                                rng.uniform(0.5, 1.5, c)])
-    path = str(tmp_path / "resnet50")
+    path = str(tmp_path / f"resnet{depth}")
     enc.save_to_preset(path)  # a bare backbone preset: no image converter
     with pytest.raises(UserInputError, match="normalization is unknown"):
         kw.resnet_from_keras_hub(path)
     identity = {"mean": [0.0, 0.0, 0.0], "scale": [1.0, 1.0, 1.0], "reverse_channels": False}
     backbone, report = kw.resnet_from_keras_hub(path, normalization=identity)
+    assert backbone.count_params() - enc.count_params() == sum(  # only keras.applications' conv biases differ
+        layer.filters for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D))
     x = _images(1, seed=5) / 255.0
     ref = keras.Model(enc.inputs, {f"C{l}": enc.pyramid_outputs[f"P{l}"] for l in (2, 3, 4, 5)})(x)
     ours = backbone(x)
@@ -178,7 +181,7 @@ def test_resnet_preset_same_features(tmp_path):
     # A keras.applications-layout backbone (stride in the 1x1) is refused, naming the fix.
     from kerasdet.backbones import resnet_backbone
     with pytest.raises(UserInputError, match="stride_in_3x3"):
-        kw.load_keras_hub_resnet(resnet_backbone(50), path, normalization=identity)
+        kw.load_keras_hub_resnet(resnet_backbone(depth), path, normalization=identity)
 
 
 def test_mismatches_are_errors_naming_the_piece(hub_preset, tmp_path):
