@@ -28,19 +28,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
+from machine import cpu_flags  # noqa: E402  (benchmarks/, the script's folder, is on the path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def cpu_flags():
-    try:
-        out = subprocess.run("grep -o -E 'avx512_bf16|amx_tile|avx512f|avx2' /proc/cpuinfo | sort -u",
-                             shell=True, capture_output=True, text=True).stdout.split()
-    except OSError:
-        out = []
-    return out
 
 
 def digits_overrides(data_dir, classes, num_train, num_val, seed):

@@ -23,11 +23,11 @@ Usage::
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 
 import numpy as np
+from machine import cpu_flags_text  # noqa: E402  (benchmarks/, the script's folder, is on the path)
 
 IMAGE_SIZE = (896, 1152)
 
@@ -92,15 +92,6 @@ def train_images_per_s(batch_size, steps=3):
     return steps * batch_size / (time.perf_counter() - t)
 
 
-def cpu_flags():
-    try:
-        out = subprocess.run("grep -o -E 'avx512_bf16|amx_tile|avx512f|avx2' /proc/cpuinfo | sort -u",
-                             shell=True, capture_output=True, text=True).stdout.split()
-    except OSError:
-        out = []
-    return " ".join(out) or "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-images", type=int, default=200)
@@ -122,7 +113,7 @@ def main(argv=None):
     source = load_coco(ann, image_dir, check_images="exists")
     common = dict(batch_size=args.batch_size, image_size=IMAGE_SIZE, min_size=800, max_size=1333,
                   training=True, flip=True, seed=0)
-    results = {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "num_images": args.num_images,
+    results = {"cpu_flags": cpu_flags_text(), "cores": os.cpu_count(), "num_images": args.num_images,
                "batch_size": args.batch_size, "image_size": list(IMAGE_SIZE), "images_per_s": {}}
     for arm in args.arms:
         if arm in ("opencv", "graph"):

@@ -22,22 +22,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import tempfile
 import time
 
 import numpy as np
+from machine import cpu_flags_text  # noqa: E402  (benchmarks/, the script's folder, is on the path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_flags():
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    flags = sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_tile)\b", text)))
-    return " ".join(flags) or "none of avx2/avx512f/avx512_bf16/amx_tile"
 
 
 def _percentiles(times):
@@ -128,7 +119,7 @@ def main(argv=None):
         rows[f"LiteRT {'float32' if q == 'float32' else 'dynamic int8'}"]["file_bytes"] = os.path.getsize(f)
 
     print(f"RetinaNet digits ({args.run}), {len(ref)} validation images at {height}x{width}, batch 1; "
-          f"CPU {platform.processor() or platform.machine()} [{cpu_flags()}], {os.cpu_count()} cores; "
+          f"CPU {platform.processor() or platform.machine()} [{cpu_flags_text()}], {os.cpu_count()} cores; "
           f"LiteRT threads {args.threads}")
     header = f"{'arm':<38} {'AP':>6} {'AP50':>6} {'AP75':>6} {'same':>5} {'box px':>8} {'score':>8} " \
              f"{'ms med':>7} {'ms p90':>7} {'MB':>6}"
@@ -141,7 +132,7 @@ def main(argv=None):
               f"{r['latency_ms_p90']:7.2f} {mb}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"run": args.run, "cpu_flags": cpu_flags(), "threads": args.threads, "image_size": [height, width],
+        json.dump({"run": args.run, "cpu_flags": cpu_flags_text(), "threads": args.threads, "image_size": [height, width],
                    "arms": rows}, f, indent=2)
     print(f"written {args.output}")
     return rows

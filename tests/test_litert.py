@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_export import CATEGORY_IDS, _model
+from test_export import CATEGORY_IDS
 from test_serving import FAMILIES
 
 from kerasdet.errors import UserInputError

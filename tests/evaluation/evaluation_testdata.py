@@ -4,7 +4,9 @@ import contextlib
 import copy
 import io
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 # Sparse dataset ids, as COCO has; contiguous index c -> CATEGORY_IDS[c].
 CATEGORY_IDS = [3, 7, 15]
@@ -106,3 +108,24 @@ def to_network_batch(results, image_ids, scales, max_detections=16):
             classes[row, k] = CATEGORY_IDS.index(r["category_id"])
         num[row] = len(mine)
     return {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": num}
+
+
+class LookupDetector(keras.Model):
+    """A fake detector: the image id is written in pixel (0, 0, 0) and the detections are
+    looked up by it (fixed, deterministic), with one trainable scalar so `fit` runs."""
+
+    def __init__(self, table):
+        super().__init__()
+        self._table = {k: np.asarray(v) for k, v in table.items()}
+        self.w = self.add_weight(shape=(), initializer="zeros", name="w")
+
+    def call(self, images, training=False):
+        return tf.reduce_mean(images, axis=[1, 2, 3]) * self.w
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return tf.square(self.w - 1.0) + 0.0 * tf.reduce_sum(y_pred)
+
+    def predict_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        ids = tf.cast(images[:, 0, 0, 0], tf.int32)
+        return {k: tf.gather(tf.constant(v), ids) for k, v in self._table.items()}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from evaluation_testdata import (
+    LookupDetector,
     CATEGORY_IDS,
     IMAGES,
     direct_cocoeval,
@@ -19,27 +20,6 @@ from kerasdet.evaluation import STAT_KEYS, CocoEvalCallback, evaluate_model
 IMAGE_IDS = sorted(IMAGES)
 SCALES = {11: 0.5, 22: 2.0, 33: 1.0, 44: 0.25}
 MAX_DET = 16
-
-
-class LookupDetector(keras.Model):
-    """A fake detector: the image id is written in pixel (0, 0, 0) and the detections are
-    looked up by it (fixed, deterministic), with one trainable scalar so `fit` runs."""
-
-    def __init__(self, table):
-        super().__init__()
-        self._table = {k: np.asarray(v) for k, v in table.items()}
-        self.w = self.add_weight(shape=(), initializer="zeros", name="w")
-
-    def call(self, images, training=False):
-        return tf.reduce_mean(images, axis=[1, 2, 3]) * self.w
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return tf.square(self.w - 1.0) + 0.0 * tf.reduce_sum(y_pred)
-
-    def predict_step(self, data):
-        images = data[0] if isinstance(data, (tuple, list)) else data
-        ids = tf.cast(images[:, 0, 0, 0], tf.int32)
-        return {k: tf.gather(tf.constant(v), ids) for k, v in self._table.items()}
 
 
 def _make_table(results):

@@ -172,29 +172,11 @@ def test_results_file_rescored_by_pycocotools(gt_file, tmp_path):
 
 
 def _lookup_detector(table):
-    """A fake detector (as in test_callback): the image id is written in pixel (0, 0, 0)
-    and the detections, masks included, are looked up by it; one trainable scalar."""
-    import keras
-    import tensorflow as tf
+    """The fake detector of test_callback (detections, masks included, looked up by the
+    image id written in pixel (0, 0, 0))."""
+    from evaluation_testdata import LookupDetector
 
-    class Detector(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.table = {k: tf.constant(v) for k, v in table.items()}
-            self.w = self.add_weight(shape=(), initializer="zeros", name="w")
-
-        def call(self, images, training=False):
-            return tf.reduce_mean(images, axis=[1, 2, 3]) * self.w
-
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            return tf.square(self.w - 1.0) + 0.0 * tf.reduce_sum(y_pred)
-
-        def predict_step(self, data):
-            images = data[0] if isinstance(data, (tuple, list)) else data
-            ids = tf.cast(images[:, 0, 0, 0], tf.int32)
-            return {k: tf.gather(v, ids) for k, v in self.table.items()}
-
-    return Detector()
+    return LookupDetector(table)
 
 
 def _id_dataset(batch_size=2):
