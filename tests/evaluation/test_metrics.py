@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from evaluation_testdata import LookupDetector
+
 from kerasdet.data.coco import DetectionSource
 from kerasdet.data.convert import write_coco_json
 from kerasdet.errors import ConfigError, DataError
@@ -76,37 +78,22 @@ def coco_results():
             for i, dets in DETECTIONS.items() for (y0, x0, y1, x1), s, c in dets]
 
 
-class LookupDetector(keras.Model):
-    """The image id is in pixel (0, 0, 0); predict_step looks the detections up by it
-    (network pixels, padded with class -1), one trainable scalar so fit runs."""
-
-    def __init__(self, max_det=6):
-        super().__init__()
-        n = max(DETECTIONS) + 1
-        boxes = np.zeros((n, max_det, 4), np.float32)
-        scores = np.zeros((n, max_det), np.float32)
-        classes = np.full((n, max_det), -1, np.int32)
-        num = np.zeros((n,), np.int32)
-        for i, dets in DETECTIONS.items():
-            for k, (box, s, c) in enumerate(dets):
-                boxes[i, k] = np.asarray(box, np.float32) * SCALES[i]
-                scores[i, k], classes[i, k] = s, c
-            num[i] = len(dets)
-        classes[0, len(DETECTIONS[0])] = CAT  # past num_detections: must be ignored
-        scores[0, len(DETECTIONS[0])] = 0.99
-        self._table = {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": num}
-        self.w = self.add_weight(shape=(), initializer="zeros", name="w")
-
-    def call(self, images, training=False):
-        return tf.reduce_mean(images, axis=[1, 2, 3]) * self.w
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return tf.square(self.w - 1.0) + 0.0 * tf.reduce_sum(y_pred)
-
-    def predict_step(self, data):
-        images = data[0] if isinstance(data, (tuple, list)) else data
-        ids = tf.cast(images[:, 0, 0, 0], tf.int32)
-        return {k: tf.gather(tf.constant(v), ids) for k, v in self._table.items()}
+def _table(max_det=6):
+    """Detections by image id (network pixels, padded with class -1) for
+    :class:`LookupDetector`."""
+    n = max(DETECTIONS) + 1
+    boxes = np.zeros((n, max_det, 4), np.float32)
+    scores = np.zeros((n, max_det), np.float32)
+    classes = np.full((n, max_det), -1, np.int32)
+    num = np.zeros((n,), np.int32)
+    for i, dets in DETECTIONS.items():
+        for k, (box, s, c) in enumerate(dets):
+            boxes[i, k] = np.asarray(box, np.float32) * SCALES[i]
+            scores[i, k], classes[i, k] = s, c
+        num[i] = len(dets)
+    classes[0, len(DETECTIONS[0])] = CAT  # past num_detections: must be ignored
+    scores[0, len(DETECTIONS[0])] = 0.99
+    return {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": num}
 
 
 def dataset(batch_size=2):
@@ -167,7 +154,7 @@ def test_class_without_ground_truth_is_nan_and_left_out():
 
 
 def test_evaluate_model_metrics_through_a_model(tmp_path):
-    model = LookupDetector()
+    model = LookupDetector(_table())
     source = make_source()
     for metric, want in (("voc07", VOC07), ("voc12", VOC12)):
         stats = evaluate_model(model, dataset(), source, metric=metric)
@@ -189,7 +176,7 @@ def test_evaluate_model_metrics_through_a_model(tmp_path):
 
 
 def test_callback_logs_val_map_to_history_and_tensorboard(tmp_path):
-    model = LookupDetector()
+    model = LookupDetector(_table())
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     callback = DetectionEvalCallback(dataset(), make_source(), metric="voc07",
                                      log_dir=str(tmp_path / "logs"), verbose=0)
