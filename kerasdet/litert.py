@@ -96,21 +96,6 @@ def litert_function(model, *, image_size, input_size=None, min_size=None, max_si
     return serve
 
 
-def _sublayers(model):
-    """The model's layers, depth first (each once)."""
-    seen, stack, out = set(), [model], []
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        out.append(layer)
-        for value in vars(layer).values():
-            values = value if isinstance(value, (list, tuple)) else [value]
-            stack.extend(v for v in values if isinstance(v, keras.layers.Layer))
-    return out
-
-
 @contextlib.contextmanager
 def builtin_ops(model):
     """Inside the block the model traces with LiteRT-builtin backends, restored after:
@@ -119,7 +104,7 @@ def builtin_ops(model):
     RoIAlign layer set to ``"auto"`` (``crop_and_resize`` has no builtin; the gather
     backend is torchvision's exact RoIAlign, tested equal)."""
     changed = []
-    for layer in _sublayers(model):
+    for layer in model._flatten_layers(include_self=True, recursive=True):  # as set_compute_dtype walks them
         if isinstance(getattr(layer, "nms_method", None), str) and layer.nms_method != "padded":
             changed.append((layer, "nms_method", layer.nms_method))
             layer.nms_method = "padded"
