@@ -124,7 +124,7 @@ def multibox_loss(class_targets, class_logits, box_targets, box_deltas, *, negat
     return conf, loc, tf.cast(tf.reduce_sum(num_pos), tf.float32)
 
 
-def attention_targets(foreground, height, width, *, stride=None):
+def attention_targets(foreground, height, width, *, stride=None, threshold=0.5):
     """Class-agnostic attention targets of one ``height x width`` map (Attention CoupleNet §III-B).
 
     Args:
@@ -133,6 +133,8 @@ def attention_targets(foreground, height, width, *, stride=None):
         height, width: size of the attention map (static ints or scalar tensors).
         stride: input pixels per map cell (int or scalar tensor). Default: ``H / height``
             rounded to the nearest power of two (the backbones' strides 4, 8, 16, ...).
+        threshold: the object fraction of a cell's non-ignored pixels that makes it a
+            positive. Default 0.5.
 
     Each map cell ``(i, j)`` covers the input block ``[s*i, s*i + s) x [s*j, s*j + s)``
     (the ceil-size convention of the backbones: ``height = ceil(H / s)``). The target is
@@ -141,8 +143,15 @@ def attention_targets(foreground, height, width, *, stride=None):
 
     * pixels outside the ``H x W`` input (blocks overhanging the border) count as ignore;
     * a cell is IGNORED when more than half of its block is ignore (``255`` or outside);
-    * otherwise its target is ``1`` when objects cover at least half of the block's
-      non-ignored pixels (``fg / (fg + bg) >= 0.5``), else ``0``.
+    * otherwise its target is ``1`` when objects cover at least ``threshold`` of the
+      block's non-ignored pixels (``fg / (fg + bg) >= threshold``; default one half), else
+      ``0``.
+
+    The paper's label is per pixel ("a*_j is 1 if the pixel belongs to objects", Attention
+    CoupleNet §III-C, Eq. 4), for objects far larger than the stride; the rule that carries it
+    to a stride-s cell is ours. With thin masks the default loses objects: on the digits'
+    ink masks (strokes 2-4 px) only 34% of the digits have a positive stride-16 cell at 0.5
+    (94% at stride 8), against 91% at 0.25 (100% at stride 8; 300 validation images).
 
     Returns:
         ``(targets, valid)``: float32 ``[B, height, width]`` 0/1 targets and float32
@@ -180,11 +189,11 @@ def attention_targets(foreground, height, width, *, stride=None):
     ignore_fraction = block_mean(ignore)
     valid_fraction = 1.0 - ignore_fraction
     valid = tf.cast(ignore_fraction <= 0.5, tf.float32)
-    targets = tf.cast(fg_fraction >= 0.5 * valid_fraction, tf.float32) * valid
+    targets = tf.cast(fg_fraction >= float(threshold) * valid_fraction, tf.float32) * valid
     return targets, valid
 
 
-def attention_loss(logits_list, foreground, *, strides=None):
+def attention_loss(logits_list, foreground, *, strides=None, threshold=0.5):
     """The attention term of Attention CoupleNet's Eq. 4 as a LOCAL SUM over the batch's images.
 
     ``sum_k (1 / N_k) sum_j BCE(sigmoid(g_kj), a*_kj)`` per image, summed over the images of
@@ -196,10 +205,11 @@ def attention_loss(logits_list, foreground, *, strides=None):
             ``[B, H_k, W_k]`` (e.g. the ``"A{level}"`` outputs of the attention backbones).
         foreground: ``[B, H, W]`` uint8 at input resolution: ``1`` object (any instance),
             ``0`` background, ``255`` ignore (crowd). Resized to each map by
-            :func:`attention_targets` (area average, threshold 0.5, mostly-ignore cells
+            :func:`attention_targets` (area average, ``threshold``, mostly-ignore cells
             ignored).
         strides: optional list of K strides (input pixels per cell); default inferred per
             map as the power of two nearest ``H / H_k``.
+        threshold: :func:`attention_targets`' object fraction of a positive cell (0.5).
 
     N_k is the number of non-ignored cells of map k in that image (``H_k * W_k`` when
     nothing is ignored, the paper's 1/N_k); an image whose map k is entirely ignored adds 0
@@ -220,7 +230,7 @@ def attention_loss(logits_list, foreground, *, strides=None):
         if logits.shape.rank == 4:
             logits = tf.squeeze(logits, axis=-1)
         shape = tf.shape(logits)
-        targets, valid = attention_targets(foreground, shape[1], shape[2], stride=stride)
+        targets, valid = attention_targets(foreground, shape[1], shape[2], stride=stride, threshold=threshold)
         ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits) * valid
         per_image = tf.reduce_sum(ce, axis=[1, 2]) / tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
         total += tf.reduce_sum(per_image)
