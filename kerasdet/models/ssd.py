@@ -271,8 +271,9 @@ class SSD(Detector):
         self.forward(tf.zeros((1, size, size, 3), tf.float32))
         self.built = True
 
-    def sources(self, images, training=False):
-        """The detection sources (finest first), after fusion and attention."""
+    def sources(self, images, training=False, attend=True):
+        """The detection sources (finest first), after fusion and attention (``attend=False``:
+        before the attention units, i.e. their inputs, for inspection)."""
         feats = self.backbone(images, training=training)
         taps = [feats[level] for level in self.source_levels]
         x = taps[-1]
@@ -291,7 +292,7 @@ class SSD(Detector):
             sources[0] = self.l2norm(sources[0])
         if self.fusion is not None:
             sources[0] = self.fusion(sources[:3], training=training)
-        if self.attention is not None:
+        if self.attention is not None and attend:
             sources = [unit(s) for unit, s in zip(self.attention, sources)]
         return sources
 
