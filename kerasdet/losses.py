@@ -254,7 +254,7 @@ def weighted_l2(predictions, targets, *, p=1.0, axis=(-2, -1)):
 _PAD_COST = 1e7
 
 
-def match_instance_maps(maps, masks, valid):
+def match_instance_maps(maps, masks, valid, *, ordered=False):
     """Hungarian matching of emitted instance maps to ground-truth masks (decompNet §2.2).
 
     Costs are plain squared L2 ``||o_t - m_k||^2`` (as the paper states) of stop-gradient
@@ -265,6 +265,8 @@ def match_instance_maps(maps, masks, valid):
       maps: ``[N, T, S, S']`` emitted maps.
       masks: ``[N, K, S, S']`` ground-truth masks (padding rows arbitrary).
       valid: ``[N, K]`` bool, real ground-truth rows.
+      ordered: match the ``n`` real masks of an item to its FIRST ``n`` steps only (the
+        order the paper's stop rule reads; see :func:`decomposition_set_loss`).
 
     Returns:
       ``[N, T]`` int32: the ground-truth row matched to each step, -1 for unmatched steps.
@@ -280,6 +282,10 @@ def match_instance_maps(maps, masks, valid):
     cost = (tf.reduce_sum(o * o, -1)[:, :, None] - 2.0 * tf.matmul(o, m, transpose_b=True)
             + tf.reduce_sum(m * m, -1)[:, None, :])
     cost = tf.where(valid[:, None, :], tf.maximum(cost, 0.0), _PAD_COST)
+    if ordered:  # steps t >= n cost as much as a padding column: the n masks go to steps < n
+        n_valid = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+        late = tf.range(t)[None, :] >= n_valid[:, None]
+        cost = tf.where(late[:, :, None], _PAD_COST, cost)
     assignment = hungarian_match(cost)
     safe = tf.maximum(assignment, 0)
     matched_valid = tf.gather(valid, safe, batch_dims=1) & (assignment >= 0)
@@ -287,7 +293,7 @@ def match_instance_maps(maps, masks, valid):
 
 
 def decomposition_set_loss(maps, masks, valid, *, lam=1.0, gamma=1.0, eta=1.0, unmatched="sum",
-                           assignment=None):
+                           order="free", assignment=None):
     """decompNet's instance loss (Eq. 3 of §2.2, written from the paper's account of its two terms), per item:
 
     ``L = sum_{t matched} D_lam(o_t, m_idx(t)) + eta * D_gamma(sum_t o_t, sum_k m_k)``
@@ -305,6 +311,15 @@ def decomposition_set_loss(maps, masks, valid, *, lam=1.0, gamma=1.0, eta=1.0, u
       unmatched: ``"sum"`` (default, the paper): surplus steps are penalized by the sum
         term only; ``"zero"``: each surplus step is also matched to an all-zero mask
         (adds ``lam * ||o_t||^2``).
+      order: ``"free"`` (default, the paper's Hungarian loss over all T steps) or
+        ``"ordered"``: the ``n`` ground-truth masks of an item are matched (Hungarian, same
+        costs) to its first ``n`` steps only and every later step is pushed to black
+        (``D_lam(o_t, 0)``, as ``unmatched="zero"``). The paper's inference stops at the
+        first black map, but neither its matched term nor its sum term depends on the
+        order of the maps, so nothing teaches "objects first, then black": at a CPU budget
+        the ConvGRU cell put its black maps first (README, decompNet). The ordered loss is
+        zero exactly for ``n`` maps equal to the masks (in any order among themselves)
+        followed by black maps.
       assignment: precomputed :func:`match_instance_maps` result (else computed here).
 
     Returns:
@@ -312,15 +327,17 @@ def decomposition_set_loss(maps, masks, valid, *, lam=1.0, gamma=1.0, eta=1.0, u
     """
     if unmatched not in ("sum", "zero"):
         raise ValueError(f"unmatched must be 'sum' or 'zero', got {unmatched!r}")
+    if order not in ("free", "ordered"):
+        raise ValueError(f"order must be 'free' or 'ordered', got {order!r}")
     maps = tf.cast(maps, tf.float32)
     masks = tf.cast(masks, tf.float32)
     if assignment is None:
-        assignment = match_instance_maps(maps, masks, valid)
+        assignment = match_instance_maps(maps, masks, valid, ordered=order == "ordered")
     matched = assignment >= 0
     targets = tf.gather(masks, tf.maximum(assignment, 0), batch_dims=1)
     targets = targets * tf.cast(matched, tf.float32)[:, :, None, None]
     per_step = weighted_l2(maps, targets, p=lam)  # [N, T]
-    weight = tf.ones_like(per_step) if unmatched == "zero" else tf.cast(matched, tf.float32)
+    weight = tf.ones_like(per_step) if unmatched == "zero" or order == "ordered" else tf.cast(matched, tf.float32)
     instance_term = tf.reduce_sum(per_step * weight, axis=1)
     gt_sum = tf.reduce_sum(masks * tf.cast(valid, tf.float32)[:, :, None, None], axis=1)
     sum_term = eta * weighted_l2(tf.reduce_sum(maps, axis=1), gt_sum, p=gamma)

@@ -397,6 +397,31 @@ def box_raster(boxes, height, width):
     return in_y[..., :, None] * in_x[..., None, :]
 
 
+def boxes_from_maps(maps, fraction=0.5):
+    """Tight normalized yxyx boxes ``[..., 4]`` of instance maps ``[..., S, S']``: the
+    smallest box holding every pixel at or above ``fraction`` of the map's peak (cell edges:
+    rows ``r0..r1`` give ``[r0 / S, (r1 + 1) / S]``); a map without a positive pixel gives
+    an empty box at 0. The paper obtains boxes from the maps with "a simple program" (§2.3)
+    and gives no rule; this is ours (``DecompNet(box_source="maps")``)."""
+    maps = tf.convert_to_tensor(maps, tf.float32)
+    h, w = maps.shape[-2], maps.shape[-1]
+    peak = tf.reduce_max(maps, axis=[-2, -1], keepdims=True)
+    on = (maps >= float(fraction) * peak) & (peak > 0.0)
+    rows = tf.reduce_any(on, axis=-1)  # [..., S]
+    cols = tf.reduce_any(on, axis=-2)  # [..., S']
+
+    def extent(any_on, size):
+        idx = tf.range(size, dtype=tf.float32)
+        first = tf.reduce_min(tf.where(any_on, idx, float(size)), axis=-1)
+        last = tf.reduce_max(tf.where(any_on, idx, -1.0), axis=-1)
+        empty = last < 0
+        return tf.where(empty, 0.0, first / size), tf.where(empty, 0.0, (last + 1.0) / size)
+
+    ymin, ymax = extent(rows, h)
+    xmin, xmax = extent(cols, w)
+    return tf.stack([ymin, xmin, ymax, xmax], axis=-1)
+
+
 def box_score(maps, boxes):
     """Eq. 5: ``g^T M(b) / A(b)``, the mean map value inside the box rasterized at the
     map's resolution. ``maps`` ``[..., S, S']``, ``boxes`` normalized yxyx ``[..., 4]``;

@@ -87,3 +87,19 @@ def test_box_raster_score_and_mask_score_by_hand():
     assert float(mask_score(maps, 0.1)) == pytest.approx((1.0 + 0.5 + 2.0) / 3)
     assert float(mask_score(np.zeros((4, 4), np.float32))) == 0.0
     np.testing.assert_allclose(cxcywh_to_yxyx(tf.constant([0.5, 0.4, 0.2, 0.6])).numpy(), [0.1, 0.4, 0.7, 0.6])
+
+
+def test_boxes_from_maps_on_hand_made_maps():
+    from kerasdet.layers.decomposer import boxes_from_maps
+
+    maps = np.zeros((3, 10, 20), np.float32)
+    maps[0, 2:5, 4:9] = 1.0          # a block: rows 2-4, cols 4-8
+    maps[0, 6, 15] = 0.4             # below half the peak: ignored
+    maps[1, 1, 1] = 0.2              # one weak pixel
+    maps[1, 8, 18] = 0.15            # >= 0.5 * 0.2: counted
+    boxes = boxes_from_maps(maps, 0.5).numpy()
+    np.testing.assert_allclose(boxes[0], [0.2, 4 / 20, 0.5, 9 / 20], atol=1e-6)
+    np.testing.assert_allclose(boxes[1], [0.1, 1 / 20, 0.9, 19 / 20], atol=1e-6)
+    np.testing.assert_allclose(boxes[2], [0, 0, 0, 0])  # a black map: empty box
+    np.testing.assert_allclose(boxes_from_maps(maps[:1], 0.3).numpy()[0], [0.2, 4 / 20, 0.7, 16 / 20], atol=1e-6)
+    assert boxes_from_maps(np.zeros((2, 5, 3, 10, 20), np.float32)).shape == (2, 5, 3, 4)
