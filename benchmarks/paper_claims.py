@@ -114,10 +114,10 @@ CLAIMS = {
         Claim("focal", "Lin, Detecting Common Objects in Context (thesis), §5.5.1, Table 5.1a-b: FL gamma 2 "
               "34.0 AP vs alpha-balanced CE 31.1 AP (R50, 600 px)", _RETINA_CE, _RETINA_FL, epochs=6),
         Claim("assd", "Yi et al., ASSD: Attentive Single Shot Multibox Detector, Table 1 / 4: ASSD321 +attention "
-              "+fusion over SSD321 (VOC07 test mAP 76.8 -> 80.0... see the README)", _SSD, _ASSD, epochs=6,
+              "+fusion over SSD321 (VOC07 test mAP 76.8 -> 80.0... see the README)", _SSD, _ASSD, epochs=4,
               diagnostics="assd"),
         Claim("assd_fusion", "Yi et al., ASSD, Table 4 (ablation): fusion on top of attention", _ASSD_ATTENTION, _ASSD,
-              epochs=6, diagnostics="assd"),
+              epochs=4, diagnostics="assd"),
         Claim("couplenet", "Zhu et al., CoupleNet (ICCV 2017) Table 2 / Attention CoupleNet (TIP 2019) Table II: "
               "coupling the global branch to R-FCN", _RFCN, _COUPLENET, epochs=4),
         Claim("acouplenet", "Zhu et al., Attention CoupleNet (TIP 2019), Table II: cascade attention over CoupleNet",

@@ -81,8 +81,9 @@ class DecompNet(Detector):
       steps: instance maps per category, T (default 11 = 10 digits + 1 stop map).
       max_instances: ground-truth instances per category and image, K (default 10).
       cell, units, recurrent_layers, conv_gru_filters, recurrent_norm, instance_filters,
-        instance_activation: :class:`InstanceDecomposer` options (paper: ``"fc"``, 2048,
-        2, -, ``"batch"``, 32, ``"relu"``).
+        instance_activation, initial_state: :class:`InstanceDecomposer` options (paper:
+        ``"fc"``, 2048, 2, -, ``"batch"``, 32, ``"relu"``, -; ``initial_state`` ``"zero"``
+        or, for the ConvGRU cell, ``"input"``).
       category_widths: :class:`CategoryDecomposer` widths (App. B default).
       box_hidden, box_dropout: :class:`InstanceBoxRegressor` (paper: 4096, dropout 0.5).
       target: ``"masks"`` (instance masks, segmentation variant) or ``"boxes"`` (filled
@@ -114,7 +115,7 @@ class DecompNet(Detector):
 
     def __init__(self, *, num_classes=3, image_size=(100, 100), full_resolution=False, steps=11,
                  max_instances=10, cell="fc", units=2048, recurrent_layers=2, conv_gru_filters=64,
-                 recurrent_norm="batch", instance_filters=32, instance_activation="relu",
+                 recurrent_norm="batch", instance_filters=32, instance_activation="relu", initial_state="zero",
                  category_widths=(32, 32, 64, 64, 64, 64), box_hidden=4096, box_dropout=0.5,
                  target="masks", p=0.3, lam=0.3, gamma=0.3, eta=1.0, unmatched="sum", order="free",
                  box_source="regressor", map_box_fraction=0.5, loss_normalize="sum", box_loss_weight=1.0,
@@ -155,7 +156,7 @@ class DecompNet(Detector):
         self.decomposer = InstanceDecomposer(
             steps=steps, cell=cell, units=units, recurrent_layers=recurrent_layers,
             conv_gru_filters=conv_gru_filters, filters=instance_filters, recurrent_norm=recurrent_norm,
-            output_activation=instance_activation, name="instance_decomposer")
+            output_activation=instance_activation, initial_state=initial_state, name="instance_decomposer")
         self.box_regressor = InstanceBoxRegressor(hidden=box_hidden, dropout=box_dropout, name="box_regressor")
         self.map_size = self.category_net.output_size(*self.image_size)
         self.p = keras.Variable(float(p), trainable=False, name="p")
@@ -166,7 +167,8 @@ class DecompNet(Detector):
             steps=self.steps, max_instances=self.max_instances, cell=cell, units=int(units),
             recurrent_layers=int(recurrent_layers), conv_gru_filters=int(conv_gru_filters),
             recurrent_norm=recurrent_norm, instance_filters=int(instance_filters),
-            instance_activation=instance_activation, category_widths=[int(w) for w in category_widths],
+            instance_activation=instance_activation, initial_state=initial_state,
+            category_widths=[int(w) for w in category_widths],
             box_hidden=int(box_hidden), box_dropout=float(box_dropout), target=target, p=float(p),
             lam=float(lam), gamma=float(gamma), eta=self.eta, unmatched=unmatched, order=order,
             box_source=box_source, map_box_fraction=self.map_box_fraction,

@@ -71,6 +71,29 @@ def test_instance_decomposer_steps_differ_and_config_round_trips():
         InstanceDecomposer(cell="lstm")
 
 
+def test_conv_gru_initial_state_from_the_input():
+    """initial_state='input': one tanh 3x3 conv per ConvGRU layer (parameters by hand); with
+    those convs zeroed it is the zero-state layer exactly; otherwise the first map changes."""
+    kw = dict(steps=3, cell="conv_gru", conv_gru_filters=6, filters=8, recurrent_norm="none")
+    zero = InstanceDecomposer(**kw)
+    learned = InstanceDecomposer(**kw, initial_state="input")
+    x = tf.random.uniform((2, 50, 50, 1), seed=3)
+    zero(x), learned(x)
+    assert learned.count_params() - zero.count_params() == 2 * (9 * 8 * 6 + 6)  # 2 layers, code has 8 ch
+    by_name = {v.path: v for v in learned.weights}
+    for v in zero.weights:
+        by_name[v.path.replace(zero.name, learned.name)].assign(v)
+    first = learned(x).numpy()
+    for conv in learned.state_init:
+        conv.kernel.assign(tf.zeros_like(conv.kernel))
+        conv.bias.assign(tf.zeros_like(conv.bias))
+    np.testing.assert_allclose(learned(x).numpy(), zero(x).numpy(), atol=1e-6)
+    assert not np.allclose(first[:, 0], zero(x).numpy()[:, 0], atol=1e-4)
+    assert InstanceDecomposer.from_config(learned.get_config()).initial_state == "input"
+    with pytest.raises(ValueError, match="conv_gru"):
+        InstanceDecomposer(cell="fc", initial_state="input")
+
+
 def test_box_regressor_outputs_unit_boxes():
     reg = InstanceBoxRegressor(hidden=16)
     out = reg(tf.random.uniform((5, 50, 50))).numpy()
