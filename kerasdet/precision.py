@@ -93,6 +93,67 @@ def fold_pairs(backbone, *, only_frozen=True):
     return pairs
 
 
+def _folded_conv_call(conv, bn):
+    """``conv``'s call with ``bn`` folded in, computed from the CURRENT variables each call:
+    ``conv(x, W * s) + (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``."""
+    def call(inputs, *args, **kwargs):
+        var = keras.ops.cast(bn.moving_variance, "float32")
+        scale = keras.ops.rsqrt(var + bn.epsilon)
+        if bn.scale:
+            scale = scale * keras.ops.cast(bn.gamma, "float32")
+        shift = -keras.ops.cast(bn.moving_mean, "float32") * scale
+        if conv.use_bias:
+            shift = shift + keras.ops.cast(conv.bias, "float32") * scale
+        if bn.center:
+            shift = shift + keras.ops.cast(bn.beta, "float32")
+        kernel = keras.ops.cast(conv.kernel, "float32") * scale
+        outputs = conv.convolution_op(inputs, keras.ops.cast(kernel, inputs.dtype))
+        outputs = outputs + keras.ops.cast(shift, outputs.dtype)
+        return conv.activation(outputs) if conv.activation is not None else outputs
+
+    return call
+
+
+def _identity_call(inputs, *args, **kwargs):
+    return inputs
+
+
+@contextlib.contextmanager
+def fold_batchnorm_calls(backbone, *, only_frozen=True):
+    """While the block runs, every :func:`fold_pairs` BatchNormalization of a functional
+    ``backbone`` is folded into its convolution IN THE GRAPH: the conv computes
+    ``conv(x, W * s) + b'`` from the current variables (so nothing goes stale after a
+    weight update and no copy is made) and the BN is the identity. The weights are not
+    touched; the layers' own ``call`` is restored when the block ends.
+
+    Used while Keras traces a step: :class:`kerasdet.models.base.Detector` folds every BN in
+    ``predict_step`` (inference runs them all on moving statistics) and the frozen ones in
+    ``train_step`` (a frozen BN runs on moving statistics under ``training=True`` too; the
+    gradient through ``W * s`` is the unfolded one: ``dL/dW = s * dL/dW'``). It saves the
+    BN's multiply-add pass over every activation map (and its backward pass); the kernel
+    product costs one multiply per weight. A conv whose output feeds anything else, a
+    channels-first BN and non-functional models are left alone (``fold_pairs``).
+    """
+    pairs = fold_pairs(backbone, only_frozen=only_frozen) if isinstance(backbone, keras.Model) else {}
+    patched = []
+    try:
+        for conv_name, bn in pairs.items():
+            conv = backbone.get_layer(conv_name)
+            if not isinstance(conv, keras.layers.Conv2D) or not hasattr(conv, "convolution_op"):
+                continue
+            patched.append((conv, conv.__dict__.get("call"), bn, bn.__dict__.get("call")))
+            object.__setattr__(conv, "call", _folded_conv_call(conv, bn))
+            object.__setattr__(bn, "call", _identity_call)
+        yield len(patched)
+    finally:
+        for conv, conv_call, bn, bn_call in patched:
+            for layer, original in ((conv, conv_call), (bn, bn_call)):
+                if original is None:
+                    object.__delattr__(layer, "call")
+                else:
+                    object.__setattr__(layer, "call", original)
+
+
 def fold_batchnorm(backbone, *, only_frozen=True):
     """An inference copy of a functional backbone with every frozen BatchNormalization
     folded into the convolution that feeds it (``only_frozen=False``: every

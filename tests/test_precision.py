@@ -164,3 +164,67 @@ def test_inference_variant_without_a_backbone_to_fold():
     with pytest.raises(ValueError, match="no BatchNormalization to fold"):
         with inference_variant(model, fold_batchnorm=True):
             pass
+
+
+def test_fold_batchnorm_calls_folds_in_the_graph_and_restores():
+    """Inside the context the BN layers are the identity and their convs carry them (outputs
+    equal, also in a tf.function traced inside it); afterwards the layers' own calls are back;
+    only_frozen folds only the non-trainable BN."""
+    from kerasdet.precision import fold_batchnorm_calls, fold_pairs
+
+    keras.utils.set_random_seed(1)
+    bb = small_backbone(widths=(8, 16, 16, 16), blocks=(1, 1, 0, 0), input_shape=(64, 64, 3))
+    _randomize_bn(bb)
+    x = _images()
+    ref = bb(x, training=False)
+    bn = bb.get_layer("stem_bn")
+    with fold_batchnorm_calls(bb, only_frozen=False) as n:
+        assert n == len(fold_pairs(bb, only_frozen=False)) > 5
+        assert bn.call(x) is x  # BN is the identity here
+        traced = tf.function(lambda t: bb(t, training=False))(x)
+        eager = bb(x, training=False)
+    assert "call" not in bn.__dict__ and "call" not in bb.get_layer("stem_conv").__dict__
+    for level in ref:
+        scale = float(tf.reduce_max(tf.abs(ref[level])))
+        for out in (traced, eager):
+            np.testing.assert_allclose(out[level].numpy(), ref[level].numpy(), atol=1e-5 * scale)
+            assert not np.array_equal(out[level].numpy(), ref[level].numpy())  # really another graph
+    with fold_batchnorm_calls(bb, only_frozen=True) as n:
+        assert n == 0  # the small backbone's BN train (batch statistics): nothing to fold in training
+    bn.trainable = False
+    with fold_batchnorm_calls(bb, only_frozen=True) as n:
+        assert n == 1
+
+
+def test_detector_predict_folds_every_bn_train_step_the_frozen_ones():
+    """predict with fold_batchnorm (default) gives the unfolded detections; a train step with
+    frozen BN folded gives the unfolded loss and the same updated weights."""
+    def model(fold):
+        keras.utils.set_random_seed(3)
+        m = RetinaNet(backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 1, 0, 0)), num_classes=3,
+                      min_level=3, max_level=5, fpn_channels=16, head_convs=1, head_channels=16,
+                      anchor_size=2.0, aspect_ratios=(1.0,), scales=(1.0,), prior_probability=0.3,
+                      fold_batchnorm=fold)
+        m.build()
+        _randomize_bn(m.backbone)
+        for layer in m.backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.name.startswith(("stem", "c2")):
+                layer.trainable = False  # a frozen stem, as the ResNets' freeze_at
+        m.compile(optimizer=keras.optimizers.SGD(0.1))
+        return m
+
+    folded, plain = model(True), model(False)
+    assert folded.get_config()["fold_batchnorm"] is True and RetinaNet.from_config(plain.get_config()).fold_batchnorm is False
+    images = _images()
+    a, b = folded.predict_on_batch(images), plain.predict_on_batch(images)
+    np.testing.assert_array_equal(a["num_detections"], b["num_detections"])
+    np.testing.assert_array_equal(a["classes"], b["classes"])
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+    np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-3)
+    labels = {"boxes": tf.constant([[[8.0, 8.0, 30.0, 30.0]], [[20.0, 10.0, 50.0, 40.0]]]),
+              "classes": tf.constant([[1], [2]])}
+    la = folded.train_on_batch(images, labels, return_dict=True)
+    lb = plain.train_on_batch(images, labels, return_dict=True)
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+    for va, vb in zip(folded.weights, plain.weights):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-5)
