@@ -29,6 +29,16 @@ Claims (treatment vs baseline):
   Local Parts", Table 2; the Attention CoupleNet paper's Table II).
 * ``acouplenet``: Attention CoupleNet vs CoupleNet (Zhu et al., "Attention CoupleNet", TIP
   2019, Table II: cascade attention).
+* ``decompnet``: decompNet (``digits`` preset with the ordered loss, the ConvGRU's learned
+  initial state and the paper's ``first_black`` stop rule) vs the sliding-window CNN + NMS
+  (the ``sliding_window`` recipe) on the 3-6-9 digits, AP50 (per digit in ``diagnostics``)
+  (Park & Berg, "Learning to decompose ...", Fig. 4).
+* ``decompnet_stop``: the same decompNet weights scored with ``first_black`` vs ``bright``
+  (every map whose peak reaches 0.5): holds when the AP50s agree within 0.02 (the paper's
+  stop sign works).
+
+An arm may score another arm's weights (``Arm.scores``) with an inference option changed:
+it trains nothing.
 
 Runs are cached: ``<work-dir>/<arm>_s<seed>/run.json`` of a finished run with the same
 command is read, not retrained (an interrupted run resumes where its backup stopped; the
@@ -71,12 +81,15 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results", "paper_claims")
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One arm: a recipe preset plus ``--set`` overrides."""
+    """One arm: a recipe preset plus ``--set`` overrides. ``scores``: this arm trains nothing
+    and scores the weights of that other arm (same seed) with ``overrides`` applied to the
+    rebuilt model (an inference option such as decompNet's stop rule)."""
 
     name: str
     recipe: str
     preset: str
     overrides: tuple = ()
+    scores: "Arm | None" = None
 
     def describe(self):
         sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in self.overrides)
@@ -92,7 +105,7 @@ class Claim:
     paper: str
     baseline: Arm
     treatment: Arm
-    epochs: float
+    epochs: float | None  # None: each arm's preset schedule (staged recipes)
     metric: str = "AP"
     rule: str = "greater"
     margin: float = 0.0
@@ -104,6 +117,12 @@ _RETINA_FL = Arm("retinanet_focal", "retinanet", "digits")
 _SSD = Arm("ssd", "assd", "ssd_digits")
 _ASSD = Arm("assd", "assd", "assd_digits")
 _ASSD_ATTENTION = Arm("assd_attention_only", "assd", "assd_digits", (("model.fusion", False),))
+_DECOMPNET_FIXES = (("model.order", "ordered"), ("model.initial_state", "input"), ("model.stop", "first_black"))
+_DECOMPNET = Arm("decompnet_ordered", "decompnet", "digits", _DECOMPNET_FIXES)
+_SLIDING_WINDOW = Arm("sliding_window", "sliding_window", "digits")
+_DECOMPNET_BRIGHT = Arm("decompnet_ordered_bright", "decompnet", "digits", (("model.stop", "bright"),), scores=_DECOMPNET)
+_DECOMPNET_FIRST_BLACK = Arm("decompnet_ordered_first_black", "decompnet", "digits", (("model.stop", "first_black"),),
+                             scores=_DECOMPNET)
 _RFCN = Arm("rfcn", "couplenet", "rfcn_digits")
 _COUPLENET = Arm("couplenet", "couplenet", "couplenet_digits")
 _ACOUPLENET = Arm("acouplenet", "couplenet", "acouplenet_digits")
@@ -122,6 +141,12 @@ CLAIMS = {
               "coupling the global branch to R-FCN", _RFCN, _COUPLENET, epochs=4),
         Claim("acouplenet", "Zhu et al., Attention CoupleNet (TIP 2019), Table II: cascade attention over CoupleNet",
               _COUPLENET, _ACOUPLENET, epochs=4, diagnostics="acouplenet"),
+        Claim("decompnet", "Park & Berg, Learning to decompose (ICLR 2016 workshop), Fig. 4: decompNet above the "
+              "sliding-window CNN + NMS on the 3-6-9 digits (box AP50 per digit)", _SLIDING_WINDOW, _DECOMPNET,
+              epochs=None, metric="AP50", diagnostics="per_class_ap50"),
+        Claim("decompnet_stop", "Park & Berg, §2.2: the last map is black and works as a stop sign (first_black "
+              "agrees with keeping every bright map, same weights)", _DECOMPNET_BRIGHT, _DECOMPNET_FIRST_BLACK,
+              epochs=None, metric="AP50", rule="equivalent", margin=0.02),
     )
 }
 
@@ -159,10 +184,12 @@ def compare(baseline, treatment, *, rule="greater", margin=0.0):
 
 # --- runs ---------------------------------------------------------------------------------
 def run_command(arm, seed, *, epochs, work_dir, data_dir, quick):
-    """The ``kerasdet train`` command line of one run."""
+    """The ``kerasdet train`` command line of one run (``epochs`` None: the preset's)."""
     cmd = [sys.executable, "-m", "kerasdet.cli", "train", "--recipe", arm.recipe, "--preset", arm.preset,
            "--seed", str(seed), "--work-dir", work_dir, "--no-export", "--verbose", "2",
-           "--set", f"train.epochs={json.dumps(epochs)}", "--set", "eval.every_n_epochs=1"]
+           "--set", "eval.every_n_epochs=1"]
+    if epochs is not None:
+        cmd += ["--set", f"train.epochs={json.dumps(epochs)}"]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if quick:
@@ -217,7 +244,52 @@ def train_run(arm, seed, *, epochs, work_root, data_dir, quick, threads, log):
     return row
 
 
+def score_run(arm, seed, *, work_root, log):
+    """An arm that ``scores`` another's weights: the source run rebuilt with ``arm.overrides``
+    and evaluated on its validation split (cached in ``<work_root>/<arm>_s<seed>.json``)."""
+    from kerasdet.engine import builders
+    from kerasdet.engine.runner import load_run, val_source_of_run
+
+    source_dir = os.path.join(work_root, f"{arm.scores.name}_s{seed}")
+    out = os.path.join(work_root, f"{arm.name}_s{seed}.json")
+    if os.path.isfile(out) and os.path.getmtime(out) >= os.path.getmtime(os.path.join(source_dir, "run.json")):
+        with open(out) as f:
+            return json.load(f)
+    log(f"score {arm.scores.name} seed {seed} as {arm.name}")
+    _, config, model, record = load_run(source_dir, overrides=dict(arm.overrides))
+    source = val_source_of_run(config, record)
+    results_file = os.path.join(work_root, f"{arm.name}_s{seed}_results.json")
+    stats = builders.evaluate(model, builders.build_dataset(config, source, training=False), source,
+                              metric=config.eval.metric, results_file=results_file)
+    row = {"seed": seed, "work_dir": os.path.relpath(source_dir, ROOT), "scored_with": dict(arm.overrides),
+           "results_file": os.path.relpath(results_file, ROOT), "history": [],
+           "parameters": record.get("parameters")}
+    row.update({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    with open(out, "w") as f:
+        json.dump(row, f)
+    return row
+
+
 # --- diagnostics --------------------------------------------------------------------------
+def per_class_ap50(work_dir, *, num_images=None, results_file=None):
+    """Box AP at IoU 0.5 per category (pycocotools, :func:`kerasdet.evaluation.per_class.
+    per_class_pr`) of a run's final validation results, by category name."""
+    from kerasdet.evaluation.per_class import per_class_pr
+
+    del num_images
+    with open(os.path.join(work_dir, "run.json")) as f:
+        record = json.load(f)
+    results_file = results_file or os.path.join(work_dir, "val_results.json")
+    with open(results_file) as f:
+        results = json.load(f)
+    gt = record["paths"]["val"]["val_annotations"]
+    per_class = per_class_pr(gt, results, iou=0.5)
+    with open(gt) as f:
+        names = {c["id"]: c["name"] for c in json.load(f)["categories"]}
+    return {names[c]: v["ap"] for c, v in per_class.items() if c != "mean"}
+
+
+
 def _val_batches(work_dir, num_images):
     from kerasdet.engine import builders
     from kerasdet.engine.runner import load_run, val_source_of_run
@@ -234,7 +306,7 @@ def _val_batches(work_dir, num_images):
     return model, batches
 
 
-def assd_attention_entropy(work_dir, *, num_images=100):
+def assd_attention_entropy(work_dir, *, num_images=100, results_file=None):
     """Mean entropy of each attention unit's softmax rows / ``log N`` (1 uniform, 0 one-hot),
     per source, on validation images."""
     import tensorflow as tf
@@ -255,7 +327,7 @@ def assd_attention_entropy(work_dir, *, num_images=100):
     return {f"source{i}": t / count for i, t in enumerate(totals)}
 
 
-def acouplenet_attention_inside_outside(work_dir, *, num_images=100):
+def acouplenet_attention_inside_outside(work_dir, *, num_images=100, results_file=None):
     """Mean ``sigmoid(A)`` of the cells whose centre lies inside / outside every ground-truth
     box, per attention level, on validation images."""
     import tensorflow as tf
@@ -288,7 +360,8 @@ def acouplenet_attention_inside_outside(work_dir, *, num_images=100):
     return {k: {"inside": s[0] / max(s[1], 1), "outside": s[2] / max(s[3], 1)} for k, s in sums.items()}
 
 
-DIAGNOSTICS = {"assd": assd_attention_entropy, "acouplenet": acouplenet_attention_inside_outside}
+DIAGNOSTICS = {"assd": assd_attention_entropy, "acouplenet": acouplenet_attention_inside_outside,
+               "per_class_ap50": per_class_ap50}
 
 
 # --- report -------------------------------------------------------------------------------
@@ -361,16 +434,24 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
     returns ``{claim: record}``. ``epochs``: the same for every claim (default: each claim's)."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     budget_epochs = {c.name: c.epochs if epochs is None else epochs for c in claims}
-    tasks = {}
+    tasks, scoring = {}, {}
     for seed in seeds:
         for c in claims:
             for arm in (c.baseline, c.treatment):
-                tasks.setdefault((arm, seed, budget_epochs[c.name]), None)
-    _ensure_data(claims[0].baseline, data_dir, quick)
+                e = budget_epochs[c.name]
+                if arm.scores is None:
+                    tasks.setdefault((arm, seed, e), None)
+                else:
+                    tasks.setdefault((arm.scores, seed, e), None)
+                    scoring.setdefault((arm, seed, e), None)
+    for arm in {key[0] for key in tasks}:
+        _ensure_data(arm, data_dir, quick)
     common = dict(work_root=work_root, data_dir=data_dir, quick=quick, threads=threads, log=log)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {key: pool.submit(train_run, key[0], key[1], epochs=key[2], **common) for key in tasks}
         rows = {key: f.result() for key, f in futures.items()}
+    for key in scoring:  # in this process, after the trainings
+        rows[key] = score_run(key[0], key[1], work_root=work_root, log=log)
     results = {}
     for claim in claims:
         e = budget_epochs[claim.name]
@@ -391,7 +472,9 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
         if diagnose and claim.diagnostics:
             fn = DIAGNOSTICS[claim.diagnostics]
             for arm, rs in runs.items():
-                per_seed = [fn(os.path.join(ROOT, r["work_dir"]), num_images=16 if quick else 100) for r in rs]
+                per_seed = [fn(os.path.join(ROOT, r["work_dir"]), num_images=16 if quick else 100,
+                               **({"results_file": os.path.join(ROOT, r["results_file"])} if "results_file" in r else {}))
+                            for r in rs]
                 diagnostics[arm] = per_seed if any(p is not None for p in per_seed) else None
         result = summarize(claim, runs, budget=budget, diagnostics=diagnostics)
         os.makedirs(results_dir, exist_ok=True)

@@ -15,7 +15,9 @@ Timed, each model's calls alternating round by round, medians over ``--repeats``
   two-stage top-k + decode + per-class NMS), for each ``--batches`` and each ``--precisions`` (``bfloat16`` is
   keras-hub built under ``mixed_bfloat16`` vs kerasdet switched with
   :func:`kerasdet.precision.set_compute_dtype`);
-* one training step (``train_on_batch``, SGD momentum) at ``--train-batch`` in float32;
+* one training step (``train_on_batch``, SGD momentum) at ``--train-batch`` in float32
+  (kerasdet's default, frozen BN folded in the training graph, and the same model with
+  ``fold_batchnorm=False``; ``--train-only``: only this);
 * ``--savedmodel``: kerasdet's exported ``serving_default`` (loaded back with
   ``tf.saved_model.load``) vs the same model in-process (``make_serving_function``);
 * ``--fold-bn``: kerasdet with its frozen BatchNorm folded into the convolutions
@@ -141,6 +143,7 @@ def main():
                         choices=["float32", "bfloat16"])
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--train-only", action="store_true", help="only the train-step rounds")
     parser.add_argument("--savedmodel", action="store_true", help="also time the exported SavedModel")
     parser.add_argument("--xla", action="store_true", help="also time kerasdet with an XLA-compiled network")
     parser.add_argument("--fold-bn", action="store_true",
@@ -164,7 +167,7 @@ def main():
     # dtype it was traced with), then all of them alternate in the same rounds, so every
     # ratio below compares figures taken under the same machine load.
     variants = {}
-    for precision in args.precisions:
+    for precision in ([] if args.train_only else args.precisions):
         hub_p = hub if precision == "float32" else keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
         variants[f"keras-hub {precision}"] = predict_fn(hub_p)
         set_compute_dtype(kd, precision)
@@ -175,7 +178,7 @@ def main():
             folded = set_compute_dtype(fold_detector_batchnorm(kd), precision)
             variants[f"kerasdet folded-BN {precision}"] = predict_fn(folded)
     set_compute_dtype(kd, "float32")
-    for b in args.batches:
+    for b in ([] if args.train_only else args.batches):
         x = x_by_batch[b]
         times = alternate({name: (lambda fn=fn, x=x: _block(fn(x))) for name, fn in variants.items()}, args.repeats)
         for precision in args.precisions:
@@ -227,9 +230,21 @@ def main():
         # fails; keras.Model.train_on_batch is what it would call (no preprocessor here).
         kd.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
         hub.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
-        fns = {"kd": lambda: kd.train_on_batch(images, labels), "hub": lambda: keras.Model.train_on_batch(hub, images, hub_labels)}
-        report(results, f"train step float32 b{args.train_batch}", "kd", "hub",
-               alternate(fns, max(2, args.repeats), warmup=1))
+        # the same model with its frozen BN run as BN in the training graph (what the default
+        # fold_batchnorm=True folds away), same weights
+        kd_plain = kerasdet_retinanet(args.num_classes)
+        kd_plain.set_weights(kd.get_weights())
+        kd_plain.fold_batchnorm = False
+        kd_plain.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
+        fns = {"kd": lambda: kd.train_on_batch(images, labels),
+               "kd_plain": lambda: kd_plain.train_on_batch(images, labels),
+               "hub": lambda: keras.Model.train_on_batch(hub, images, hub_labels)}
+        times = alternate(fns, max(2, args.repeats), warmup=1)
+        report(results, f"train step float32 b{args.train_batch}", "kd", "hub", times)
+        report(results, f"train step frozen BN unfolded b{args.train_batch}", "kd_plain", "hub", times,
+               labels=("kerasdet unfolded BN", "keras-hub"))
+        report(results, f"train step folded / unfolded BN b{args.train_batch}", "kd", "kd_plain", times,
+               labels=("folded", "unfolded"))
 
     print(f"load average at end: {os.getloadavg()}")
     if args.json:

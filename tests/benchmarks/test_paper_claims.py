@@ -42,13 +42,20 @@ def test_claims_differ_only_in_the_papers_contribution():
     from kerasdet.engine.recipes import load_recipe
 
     claims = paper_claims.CLAIMS
-    assert set(claims) >= {"focal", "assd", "assd_fusion", "couplenet", "acouplenet"}
+    assert set(claims) >= {"focal", "assd", "assd_fusion", "couplenet", "acouplenet", "decompnet", "decompnet_stop"}
     for claim in claims.values():
         b, t = claim.baseline, claim.treatment
-        assert b.recipe == t.recipe and b.name != t.name
-        recipe = load_recipe(b.recipe)
-        cb, ct = recipe.config(b.preset, dict(b.overrides)), recipe.config(t.preset, dict(t.overrides))
-        assert cb.train == ct.train and cb.data == ct.data and cb.eval == ct.eval, claim.name
+        assert b.name != t.name
+        cb = load_recipe(b.recipe).config(b.preset, dict(b.overrides))
+        ct = load_recipe(t.recipe).config(t.preset, dict(t.overrides))
+        assert cb.data == ct.data and cb.eval.metric == ct.eval.metric, claim.name  # the same data and scoring
+        if b.recipe == t.recipe and not (b.scores or t.scores):
+            assert cb.train == ct.train and cb.eval == ct.eval, claim.name  # the same budget and schedule
+    # decompNet against its paper's baseline: two models, each with its own schedule, on one data set
+    assert claims["decompnet"].baseline.recipe == "sliding_window" and claims["decompnet"].epochs is None
+    stop = claims["decompnet_stop"]  # one set of weights, scored with both stop rules
+    assert stop.baseline.scores is stop.treatment.scores is claims["decompnet"].treatment
+    assert stop.rule == "equivalent" and stop.margin == 0.02
     focal = claims["focal"]
     recipe = load_recipe("retinanet")
     ce = recipe.config(focal.baseline.preset, dict(focal.baseline.overrides)).model
@@ -97,3 +104,28 @@ def test_quick_claim_end_to_end(tmp_path):
     assert os.path.getmtime(tmp_path / "runs" / "quick" / "retinanet_ce_s0" / "run.json") == before
     with pytest.raises(SystemExit):
         paper_claims.main(["--claim", "nope"])
+
+
+@pytest.mark.slow
+def test_scoring_arm_and_per_class_ap50_of_a_run(tmp_path):
+    """An arm that scores another arm's weights with an inference option changed, and the
+    per-category AP50 diagnostic, on a tiny RetinaNet run through the runner."""
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.engine.runner import run
+
+    recipe = load_recipe("retinanet")
+    overrides = {"data.generate.num_train": 8, "data.generate.num_val": 4, "train.batch_size": 4,
+                 "eval.batch_size": 4, "export.enabled": False, "train.warmup_steps": 0, "train.epochs": 1,
+                 "backbone.widths": [8, 16, 16, 16], "backbone.blocks": [0, 0, 0, 0], "model.fpn_channels": 8,
+                 "model.head_channels": 8}
+    source = paper_claims.Arm("tiny", "retinanet", "digits")
+    run(recipe, recipe.config("digits", overrides), preset="digits", work_dir=str(tmp_path / "tiny_s0"),
+        data_dir=str(tmp_path / "data"), seed=0)
+    arm = paper_claims.Arm("tiny_strict", "retinanet", "digits", (("model.score_threshold", 0.99),), scores=source)
+    row = paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=lambda *a: None)
+    assert row["seed"] == 0 and row["scored_with"] == {"model.score_threshold": 0.99}
+    with open(os.path.join(paper_claims.ROOT, row["results_file"])) as f:
+        assert all(r["score"] >= 0.99 for r in json.load(f))  # the option reached the rebuilt model
+    assert paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=pytest.fail) == row  # cached
+    per_class = paper_claims.per_class_ap50(str(tmp_path / "tiny_s0"))
+    assert set(per_class) == {str(d) for d in range(10)} and all(0.0 <= v <= 1.0 or v != v for v in per_class.values())
