@@ -21,6 +21,7 @@ import contextlib
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kerasdet.layers.postprocess import DetectionPostProcessor
 
@@ -108,7 +109,7 @@ def _folded_conv_call(conv, bn):
             shift = shift + keras.ops.cast(bn.beta, "float32")
         kernel = keras.ops.cast(conv.kernel, "float32") * scale
         outputs = conv.convolution_op(inputs, keras.ops.cast(kernel, inputs.dtype))
-        outputs = outputs + keras.ops.cast(shift, outputs.dtype)
+        outputs = tf.nn.bias_add(outputs, keras.ops.cast(shift, outputs.dtype))
         return conv.activation(outputs) if conv.activation is not None else outputs
 
     return call
@@ -127,12 +128,16 @@ def fold_batchnorm_calls(backbone, *, only_frozen=True):
     touched; the layers' own ``call`` is restored when the block ends.
 
     Used while Keras traces a step: :class:`kerasdet.models.base.Detector` folds every BN in
-    ``predict_step`` (inference runs them all on moving statistics) and the frozen ones in
-    ``train_step`` (a frozen BN runs on moving statistics under ``training=True`` too; the
-    gradient through ``W * s`` is the unfolded one: ``dL/dW = s * dL/dW'``). It saves the
-    BN's multiply-add pass over every activation map (and its backward pass); the kernel
-    product costs one multiply per weight. A conv whose output feeds anything else, a
-    channels-first BN and non-functional models are left alone (``fold_pairs``).
+    ``predict_step`` (inference runs them all on moving statistics). It saves the BN's
+    multiply-add pass over every activation map; the kernel product costs one multiply per
+    weight, and the shift is a ``BiasAdd`` so the conv + bias (+ ReLU) fuse as the folded
+    copy's do (with a plain add the R50 train step measured 1.43x slower). ``only_frozen=True``
+    folds the frozen BN of a training graph exactly (a frozen BN runs on moving statistics
+    under ``training=True`` too and ``dL/dW = s * dL/dW'``) but did not pay there: the
+    R50-FPN RetinaNet train step at batch 2 measured 1.06x the unfolded one
+    (``benchmarks/vs_keras_hub.py --train-only``), so training does not use it. A conv whose
+    output feeds anything else, a channels-first BN and non-functional models are left alone
+    (``fold_pairs``).
     """
     pairs = fold_pairs(backbone, only_frozen=only_frozen) if isinstance(backbone, keras.Model) else {}
     patched = []
