@@ -308,7 +308,7 @@ def _val_batches(work_dir, num_images):
 
 def assd_attention_entropy(work_dir, *, num_images=100, results_file=None):
     """Mean entropy of each attention unit's softmax rows / ``log N`` (1 uniform, 0 one-hot),
-    per source, on validation images."""
+    per source, on validation images (None for a 1x1 source)."""
     import tensorflow as tf
 
     model, batches = _val_batches(work_dir, num_images)
@@ -321,10 +321,13 @@ def assd_attention_entropy(work_dir, *, num_images=100, results_file=None):
         for i, (unit, x) in enumerate(zip(model.attention, inputs)):
             a = unit.attention_weights(x)  # [B, N, N]
             n = int(a.shape[-1])
+            if n == 1:  # a 1x1 source: one key, the entropy is not defined
+                totals[i] = None
+                continue
             h = -tf.reduce_sum(a * tf.math.log(tf.maximum(a, 1e-12)), axis=-1)
-            totals[i] += float(tf.reduce_mean(h)) / max(math.log(n), 1e-12) * int(images.shape[0])
+            totals[i] += float(tf.reduce_mean(h)) / math.log(n) * int(images.shape[0])
         count += int(images.shape[0])
-    return {f"source{i}": t / count for i, t in enumerate(totals)}
+    return {f"source{i}": None if t is None else t / count for i, t in enumerate(totals)}
 
 
 def acouplenet_attention_inside_outside(work_dir, *, num_images=100, results_file=None):
