@@ -59,34 +59,9 @@ import math
 
 import tensorflow as tf
 
-__all__ = ["PatchSampler", "crop_windows", "patch_dataset"]
+from kerasdet.layers.windows import crop_windows
 
-
-def crop_windows(images, windows, box_indices, size, *, method="bilinear", extrapolation_value=0.0):
-    """Resamples square-or-not ``windows`` (yxyx pixel edges of ``images``) to ``size x size``.
-
-    Pixel ``(i, j)`` of a crop samples the window at ``(y0 + (i + 0.5) * h / size, x0 + (j
-    + 0.5) * w / size)`` (pixel centres: the half-pixel convention of
-    ``tf.image.resize``), bilinearly (``method``) from ``images`` ``[N, H, W, C]``;
-    samples outside the image read ``extrapolation_value``. ``windows`` ``[M, 4]``,
-    ``box_indices`` ``[M]`` int32. Returns ``[M, size, size, C]`` float32.
-    """
-    images = tf.cast(images, tf.float32)
-    windows = tf.cast(windows, tf.float32)
-    shape = tf.shape(images)
-    height = tf.cast(shape[1], tf.float32)
-    width = tf.cast(shape[2], tf.float32)
-    y0, x0, y1, x1 = tf.unstack(windows, axis=-1)
-    half_y = 0.5 * (y1 - y0) / size
-    half_x = 0.5 * (x1 - x0) / size
-    # crop_and_resize samples y0' * (H - 1) ... y1' * (H - 1) with the end points on
-    # the first / last sample: map the pixel-centre samples onto that.
-    boxes = tf.stack([(y0 + half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-                      (x0 + half_x - 0.5) / tf.maximum(width - 1.0, 1.0),
-                      (y1 - half_y - 0.5) / tf.maximum(height - 1.0, 1.0),
-                      (x1 - half_x - 0.5) / tf.maximum(width - 1.0, 1.0)], axis=-1)
-    return tf.image.crop_and_resize(images, boxes, tf.cast(box_indices, tf.int32), [size, size], method=method,
-                                    extrapolation_value=extrapolation_value)
+__all__ = ["PatchSampler", "patch_dataset"]
 
 
 class PatchSampler:

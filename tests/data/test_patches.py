@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasdet.data.patches import PatchSampler, crop_windows, patch_dataset
+from kerasdet.data.patches import PatchSampler, patch_dataset
 
 H = W = 96
 
@@ -92,18 +92,6 @@ def test_crops_land_on_their_windows_and_masks_are_the_object():
         inside = ((grid >= y0) & (grid < y1))[:, None] & ((gridx >= x0) & (gridx < x1))[None, :]
         assert np.mean(masks[m] == inside) > 0.97
     assert np.all(masks[score != 1] == 0)
-
-
-def test_crop_windows_half_pixel_convention():
-    ramp = tf.reshape(tf.range(16, dtype=tf.float32), [1, 4, 4, 1])
-    # the whole image at its own size is the identity
-    same = crop_windows(ramp, tf.constant([[0.0, 0.0, 4.0, 4.0]]), tf.constant([0]), 4)
-    np.testing.assert_allclose(same.numpy(), ramp.numpy(), atol=1e-5)
-    # a 2x2 window at 1x resolution is that sub-block; outside reads the fill value
-    sub = crop_windows(ramp, tf.constant([[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 12.0, 12.0]]), tf.constant([0, 0]), 2,
-                       extrapolation_value=-1.0)
-    np.testing.assert_allclose(sub[0, ..., 0].numpy(), [[6, 7], [10, 11]], atol=1e-5)
-    assert np.all(sub[1].numpy() == -1.0)
 
 
 def test_seeded_flip_and_images_without_objects():
