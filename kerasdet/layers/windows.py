@@ -16,13 +16,16 @@ def crop_windows(images, windows, box_indices, size, *, method="bilinear", extra
 
     Pixel ``(i, j)`` of a crop samples the window at ``(y0 + (i + 0.5) * h / size_h, x0 +
     (j + 0.5) * w / size_w)`` (pixel centres: the half-pixel convention of
-    ``tf.image.resize``), bilinearly (``method``) from ``images`` ``[N, H, W, C]``;
-    samples outside the image read ``extrapolation_value``. ``windows`` ``[M, 4]``,
+    ``tf.image.resize``), bilinearly (``method``) from ``images`` ``[N, H, W, C]``
+    extended by ``extrapolation_value`` all around: exactly what sampling the image padded
+    with that value gives (the image is padded by one pixel, so a sample a rounding error
+    past the last pixel centre still reads that pixel). ``windows`` ``[M, 4]``,
     ``box_indices`` ``[M]`` int32. Returns ``[M, size_h, size_w, C]`` float32.
     """
     size_h, size_w = (size, size) if isinstance(size, int) else size
-    images = tf.cast(images, tf.float32)
-    windows = tf.cast(windows, tf.float32)
+    images = tf.pad(tf.cast(images, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]],
+                    constant_values=extrapolation_value)
+    windows = tf.cast(windows, tf.float32) + 1.0
     shape = tf.shape(images)
     height = tf.cast(shape[1], tf.float32)
     width = tf.cast(shape[2], tf.float32)

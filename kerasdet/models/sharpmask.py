@@ -52,10 +52,15 @@ import tensorflow as tf
 
 from kerasdet.layers.padding import MirrorPadding2D
 from kerasdet.layers.refinement import RefinementModule, refinement_schedule
+from kerasdet.layers.windows import paste_masks
 from kerasdet.losses import global_normalizer
 from kerasdet.models.base import Detector
 
 STAGES = ("deepmask", "refine")
+
+PYRAMID_SCALES = tuple(2.0 ** (e / 2.0) for e in range(-4, 3))
+"""The image pyramid of full-image inference: ``2^{-2:0.5:1}`` (DeepMask's, Pinheiro et
+al. 2015 §3.3 "Full Scene Inference", which SharpMask follows, thesis §3.3.3)."""
 
 RESNET_TRUNK_LAYERS = {"C1": "conv1_relu", "C2": "conv2_block3_out", "C3": "conv3_block4_out",
                        "C4": "conv4_block6_out"}
@@ -112,6 +117,12 @@ class SharpMask(Detector):
             ``"reflect"`` or ``"zeros"`` (the trunk keeps its own zero padding: not done).
         stage: ``"deepmask"`` (default) or ``"refine"``, see :meth:`set_stage`.
         mask_threshold: binarization threshold of predicted masks (default 0.2, §3.5).
+        scales: the image pyramid of :meth:`detect` (default :data:`PYRAMID_SCALES`).
+        num_proposals: N, the top-scoring windows of an image whose masks are computed
+            (refined) and returned (default 500, where detection AP saturates, §3.5.2).
+        fill_value: pixel value around the scaled images (default 127.5, the grey the
+            sampler puts outside images).
+        num_classes: must be 1 (class-agnostic proposals: class 0 is "object").
         **kwargs: :class:`~kerasdet.models.base.Detector`'s (``weight_decay``, ...).
     """
 
@@ -120,8 +131,12 @@ class SharpMask(Detector):
     def __init__(self, *, backbone, patch_size=160, context=32, trunk_level="C4", features=128, embedding=512,
                  mask_size=56, score_hidden=1024, dropout=0.5, score_weight=1.0 / 32.0, refinement=True,
                  skip_levels=("C4", "C3", "C2", "C1"), k=32, schedule="halving", skip_hidden=64,
-                 upsampling="bilinear", padding="symmetric", stage="deepmask", mask_threshold=0.2, **kwargs):
+                 upsampling="bilinear", padding="symmetric", stage="deepmask", mask_threshold=0.2, scales=PYRAMID_SCALES,
+                 num_proposals=500, fill_value=127.5, num_classes=1, **kwargs):
         super().__init__(**kwargs)
+        if int(num_classes) != 1:
+            raise ValueError(f"SharpMask proposals are class-agnostic: num_classes must be 1, got {num_classes}")
+        self.num_classes = 1
         self.backbone = backbone
         self.patch_size, self.context = int(patch_size), int(context)
         self.trunk_level = trunk_level
@@ -130,7 +145,11 @@ class SharpMask(Detector):
         self.mask_size = int(mask_size)
         self.score_weight = float(score_weight)
         self.mask_threshold = float(mask_threshold)
+        self.scales = tuple(float(v) for v in scales)
+        self.num_proposals = int(num_proposals)
+        self.fill_value = float(fill_value)
         stride = _level_stride(trunk_level)
+        self.stride = stride
         for level in (trunk_level, *self.skip_levels):
             if self.context % (2 * _level_stride(level)):
                 raise ValueError(f"context {context} must be a multiple of 2 x stride of {level}")
@@ -145,7 +164,8 @@ class SharpMask(Detector):
                             score_hidden=int(score_hidden), dropout=float(dropout), score_weight=self.score_weight,
                             refinement=self.refinement, skip_levels=list(skip_levels), k=int(k), schedule=schedule,
                             skip_hidden=int(skip_hidden), upsampling=upsampling, padding=padding, stage=stage,
-                            mask_threshold=self.mask_threshold)
+                            mask_threshold=self.mask_threshold, scales=list(self.scales),
+                            num_proposals=self.num_proposals, fill_value=self.fill_value, num_classes=1)
         dense = dict(kernel_initializer="glorot_uniform")
         self.reduce = keras.layers.Conv2D(int(features), 1, activation="relu", name="reduce", **dense)
         self.embed = keras.layers.Conv2D(int(embedding), self.grid, padding="valid", name="embed", **dense)
@@ -260,9 +280,135 @@ class SharpMask(Detector):
         return {"mask_loss": mask_loss, "score_loss": score_loss}
 
     # --- inference on patches ---------------------------------------------------------------
-    def detect(self, images):
+    def detect_patches(self, patches):
         """Patches -> ``{"masks": [B, W, W] probabilities, "scores": [B]}`` (refined masks
         in the refine stage, DeepMask's upsampled bilinearly otherwise)."""
-        outputs = self.forward(images, training=False)
+        outputs = self.forward(patches, training=False)
         logits = self.mask_logits_at(outputs, self.patch_size)
         return {"masks": tf.sigmoid(logits), "scores": tf.sigmoid(outputs["score_logits"])}
+
+    # --- full-image inference -------------------------------------------------------------
+    def scale_outputs(self, images, scale):
+        """One pyramid level, fully convolutional: ``(vectors [B, G, 512], score_logits [B,
+        G], windows [G, 4], cells [G, 2], skip)`` for the ``G`` stride-16 windows of the
+        image scaled by ``scale`` and padded by ``W / 2`` (``fill_value``) on every side.
+
+        Window ``(i, j)`` covers pixels ``[16 i, 16 i + W)`` of the padded scaled image
+        (its low-rank vector is the ``W/16``-wide "valid" conv at ``(i, j)``, the very
+        layer that reads a patch's cropped trunk map), i.e. ``windows`` (yxyx of the
+        input images) ``((16 i - W/2) / scale, ...)`` with side ``W / scale``. ``skip``
+        holds each refinement module's skip features ``S^i`` on the whole padded image
+        (shared by all windows, thesis §3.3.3), empty without refinement."""
+        shape = tf.shape(images)
+        height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+        hs = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), 1)
+        ws = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), 1)
+        scaled = tf.image.resize(tf.cast(images, tf.float32), tf.stack([hs, ws]), method="bilinear")
+        half, st = self.patch_size // 2, self.stride
+        pad_h = (-(hs + 2 * half)) % st + half
+        pad_w = (-(ws + 2 * half)) % st + half
+        padded = tf.pad(scaled, [[0, 0], [half, pad_h], [half, pad_w], [0, 0]], constant_values=self.fill_value)
+        feats = self.backbone(padded, training=False)
+        vectors = self.embed(self.reduce(feats[self.trunk_level]))
+        scores = self.score_fc2(self.score_fc1(vectors))[..., 0]
+        gh, gw = tf.shape(vectors)[1], tf.shape(vectors)[2]
+        iy, ix = tf.meshgrid(tf.range(gh), tf.range(gw), indexing="ij")
+        cells = tf.reshape(tf.stack([iy, ix], axis=-1), [-1, 2])
+        top_left = (tf.cast(cells * st, tf.float32) - half) / scale
+        windows = tf.concat([top_left, top_left + self.patch_size / scale], axis=1)
+        batch = tf.shape(images)[0]
+        skip = [module.skip_features(feats[level]) for level, module in zip(self.skip_levels, self.refiners)] \
+            if self.refinement else []
+        return (tf.reshape(vectors, [batch, -1, vectors.shape[-1]]), tf.reshape(scores, [batch, -1]), windows,
+                cells, skip)
+
+    def detect(self, images):
+        """Segment proposals of whole images (thesis §3.3.3 / DeepMask's full-scene
+        inference), one graph:
+
+        1. every pyramid scale (:meth:`scale_outputs`) scores all stride-16 windows in
+           one pass;
+        2. the top ``num_proposals`` windows of each image over all scales (padding with
+           score 0 where an image has fewer) get masks in one batch: SharpMask's
+           refinement on the shared skip features cropped at each window (refine stage),
+           or DeepMask's 56x56 mask;
+        3. the masks are pasted into image coordinates
+           (:func:`~kerasdet.layers.windows.paste_masks`), binarized at
+           ``mask_threshold`` (0.2), and each box is the tight box of its mask (thesis
+           §3.5.3: "we extract tight bounding boxes surrounding our segmentation masks";
+           an empty mask gets a zero box).
+
+        No NMS (neither the thesis nor the released inference code applies one). Returns
+        ``boxes`` ``[B, N, 4]`` (yxyx pixels), ``scores`` (sigmoid), ``classes`` (0, the
+        one class-agnostic class; -1 padding), ``num_detections`` and ``masks`` ``[B, N,
+        H, W]`` (0/1 float32).
+        """
+        images = tf.cast(images, tf.float32)
+        shape = tf.shape(images)
+        batch, height, width = shape[0], shape[1], shape[2]
+        n = self.num_proposals
+        per_scale = [self.scale_outputs(images, scale) for scale in self.scales]
+        vectors = tf.concat([p[0] for p in per_scale], axis=1)
+        scores = tf.concat([p[1] for p in per_scale], axis=1)
+        windows = tf.concat([p[2] for p in per_scale], axis=0)
+        scale_id = tf.concat([tf.fill([tf.shape(p[2])[0]], i) for i, p in enumerate(per_scale)], axis=0)
+        # N padding windows (score -inf) so top_k always has N candidates
+        scores = tf.pad(scores, [[0, 0], [0, n]], constant_values=-float("inf"))
+        total = tf.shape(windows)[0]
+        top_scores, top = tf.math.top_k(scores, k=n)  # [B, N]
+        real = top < total
+        safe = tf.minimum(top, total - 1)
+        top_vectors = tf.gather(vectors, safe, batch_dims=1)  # [B, N, 512]
+        top_windows = tf.gather(windows, safe)  # [B, N, 4]
+        flat_vectors = tf.reshape(top_vectors, [-1, 1, 1, top_vectors.shape[-1]])
+        if self.refinement and self.stage == "refine":
+            cells = tf.concat([p[3] for p in per_scale], axis=0)
+            top_cells = tf.gather(cells, safe)  # [B, N, 2]
+            top_scale = tf.gather(scale_id, safe)
+            m = tf.reshape(self.encode(flat_vectors), [-1, self.grid, self.grid, self.encoding_channels])
+            for index, (level, module) in enumerate(zip(self.skip_levels, self.refiners)):
+                st = _level_stride(level)
+                side = self.patch_size // st
+                crop = 0.0
+                for i, p in enumerate(per_scale):
+                    skip = p[4][index]  # [B, h, w, k_s]
+                    offs = tf.range(side)
+                    rows = top_cells[..., 0:1] * (self.stride // st) + offs  # [B, N, side]
+                    cols = top_cells[..., 1:2] * (self.stride // st) + offs
+                    rows = tf.minimum(rows, tf.shape(skip)[1] - 1)
+                    cols = tf.minimum(cols, tf.shape(skip)[2] - 1)
+                    idx = tf.stack(tf.meshgrid(tf.range(side), tf.range(side), indexing="ij"), axis=-1)  # [s, s, 2]
+                    gather_idx = tf.stack([tf.gather(rows, idx[..., 0], axis=2), tf.gather(cols, idx[..., 1], axis=2)],
+                                          axis=-1)  # [B, N, s, s, 2]
+                    patch = tf.gather_nd(skip, gather_idx, batch_dims=1)  # [B, N, s, s, k_s]
+                    crop = crop + tf.where((top_scale == i)[..., None, None, None], patch, 0.0)
+                m = module.merge(m, tf.reshape(crop, [-1, side, side, crop.shape[-1]]))
+            logits = self.output_conv(self.output_pad(m))[..., 0]
+        else:
+            logits = tf.reshape(self.mask_head(flat_vectors), [-1, self.mask_size, self.mask_size])
+        flat_windows = tf.reshape(top_windows, [-1, 4])
+        probs = paste_masks(tf.sigmoid(logits), flat_windows, tf.range(tf.shape(flat_windows)[0]), (height, width))
+        masks = tf.cast(probs > self.mask_threshold, tf.float32) * tf.reshape(tf.cast(real, tf.float32), [-1, 1, 1])
+        masks = tf.reshape(masks, [batch, n, height, width])
+        return {"boxes": boxes_from_masks(masks), "scores": tf.where(real, tf.sigmoid(top_scores), 0.0),
+                "classes": tf.where(real, 0, -1), "num_detections": tf.reduce_sum(tf.cast(real, tf.int32), axis=1),
+                "masks": masks}
+
+
+def boxes_from_masks(masks):
+    """Tight yxyx pixel-edge boxes ``[..., 4]`` of binary masks ``[..., H, W]`` (zeros
+    for an empty mask)."""
+    masks = tf.cast(masks, tf.bool)
+    rows = tf.reduce_any(masks, axis=-1)
+    cols = tf.reduce_any(masks, axis=-2)
+
+    def span(any_along):
+        length = tf.shape(any_along)[-1]
+        first = tf.argmax(tf.cast(any_along, tf.int32), axis=-1, output_type=tf.int32)
+        last = length - tf.argmax(tf.cast(tf.reverse(any_along, axis=[-1]), tf.int32), axis=-1, output_type=tf.int32)
+        return tf.cast(first, tf.float32), tf.cast(last, tf.float32)
+
+    y0, y1 = span(rows)
+    x0, x1 = span(cols)
+    boxes = tf.stack([y0, x0, y1, x1], axis=-1)
+    return tf.where(tf.reduce_any(rows, axis=-1)[..., None], boxes, 0.0)

@@ -85,7 +85,7 @@ def test_trunk_crops_and_shapes():
     out = model.forward(tf.zeros([2, 64, 64, 3]), refine=True)
     assert out["score_logits"].shape == (2,) and out["mask_logits"].shape == (2, 8, 8)
     assert out["refined_logits"].shape == (2, 32, 32)
-    det = model.predict_step(tf.zeros([2, 64, 64, 3]))
+    det = model.detect_patches(tf.zeros([2, 64, 64, 3]))
     assert det["masks"].shape == (2, 32, 32) and det["scores"].shape == (2,)
     with pytest.raises(ValueError, match="context"):
         _small_model(context=16)
@@ -143,6 +143,78 @@ def test_save_and_load(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.get_config() == model.get_config() and loaded.stage == "refine"
-    np.testing.assert_allclose(loaded.predict_step(patches)["masks"], model.predict_step(patches)["masks"], atol=1e-6)
+    np.testing.assert_allclose(loaded.detect_patches(patches)["masks"], model.detect_patches(patches)["masks"], atol=1e-6)
     assert SharpMask(**{**model.get_config(), "backbone": model.backbone, "refinement": False,
                                          "stage": "deepmask"}).skip_levels == ()
+
+
+def _pointwise_trunk():
+    """A trunk whose every cell sees only its own pixels (1x1 convs, 2x2 average pools),
+    so a window of the full image and the patch cut at its box give the same head input."""
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(images)
+    outputs = {}
+    for level, width in zip(("C1", "C2", "C3", "C4"), (4, 6, 6, 8)):
+        x = keras.layers.AveragePooling2D(2)(x)
+        x = keras.layers.Conv2D(width, 1, activation="tanh")(x)
+        outputs[level] = x
+    return keras.Model(images, outputs)
+
+
+def test_full_image_windows_equal_patches_cut_at_their_boxes():
+    from kerasdet.layers.windows import crop_windows
+
+    keras.utils.set_random_seed(3)
+    model = SharpMask(backbone=_pointwise_trunk(), patch_size=32, context=32, features=4, embedding=8, mask_size=8,
+                      score_hidden=8, k=16, skip_hidden=4, weight_decay=0.0, scales=(1.0,), num_proposals=5,
+                      stage="refine")
+    model.build()
+    image = tf.random.uniform([1, 48, 64, 3], 0, 255, seed=1)
+    vectors, scores, windows, cells, _ = model.scale_outputs(image, 1.0)
+    # (48 + 32) / 16 = 5 rows, (64 + 32) / 16 = 6 columns of trunk cells; 2x2 windows -> 4 x 5
+    assert windows.shape == (20, 4) and scores.shape == (1, 20)
+    np.testing.assert_allclose(windows[0], [-16, -16, 16, 16])
+    np.testing.assert_allclose(windows[7], [0, 16, 32, 48])  # cell (1, 2)
+    outer = windows + tf.constant([[-16.0, -16.0, 16.0, 16.0]])
+    patches = crop_windows(image, outer, tf.zeros([20], tf.int32), 64, extrapolation_value=127.5)
+    out = model.forward(patches)
+    np.testing.assert_allclose(scores[0], out["score_logits"], atol=1e-4)
+    np.testing.assert_allclose(model.mask_head(vectors[0][:, None, None]).numpy().reshape(20, 8, 8),
+                               out["mask_logits"], atol=1e-4)
+    det = model.detect(image)
+    assert det["masks"].shape == (1, 5, 48, 64) and det["boxes"].shape == (1, 5, 4)
+    top = np.argsort(-scores[0].numpy(), kind="stable")[:5]
+    np.testing.assert_allclose(det["scores"][0], tf.sigmoid(tf.gather(scores[0], top)), atol=1e-5)
+    # the refined masks of the top windows, pasted and binarized at 0.2, are where the windows are
+    refined = tf.sigmoid(out["refined_logits"]).numpy()
+    for rank, w in enumerate(top):
+        y0, x0, y1, x1 = windows[w].numpy().astype(int)
+        expected = np.zeros((48, 64), bool)
+        crop = refined[w][max(0, -y0):, max(0, -x0):][: min(y1, 48) - max(y0, 0), : min(x1, 64) - max(x0, 0)]
+        expected[max(y0, 0):min(y1, 48), max(x0, 0):min(x1, 64)] = crop > 0.2
+        got = det["masks"][0, rank].numpy() > 0
+        # skip features are shared over the image (not mirror-padded at each window): borders may differ
+        assert np.mean(got == expected) > 0.9
+        ys, xs = np.nonzero(got)
+        if len(ys):
+            np.testing.assert_array_equal(det["boxes"][0, rank], [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+    assert det["num_detections"].numpy().tolist() == [5] and np.all(det["classes"].numpy() == 0)
+
+
+def test_detect_pads_when_an_image_has_fewer_windows_and_exports(tmp_path):
+    from kerasdet.export import export_saved_model
+
+    model = _small_model(scales=(0.5, 1.0), num_proposals=12)
+    image = tf.random.uniform([2, 32, 32, 3], 0, 255, seed=2)
+    det = model.predict_step(image)
+    # scale 0.5: (16 + 32) / 16 -> 3 cells -> 2x2 windows; scale 1: 4 cells -> 3x3: 13 windows
+    assert det["num_detections"].numpy().tolist() == [12, 12]
+    few = _small_model(scales=(0.5,), num_proposals=6).predict_step(image)
+    assert few["num_detections"].numpy().tolist() == [4, 4]
+    assert np.all(few["classes"][:, 4:].numpy() == -1) and np.all(few["masks"][:, 4:].numpy() == 0)
+    export_saved_model(model, str(tmp_path / "sm"), image_size=(32, 32), category_ids=[1], warmup=False)
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    out = loaded.signatures["serving_default"](images=tf.cast(image, tf.uint8))
+    assert out["detection_masks"].shape == (2, 12, 32, 32)
+    ref = model.predict_step(tf.cast(tf.cast(image, tf.uint8), tf.float32))
+    assert np.mean(out["detection_masks"].numpy() == ref["masks"].numpy()) > 0.99  # BN folded: round-off only
