@@ -205,7 +205,8 @@ class SharpMask(Detector):
         refine = stage == "refine"
         if refine:
             self.backbone.trainable = False
-        else:
+        else:  # the trunk as built (Keras' setter is recursive: restore every layer's flag)
+            self.backbone.trainable = True
             for layer, flag in zip(self.backbone.layers, self._backbone_trainable):
                 layer.trainable = flag
         for layer in self.head_layers:

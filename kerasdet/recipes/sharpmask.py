@@ -94,12 +94,18 @@ def trunk_layers(config):
 
 
 def build_model(config, num_classes):
-    """SharpMask on the backbone cut at stride 16 (its skip levels kept); class-agnostic,
-    so ``num_classes`` (the data's) is not used."""
+    """SharpMask on the backbone cut at stride 16 (its skip levels kept), in the last
+    stage's ``kind`` unless ``model.stage`` is set; class-agnostic, so ``num_classes``
+    (the data's) is not used."""
     del num_classes
     args = dict(config.model)
     args.pop("weights", None)
     args.pop("freeze", None)
+    # a model rebuilt from run.json (evaluate, export) is in its last stage; training
+    # sets each stage's own with stage_model
+    last = config.train.resolved_stages()[-1].kind
+    if last in STAGES and (last != "refine" or args.get("refinement", True)):
+        args.setdefault("stage", last)
     trunk = truncated_backbone(build_backbone(config), trunk_layers(config))
     return SharpMask(backbone=trunk, weight_decay=config.train.weight_decay, **args)
 

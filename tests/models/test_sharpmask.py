@@ -124,6 +124,8 @@ def test_two_stages_train_their_own_parts():
     refine_names = {v.path for layer in model.refine_layers for v in layer.weights}
     assert not refine_names & {v.path for v in model.trainable_variables}
 
+    trunk_trainable = {v.path for v in model.backbone.trainable_variables}
+    assert trunk_trainable and len(trunk_trainable) < len(model.backbone.weights)  # BN statistics are not
     model.set_stage("refine")
     assert {v.path for v in model.trainable_variables} == refine_names
     fixed = model.backbone.weights + [v for layer in model.head_layers for v in layer.weights]
@@ -134,6 +136,8 @@ def test_two_stages_train_their_own_parts():
     assert model.evaluate(patches, labels, verbose=0, return_dict=True)["mask_loss"] < 0.9 * before
     for old, new in zip(frozen, fixed):
         np.testing.assert_array_equal(old, new.numpy())  # trunk, BN statistics and head C untouched
+    model.set_stage("deepmask")  # back: the trunk trains again, frozen layers stay frozen
+    assert {v.path for v in model.backbone.trainable_variables} == trunk_trainable
 
 
 def test_save_and_load(tmp_path):

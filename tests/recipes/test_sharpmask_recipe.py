@@ -64,7 +64,10 @@ def test_stage_hook_sets_the_stage():
     recipe = load_recipe("sharpmask")
     config = recipe.config("sharpmask_digits", {"backbone.widths": [8, 8, 8, 8]})
     model = recipe.build_model(config, 10)
+    assert model.stage == "refine"  # rebuilt for evaluation / export in the last stage
+    assert recipe.build_model(recipe.config("deepmask_digits"), 10).stage == "deepmask"
     deepmask, refine = config.train.resolved_stages()
+    assert recipe.stage_model(model, deepmask, config)[0].stage == "deepmask"
     train_model, callbacks = recipe.stage_model(model, refine, config)
     assert train_model is model and model.stage == "refine" and callbacks == []
     assert not model.backbone.trainable
