@@ -34,8 +34,12 @@ scales the learning rate). Patches labelled 0 (no valid negative found) count no
 **Stages** (§3.3.3): ``stage="deepmask"`` trains trunk and head C on mask + score;
 ``stage="refine"`` freezes everything but ``M^1``'s layer and the refinement modules and
 trains on the refined mask alone (the released code trains the refinement on positives
-only). ``predict`` on patches returns the refined masks in the refine stage, DeepMask's
-otherwise.
+only). Inference returns the refined masks in the refine stage, DeepMask's otherwise.
+
+**Inference**: :meth:`SharpMask.detect_patches` on patches; :meth:`SharpMask.detect` (what
+``predict`` and the SavedModel run) on whole images, fully convolutional over an image
+pyramid with the top-N windows refined in one batch (thesis §3.3.3, Pinheiro et al. 2015
+§3.3), see its doc.
 
 Parameters (paper configuration: ResNet-50 to conv4, W = 160, defaults otherwise): trunk
 8,589,184 (ResNet-50 through conv4_block6, keras.applications' convs with biases and BN's
