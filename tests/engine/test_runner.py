@@ -31,9 +31,10 @@ TINY = {
                                          "model.rpn_post_nms_topk_train": 16, "model.rpn_post_nms_topk_test": 16,
                                          "model.ohem_rois": 8, "train.epochs": 1},
 }
-SHARPMASK_TINY = {"backbone.widths": [8, 8, 8, 8], "model.features": 4, "model.embedding": 8, "model.mask_size": 8,
-                  "model.score_hidden": 8, "model.skip_hidden": 4, "model.num_proposals": 10,
-                  "model.scales": [0.5, 1.0], "patches.patches_per_image": 2}
+SHARPMASK_TINY = {"backbone.widths": [8, 8, 8, 8], "data.generate.image_size": [64, 64], "input.image_size": [64, 64],
+                  "model.patch_size": 32, "model.features": 4, "model.embedding": 8, "model.mask_size": 8,
+                  "model.score_hidden": 8, "model.skip_hidden": 4, "model.num_proposals": 5, "model.scales": [1.0],
+                  "patches.patches_per_image": 2}
 SMN_TINY = {**SMALL, "data.generate.image_size": [64, 64], "input.image_size": [64, 64], "base.fc_dim": 16,
             "base.rpn_channels": 8, "base.rpn_post_nms_topk_train": 16, "base.rpn_post_nms_topk_test": 16,
             "base.num_rois": 16, "model.memory_channels": 8, "model.memory_fc_dim": 16, "model.fusion_dim": 16,
