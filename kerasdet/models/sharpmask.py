@@ -5,7 +5,9 @@
 C4 for the digits), run on a patch of ``patch_size + context`` pixels (W = 160 plus 32 px
 of context, §3.5); every trunk level is then cropped by ``context / 2 / stride`` cells per
 side (the released code's 1-cell crop of the 12x12 conv4 map), so the stride-16 map
-covers the central ``patch_size`` region (10x10 for W = 160).
+covers the central ``patch_size`` region (10x10 for W = 160). Every trunk convolution is
+mirror-padded (``trunk_padding``; §3.5: ResNet trunks need "reflective-padding instead of
+0-padding at every convolutional layer").
 
 **Head C** (§3.4.2, Fig. 3.3d, Table 3.2): 1x1 conv to F = 128 channels + ReLU, one
 "low rank" 512-d vector (a linear layer over the whole ``(W/16)^2 x 128`` map, written as
@@ -54,7 +56,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kerasdet.layers.padding import MirrorPadding2D
+from kerasdet.layers.padding import MirrorPadding2D, mirror_padded
 from kerasdet.layers.refinement import RefinementModule, refinement_schedule
 from kerasdet.layers.windows import paste_masks
 from kerasdet.losses import global_normalizer
@@ -118,7 +120,11 @@ class SharpMask(Detector):
         skip_hidden: channels of the skip path's first conv (default 64).
         upsampling: ``"bilinear"`` (default, thesis) or ``"nearest"`` (released code).
         padding: padding of the refinement's 3x3 convs, ``"symmetric"`` (default),
-            ``"reflect"`` or ``"zeros"`` (the trunk keeps its own zero padding: not done).
+            ``"reflect"`` or ``"zeros"``.
+        trunk_padding: the same for the trunk (§3.5: reflective padding "at every
+            convolutional layer"): ``"symmetric"`` (default) rebuilds ``backbone`` with
+            :func:`~kerasdet.layers.padding.mirror_padded` (weights kept); ``"zeros"``
+            leaves it as built.
         stage: ``"deepmask"`` (default) or ``"refine"``, see :meth:`set_stage`.
         mask_threshold: binarization threshold of predicted masks (default 0.2, §3.5).
         scales: the image pyramid of :meth:`detect` (default :data:`PYRAMID_SCALES`).
@@ -136,8 +142,12 @@ class SharpMask(Detector):
                  mask_size=56, score_hidden=1024, dropout=0.5, score_weight=1.0 / 32.0, refinement=True,
                  skip_levels=("C4", "C3", "C2", "C1"), k=32, schedule="halving", skip_hidden=64,
                  upsampling="bilinear", padding="symmetric", stage="deepmask", mask_threshold=0.2, scales=PYRAMID_SCALES,
-                 num_proposals=500, fill_value=127.5, num_classes=1, **kwargs):
+                 num_proposals=500, fill_value=127.5, trunk_padding="symmetric", num_classes=1, **kwargs):
         super().__init__(**kwargs)
+        if trunk_padding not in ("symmetric", "reflect", "zeros"):
+            raise ValueError(f"trunk_padding must be 'symmetric', 'reflect' or 'zeros', got {trunk_padding!r}")
+        if trunk_padding != "zeros":
+            backbone = mirror_padded(backbone, mode=trunk_padding)
         if int(num_classes) != 1:
             raise ValueError(f"SharpMask proposals are class-agnostic: num_classes must be 1, got {num_classes}")
         self.num_classes = 1
@@ -169,7 +179,8 @@ class SharpMask(Detector):
                             refinement=self.refinement, skip_levels=list(skip_levels), k=int(k), schedule=schedule,
                             skip_hidden=int(skip_hidden), upsampling=upsampling, padding=padding, stage=stage,
                             mask_threshold=self.mask_threshold, scales=list(self.scales),
-                            num_proposals=self.num_proposals, fill_value=self.fill_value, num_classes=1)
+                            num_proposals=self.num_proposals, fill_value=self.fill_value,
+                            trunk_padding=trunk_padding, num_classes=1)
         dense = dict(kernel_initializer="glorot_uniform")
         self.reduce = keras.layers.Conv2D(int(features), 1, activation="relu", name="reduce", **dense)
         self.embed = keras.layers.Conv2D(int(embedding), self.grid, padding="valid", name="embed", **dense)

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,3 +16,38 @@ def test_modes_on_a_row(mode, row):
     layer = MirrorPadding2D(padding=2, mode=mode)
     assert MirrorPadding2D.from_config(layer.get_config()).get_config() == layer.get_config()
     assert layer.compute_output_shape((None, 4, None, 3)) == (None, 8, None, 3)
+
+
+def test_mirror_conv_is_a_same_conv_on_the_mirror_padded_input():
+    from kerasdet.layers.padding import MirrorConv2D
+
+    x = tf.random.normal([1, 7, 6, 3], seed=0)
+    for strides in (1, 2):
+        conv = MirrorConv2D(4, 3, strides=strides, padding="same", pad_mode="symmetric")
+        y = conv(x)
+        plain = keras.layers.Conv2D(4, 3, strides=strides, padding="same")
+        assert y.shape == plain(x).shape
+        # TF "same": stride 1 pads 1/1; stride 2 on 7 rows pads 1/1, on 6 columns 0/1
+        pads = [[0, 0], [1, 1], [1, 1], [0, 0]] if strides == 1 else [[0, 0], [1, 1], [0, 1], [0, 0]]
+        ref = tf.nn.conv2d(tf.pad(x, pads, mode="SYMMETRIC"), conv.kernel, strides, "VALID") + conv.bias
+        np.testing.assert_allclose(y.numpy(), ref.numpy(), atol=1e-5)
+    assert MirrorConv2D.from_config(conv.get_config()).get_config() == conv.get_config()
+
+
+def test_mirror_padded_backbone_keeps_weights_names_and_flags():
+    from kerasdet.backbones import small_backbone
+    from kerasdet.layers.padding import MirrorConv2D, mirror_padded
+
+    backbone = small_backbone(widths=(8, 8, 8, 8), blocks=(1, 0, 0, 0), levels=("C3",))
+    backbone.get_layer("stem_conv").trainable = False
+    converted = mirror_padded(backbone)
+    assert converted.count_params() == backbone.count_params()
+    assert [layer.name for layer in converted.layers] == [layer.name for layer in backbone.layers]
+    assert isinstance(converted.get_layer("c2_down_conv"), MirrorConv2D)
+    assert not converted.get_layer("stem_conv").trainable
+    for a, b in zip(converted.weights, backbone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = tf.random.uniform([1, 32, 32, 3], 0, 255, seed=1)
+    y, z = converted(x)["C3"].numpy(), backbone(x)["C3"].numpy()
+    assert y.shape == z.shape and not np.allclose(y, z)  # the border sees mirrored pixels, not zeros
+    assert mirror_padded(converted) is converted

@@ -52,6 +52,13 @@ def test_paper_configuration_sizes():
     assert (deepmask, refinement) == (17_409_601, 2_757_821)
     out = model.forward(tf.zeros([1, 192, 192, 3]), refine=True)
     assert out["mask_logits"].shape == (1, 56, 56) and out["refined_logits"].shape == (1, 160, 160)
+    # reflective padding in every conv of the trunk (thesis §3.5), weights as built
+    from kerasdet.layers.padding import MirrorConv2D, MirrorPadding2D
+
+    assert isinstance(model.backbone.get_layer("conv4_block6_2_conv"), MirrorConv2D)
+    assert isinstance(model.backbone.get_layer("conv1_pad"), MirrorPadding2D)
+    np.testing.assert_array_equal(model.backbone.get_layer("conv3_block1_2_conv").kernel.numpy(),
+                                  trunk.get_layer("conv3_block1_2_conv").kernel.numpy())
 
 
 def _small_model(**kwargs):
