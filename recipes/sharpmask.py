@@ -1,4 +1,4 @@
-"""DeepMask / SharpMask segment proposals (Lin's thesis, ch. 3 "SharpMask").
+"""DeepMask / SharpMask segment proposals (T.-Y. Lin, "Detecting Common Objects in Context", thesis ch. 3).
 
 Launcher of the recipe :mod:`kerasdet.recipes.sharpmask` (presets and model builder live there):
 ``python recipes/sharpmask.py --preset <preset> [--set key=value ...]`` is

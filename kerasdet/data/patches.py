@@ -1,8 +1,11 @@
 """DeepMask / SharpMask training patches from instance masks, sampled in ``tf.data``.
 
 The data definition is DeepMask's (Pinheiro, Collobert, Dollar, "Learning to Segment
-Object Candidates", NIPS 2015, §3.1), which SharpMask keeps unchanged (Lin, "Feature
-Pyramid Networks ..." thesis, ch. 3 "SharpMask", §3.3.3: "We train SharpMask with an
+Object Candidates", NIPS 2015, its joint-learning definition of positives and negatives
+with the tolerances of its implementation details), which SharpMask keeps unchanged (T.-Y.
+Lin, "Detecting Common Objects in Context", Cornell 2017 thesis, ch. 3 "SharpMask", §3.3.3,
+from Pinheiro, Lin, Collobert, Dollar, "Learning to Refine Object Segments", ECCV 2016:
+"We train SharpMask with an
 identical data definition and loss function as the original DeepMask model"). Each
 training sample is a triplet (patch, label ``y``, binary mask for positives):
 

@@ -1,6 +1,7 @@
 """Mirror padding of feature maps (SharpMask's "reflective padding").
 
-Lin's thesis (ch. 3 "SharpMask", §3.5) found that deep (ResNet) trunks trained on patches
+T.-Y. Lin's thesis ("Detecting Common Objects in Context", Cornell 2017, ch. 3 "SharpMask",
+§3.5) found that deep (ResNet) trunks trained on patches
 and run convolutionally over images need "reflective-padding instead of 0-padding at
 every convolutional layer". The released DeepMask/SharpMask code implements it as
 Matlab's ``padarray(..., 'symmetric')`` (``cba|abcd``, the edge repeated); TensorFlow's

@@ -1,4 +1,5 @@
-"""SharpMask's top-down refinement module R^i (Lin's thesis, ch. 3 "SharpMask", §3.3.2,
+"""SharpMask's top-down refinement module R^i (T.-Y. Lin, "Detecting Common Objects in
+Context", Cornell 2017 thesis, ch. 3 "SharpMask", §3.3.2,
 Fig. 3.1d; channel schedules and the two-conv skip path of §3.5.2).
 
 ``M^{i+1} = R^i(M^i, F^i)``: the mask encoding ``M^i`` (``k_m^i`` channels) and the trunk's

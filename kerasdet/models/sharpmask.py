@@ -1,4 +1,6 @@
-"""DeepMask (head C) and SharpMask, trained on patches (Lin's thesis, ch. 3 "SharpMask").
+"""DeepMask (head C) and SharpMask, trained on patches (T.-Y. Lin, "Detecting Common Objects
+in Context", Cornell 2017 thesis, ch. 3 "SharpMask"; Pinheiro et al., "Learning to Refine
+Object Segments", ECCV 2016).
 
 **Trunk** (§3.4.1, §3.5.1, Table 3.1 "W160-P4-D39-F128"): the backbone cut at stride 16
 (ResNet-50 through conv4 for the paper configuration; the small CPU backbone through its
@@ -14,7 +16,8 @@ mirror-padded (``trunk_padding``; §3.5: ResNet trunks need "reflective-padding 
 a ``W/16 x W/16`` "valid" conv so the same weights slide over an image), then
 
 * the mask branch: a linear layer to a 56x56 mask (``mask_size``), upsampled bilinearly
-  to the target's resolution (DeepMask, Pinheiro et al. 2015, §3.1);
+  to the target's resolution (DeepMask's mask output, Pinheiro et al., "Learning to Segment
+  Object Candidates", NIPS 2015);
 * the score branch from the *same* 512-d vector (what makes it head C): dropout 0.5,
   1024 units + ReLU, dropout 0.5, one logit (the released code's score branch; the
   thesis gives only "the score prediction utilize the same low rank 512x1x1 features").
@@ -65,8 +68,8 @@ from kerasdet.models.base import Detector
 STAGES = ("deepmask", "refine")
 
 PYRAMID_SCALES = tuple(2.0 ** (e / 2.0) for e in range(-4, 3))
-"""The image pyramid of full-image inference: ``2^{-2:0.5:1}`` (DeepMask's, Pinheiro et
-al. 2015 §3.3 "Full Scene Inference", which SharpMask follows, thesis §3.3.3)."""
+"""The image pyramid of full-image inference: ``2^{-2:0.5:1}`` (DeepMask's full scene
+inference, Pinheiro et al. 2015, which SharpMask follows, thesis §3.3.3 and §4.6)."""
 
 RESNET_TRUNK_LAYERS = {"C1": "conv1_relu", "C2": "conv2_block3_out", "C3": "conv3_block4_out",
                        "C4": "conv4_block6_out"}

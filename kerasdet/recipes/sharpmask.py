@@ -1,4 +1,5 @@
-"""DeepMask (head C) and SharpMask segment proposals (Lin's thesis, ch. 3 "SharpMask";
+"""DeepMask (head C) and SharpMask segment proposals (T.-Y. Lin, "Detecting Common Objects in
+Context", Cornell 2017 thesis, ch. 3 "SharpMask";
 Pinheiro et al. 2015 "Learning to Segment Object Candidates" for the data and loss).
 
 Training reads the ordinary detection stream with instance masks
