@@ -15,7 +15,9 @@ Timed, each model's calls alternating round by round, medians over ``--repeats``
   two-stage top-k + decode + per-class NMS), for each ``--batches`` and each ``--precisions`` (``bfloat16`` is
   keras-hub built under ``mixed_bfloat16`` vs kerasdet switched with
   :func:`kerasdet.precision.set_compute_dtype`);
-* one training step (``train_on_batch``, SGD momentum) at ``--train-batch`` in float32;
+* one training step (``train_on_batch``, SGD momentum) at ``--train-batch`` in float32
+  (kerasdet as it trains, and the same model with its frozen BN folded into the convs in the
+  training graph, which measured slower; ``--train-only``: only this);
 * ``--savedmodel``: kerasdet's exported ``serving_default`` (loaded back with
   ``tf.saved_model.load``) vs the same model in-process (``make_serving_function``);
 * ``--fold-bn``: kerasdet with its frozen BatchNorm folded into the convolutions
@@ -62,11 +64,19 @@ def keras_hub_retinanet(num_classes, dtype=None):
     return keras_hub.models.RetinaNetObjectDetector(backbone=backbone, num_classes=num_classes, dtype=dtype)
 
 
-def kerasdet_retinanet(num_classes):
+def kerasdet_retinanet(num_classes, fold_train=False):
+    """kerasdet's R50-FPN RetinaNet; ``fold_train``: its train step traced with the frozen BN
+    folded into the convolutions (:func:`kerasdet.precision.fold_batchnorm_calls`)."""
     from kerasdet.backbones import resnet_backbone
     from kerasdet.models.retinanet import RetinaNet
+    from kerasdet.precision import fold_batchnorm_calls
 
-    model = RetinaNet(backbone=resnet_backbone(50), num_classes=num_classes)
+    class FoldedTrainRetinaNet(RetinaNet):
+        def train_step(self, data):
+            with fold_batchnorm_calls(self.backbone, only_frozen=True):
+                return super().train_step(data)
+
+    model = (FoldedTrainRetinaNet if fold_train else RetinaNet)(backbone=resnet_backbone(50), num_classes=num_classes)
     model.build()
     return model
 
@@ -141,6 +151,7 @@ def main():
                         choices=["float32", "bfloat16"])
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--train-only", action="store_true", help="only the train-step rounds")
     parser.add_argument("--savedmodel", action="store_true", help="also time the exported SavedModel")
     parser.add_argument("--xla", action="store_true", help="also time kerasdet with an XLA-compiled network")
     parser.add_argument("--fold-bn", action="store_true",
@@ -164,7 +175,7 @@ def main():
     # dtype it was traced with), then all of them alternate in the same rounds, so every
     # ratio below compares figures taken under the same machine load.
     variants = {}
-    for precision in args.precisions:
+    for precision in ([] if args.train_only else args.precisions):
         hub_p = hub if precision == "float32" else keras_hub_retinanet(args.num_classes, dtype="mixed_bfloat16")
         variants[f"keras-hub {precision}"] = predict_fn(hub_p)
         set_compute_dtype(kd, precision)
@@ -175,7 +186,7 @@ def main():
             folded = set_compute_dtype(fold_detector_batchnorm(kd), precision)
             variants[f"kerasdet folded-BN {precision}"] = predict_fn(folded)
     set_compute_dtype(kd, "float32")
-    for b in args.batches:
+    for b in ([] if args.train_only else args.batches):
         x = x_by_batch[b]
         times = alternate({name: (lambda fn=fn, x=x: _block(fn(x))) for name, fn in variants.items()}, args.repeats)
         for precision in args.precisions:
@@ -227,9 +238,19 @@ def main():
         # fails; keras.Model.train_on_batch is what it would call (no preprocessor here).
         kd.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
         hub.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
-        fns = {"kd": lambda: kd.train_on_batch(images, labels), "hub": lambda: keras.Model.train_on_batch(hub, images, hub_labels)}
-        report(results, f"train step float32 b{args.train_batch}", "kd", "hub",
-               alternate(fns, max(2, args.repeats), warmup=1))
+        # the same model with its frozen BN folded into the convs inside the training graph
+        # (kerasdet.precision.fold_batchnorm_calls(only_frozen=True)), same weights: the
+        # experiment behind training NOT folding (it measured slower)
+        kd_fold = kerasdet_retinanet(args.num_classes, fold_train=True)
+        kd_fold.set_weights(kd.get_weights())
+        kd_fold.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
+        fns = {"kd": lambda: kd.train_on_batch(images, labels),
+               "kd_fold": lambda: kd_fold.train_on_batch(images, labels),
+               "hub": lambda: keras.Model.train_on_batch(hub, images, hub_labels)}
+        times = alternate(fns, max(2, args.repeats), warmup=1)
+        report(results, f"train step float32 b{args.train_batch}", "kd", "hub", times)
+        report(results, f"train step frozen BN folded / as is b{args.train_batch}", "kd_fold", "kd", times,
+               labels=("folded in training", "as is"))
 
     print(f"load average at end: {os.getloadavg()}")
     if args.json:

@@ -104,6 +104,25 @@ def test_attention_targets_area_average_threshold_and_ignore():
     targets, valid = losses.attention_targets(fg, 2, 3)
     np.testing.assert_array_equal(targets.numpy(), [[[1, 1, 0], [0, 1, 0]]])
     np.testing.assert_array_equal(valid.numpy(), [[[1, 1, 1], [0, 1, 1]]])
+    # threshold 0.25: the 1/4 cell becomes positive, 1 of 3 valid (1/3) too
+    targets, valid = losses.attention_targets(fg, 2, 3, threshold=0.25)
+    np.testing.assert_array_equal(targets.numpy(), [[[1, 1, 1], [0, 1, 1]]])
+    np.testing.assert_array_equal(valid.numpy(), [[[1, 1, 1], [0, 1, 1]]])
+
+
+def test_attention_targets_of_a_thin_stroke_digit():
+    """A hand-made '1': a 3 px wide, 28 px tall stroke on a 32x32 image. At stride 16 no cell is
+    half ink (3*16 / 256 = 0.19 of the two cells it crosses), so the default 0.5 rule teaches
+    the block to switch the digit off; 0.15 keeps it; stride 4 keeps it at 0.5."""
+    fg = np.zeros((1, 32, 32), np.uint8)
+    fg[0, 2:30, 6:9] = 1  # columns 6-8: inside cell column 0 of stride 16
+    t16, _ = losses.attention_targets(fg, 2, 2)
+    assert t16.numpy().sum() == 0
+    t16, _ = losses.attention_targets(fg, 2, 2, threshold=0.15)
+    np.testing.assert_array_equal(t16.numpy(), [[[1, 0], [1, 0]]])  # 42/256 and 42/256 ink
+    t4, _ = losses.attention_targets(fg, 8, 8)  # stride 4: columns 4-7 hold 2 of 4 ink columns
+    np.testing.assert_array_equal(t4.numpy()[0, :, 1], [0, 1, 1, 1, 1, 1, 1, 0])  # rows 4-27 full, 0-3 / 28-31 half
+    assert t4.numpy().sum() == 6  # column 8 is 1 of 4 ink columns of cell column 2: never positive
 
 
 def test_attention_targets_ceil_sizes_pad_as_ignore():

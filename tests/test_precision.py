@@ -164,3 +164,69 @@ def test_inference_variant_without_a_backbone_to_fold():
     with pytest.raises(ValueError, match="no BatchNormalization to fold"):
         with inference_variant(model, fold_batchnorm=True):
             pass
+
+
+def test_fold_batchnorm_calls_folds_in_the_graph_and_restores():
+    """Inside the context the BN layers are the identity and their convs carry them (outputs
+    equal, also in a tf.function traced inside it); afterwards the layers' own calls are back;
+    only_frozen folds only the non-trainable BN."""
+    from kerasdet.precision import fold_batchnorm_calls, fold_pairs
+
+    keras.utils.set_random_seed(1)
+    bb = small_backbone(widths=(8, 16, 16, 16), blocks=(1, 1, 0, 0), input_shape=(64, 64, 3))
+    _randomize_bn(bb)
+    x = _images()
+    ref = bb(x, training=False)
+    bn = bb.get_layer("stem_bn")
+    with fold_batchnorm_calls(bb, only_frozen=False) as n:
+        assert n == len(fold_pairs(bb, only_frozen=False)) > 5
+        assert bn.call(x) is x  # BN is the identity here
+        traced = tf.function(lambda t: bb(t, training=False))(x)
+        eager = bb(x, training=False)
+    assert "call" not in bn.__dict__ and "call" not in bb.get_layer("stem_conv").__dict__
+    for level in ref:
+        scale = float(tf.reduce_max(tf.abs(ref[level])))
+        for out in (traced, eager):
+            np.testing.assert_allclose(out[level].numpy(), ref[level].numpy(), atol=1e-5 * scale)
+            assert not np.array_equal(out[level].numpy(), ref[level].numpy())  # really another graph
+    with fold_batchnorm_calls(bb, only_frozen=True) as n:
+        assert n == 0  # the small backbone's BN train (batch statistics): nothing to fold in training
+    bn.trainable = False
+    with fold_batchnorm_calls(bb, only_frozen=True) as n:
+        assert n == 1
+
+
+def test_detector_predict_folds_every_bn_and_training_is_unchanged():
+    """predict with fold_batchnorm (default) gives the unfolded detections; the train step is
+    the unfolded one (same loss, same updated weights as fold_batchnorm=False)."""
+    def model(fold):
+        keras.utils.set_random_seed(3)
+        m = RetinaNet(backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 1, 0, 0)), num_classes=3,
+                      min_level=3, max_level=5, fpn_channels=16, head_convs=1, head_channels=16,
+                      anchor_size=2.0, aspect_ratios=(1.0,), scales=(1.0,), prior_probability=0.3,
+                      fold_batchnorm=fold)
+        m.build()
+        _randomize_bn(m.backbone)
+        m.compile(optimizer=keras.optimizers.SGD(0.1))
+        return m
+
+    folded, plain = model(True), model(False)
+    assert folded.get_config()["fold_batchnorm"] is True and RetinaNet.from_config(plain.get_config()).fold_batchnorm is False
+    images = _images()
+    with folded.folded_batchnorm(only_frozen=False) as n:
+        assert n > 5
+    with plain.folded_batchnorm(only_frozen=False) as n:
+        assert n == 0
+    a, b = folded.predict_on_batch(images), plain.predict_on_batch(images)
+    np.testing.assert_array_equal(a["num_detections"], b["num_detections"])
+    np.testing.assert_array_equal(a["classes"], b["classes"])
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+    np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-3)
+    assert not np.array_equal(a["scores"], b["scores"])  # another graph computed them
+    labels = {"boxes": tf.constant([[[8.0, 8.0, 30.0, 30.0]], [[20.0, 10.0, 50.0, 40.0]]]),
+              "classes": tf.constant([[1], [2]])}
+    la = folded.train_on_batch(images, labels, return_dict=True)
+    lb = plain.train_on_batch(images, labels, return_dict=True)
+    assert la["loss"] == lb["loss"]
+    for va, vb in zip(folded.weights, plain.weights):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())

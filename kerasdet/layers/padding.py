@@ -73,9 +73,11 @@ class MirrorConv2D(keras.layers.Conv2D):
             raise ValueError(f"pad_mode must be 'symmetric' or 'reflect', got {pad_mode!r}")
         self.pad_mode = pad_mode
 
-    def call(self, inputs):
+    def convolution_op(self, inputs, kernel):
+        """Mirror padding then the ``"valid"`` convolution (in ``convolution_op``, so code
+        that calls it with another kernel, e.g. BN folding, keeps the padding)."""
         if self.padding != "same":
-            return super().call(inputs)
+            return super().convolution_op(inputs, kernel)
         shape = tf.shape(inputs)
         pads = [[0, 0]]
         for axis in (0, 1):
@@ -84,11 +86,8 @@ class MirrorConv2D(keras.layers.Conv2D):
             pads.append([before, after])
         pads.append([0, 0])
         x = tf.pad(inputs, pads, mode=self.pad_mode.upper())
-        self.padding = "valid"
-        try:
-            return super().call(x)
-        finally:
-            self.padding = "same"
+        return keras.ops.conv(x, kernel, strides=list(self.strides), padding="valid",
+                              dilation_rate=self.dilation_rate, data_format=self.data_format)
 
     def get_config(self):
         config = super().get_config()

@@ -35,6 +35,7 @@ Limitation: the forward pass of a skipped step has already run, so a batch with
 non-finite *pixels* can still move the moving statistics of a trainable BatchNorm (frozen
 BN, the ResNet default, is unaffected; uint8 pipeline images cannot be non-finite).
 """
+import contextlib
 import copy
 import logging
 
@@ -44,6 +45,7 @@ import tensorflow as tf
 from kerasdet.distribute import is_multi_worker
 
 from kerasdet import boxes as box_ops
+from kerasdet.precision import fold_batchnorm_calls
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +163,24 @@ class Detector(keras.Model):
             (the canvas the images are resized onto before they reach the model). Inside the
             model (``detect``, ``call``, ``detection_losses``, the SavedModel export) boxes
             are always ``yxyx`` pixels of the network input. Default ``"yxyx"``.
+        fold_batchnorm: fold the functional ``backbone``'s BatchNormalization layers into the
+            convolutions that feed them inside the traced ``predict`` graph
+            (:func:`kerasdet.precision.fold_batchnorm_calls`; an inference graph runs every
+            BN on its moving statistics): the same detections to float round-off, one pass
+            over each activation map less (R50-FPN RetinaNet 512², batch 1, 2 loaded cores:
+            3.09 s vs 3.47 s). Default True; models without a functional ``backbone`` are
+            unaffected. The training graph keeps its frozen BN as they are: folded there
+            (the same function, ``only_frozen=True``) the step was slower (R50-FPN batch 2:
+            1.06x, the conv's filter becomes a computed tensor each step).
     """
 
     #: Names of the terms ``detection_losses`` returns (a tracker is made for each).
     LOSS_NAMES = ()
 
-    def __init__(self, *, weight_decay=1e-4, nan_policy="raise", bounding_box_format="yxyx", **kwargs):
+    def __init__(self, *, weight_decay=1e-4, nan_policy="raise", bounding_box_format="yxyx", fold_batchnorm=True,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.fold_batchnorm = bool(fold_batchnorm)
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
         if bounding_box_format not in box_ops.BOX_FORMATS:
@@ -280,6 +293,14 @@ class Detector(keras.Model):
             # these [1]-vectors is that value, as a scalar again.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
+
+    def folded_batchnorm(self, *, only_frozen):
+        """The context :meth:`predict_step` traces in (``only_frozen=False``): the backbone's
+        BN folded into its convs when ``fold_batchnorm`` (see the class doc), else nothing."""
+        backbone = getattr(self, "backbone", None)
+        if not self.fold_batchnorm or not isinstance(backbone, keras.Model):
+            return contextlib.nullcontext(0)
+        return fold_batchnorm_calls(backbone, only_frozen=only_frozen)
 
     def train_step(self, data):
         images, labels = split_data(data)
@@ -422,7 +443,8 @@ class Detector(keras.Model):
     def predict_step(self, data):
         """``detect``'s detections with ``"boxes"`` in ``bounding_box_format``."""
         images, _ = split_data(data)
-        return self.detections_from_internal(images, self.detect(images))
+        with self.folded_batchnorm(only_frozen=False):
+            return self.detections_from_internal(images, self.detect(images))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # keras-team/keras#20585 (open): under MultiWorkerMirroredStrategy Keras builds the
@@ -455,7 +477,8 @@ class Detector(keras.Model):
         serialized ``backbone`` (when the model has one). Tuples are written as lists (what
         a ``.keras`` file's JSON gives back), so a loaded model's config equals this one."""
         config = {"weight_decay": self.weight_decay, "nan_policy": self.nan_policy,
-                  "bounding_box_format": self.bounding_box_format, "name": self.name}
+                  "bounding_box_format": self.bounding_box_format, "fold_batchnorm": self.fold_batchnorm,
+                  "name": self.name}
         config.update(getattr(self, "_config", {}))
         if getattr(self, "backbone", None) is not None:
             config["backbone"] = keras.saving.serialize_keras_object(self.backbone)

@@ -59,6 +59,7 @@ from kerasdet.layers.decomposer import (
     InstanceDecomposer,
     box_raster,
     box_score,
+    boxes_from_maps,
     cxcywh_to_yxyx,
     mask_score,
 )
@@ -80,8 +81,9 @@ class DecompNet(Detector):
       steps: instance maps per category, T (default 11 = 10 digits + 1 stop map).
       max_instances: ground-truth instances per category and image, K (default 10).
       cell, units, recurrent_layers, conv_gru_filters, recurrent_norm, instance_filters,
-        instance_activation: :class:`InstanceDecomposer` options (paper: ``"fc"``, 2048,
-        2, -, ``"batch"``, 32, ``"relu"``).
+        instance_activation, initial_state: :class:`InstanceDecomposer` options (paper:
+        ``"fc"``, 2048, 2, -, ``"batch"``, 32, ``"relu"``, -; ``initial_state`` ``"zero"``
+        or, for the ConvGRU cell, ``"input"``).
       category_widths: :class:`CategoryDecomposer` widths (App. B default).
       box_hidden, box_dropout: :class:`InstanceBoxRegressor` (paper: 4096, dropout 0.5).
       target: ``"masks"`` (instance masks, segmentation variant) or ``"boxes"`` (filled
@@ -90,6 +92,14 @@ class DecompNet(Detector):
         (instance) weights; 0.3 (the paper's warm-up start).
       eta: sum-term weight (paper: 1).
       unmatched: ``"sum"`` (paper) or ``"zero"``, see :func:`decomposition_set_loss`.
+      order: ``"free"`` (default, the paper's Hungarian loss over all steps) or
+        ``"ordered"`` (the n instances on the first n steps, later steps pushed to black:
+        what the ``first_black`` stop rule reads; :func:`decomposition_set_loss`).
+      box_source: where detection boxes come from: ``"regressor"`` (default, §2.3's box
+        regressor) or ``"maps"`` (the tight box of each map above ``map_box_fraction`` of its
+        peak, :func:`~kerasdet.layers.decomposer.boxes_from_maps`; the paper's "simple
+        program" alternative). The regressor is trained either way.
+      map_box_fraction: Default 0.5.
       loss_normalize: ``"sum"`` (default: sum over pixels, mean over images) or
         ``"mean"`` (also divided by the number of map pixels).
       box_loss_weight: weight of the box regressor's smooth-L1 term (default 1).
@@ -105,16 +115,23 @@ class DecompNet(Detector):
 
     def __init__(self, *, num_classes=3, image_size=(100, 100), full_resolution=False, steps=11,
                  max_instances=10, cell="fc", units=2048, recurrent_layers=2, conv_gru_filters=64,
-                 recurrent_norm="batch", instance_filters=32, instance_activation="relu",
+                 recurrent_norm="batch", instance_filters=32, instance_activation="relu", initial_state="zero",
                  category_widths=(32, 32, 64, 64, 64, 64), box_hidden=4096, box_dropout=0.5,
-                 target="masks", p=0.3, lam=0.3, gamma=0.3, eta=1.0, unmatched="sum",
-                 loss_normalize="sum", box_loss_weight=1.0, stage="joint", stop="first_black",
+                 target="masks", p=0.3, lam=0.3, gamma=0.3, eta=1.0, unmatched="sum", order="free",
+                 box_source="regressor", map_box_fraction=0.5, loss_normalize="sum", box_loss_weight=1.0,
+                 stage="joint", stop="first_black",
                  stop_threshold=0.5, mask_threshold=0.1, weight_decay=5e-4, nan_policy="raise", **kwargs):
         super().__init__(weight_decay=weight_decay, nan_policy=nan_policy, **kwargs)
         if target not in ("masks", "boxes"):
             raise ValueError(f"target must be 'masks' or 'boxes', got {target!r}")
         if stop not in STOP_RULES:
             raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+        if order not in ("free", "ordered"):
+            raise ValueError(f"order must be 'free' or 'ordered', got {order!r}")
+        if box_source not in ("regressor", "maps"):
+            raise ValueError(f"box_source must be 'regressor' or 'maps', got {box_source!r}")
+        if not 0.0 < float(map_box_fraction) <= 1.0:
+            raise ValueError(f"map_box_fraction must be in (0, 1], got {map_box_fraction}")
         if loss_normalize not in ("sum", "mean"):
             raise ValueError(f"loss_normalize must be 'sum' or 'mean', got {loss_normalize!r}")
         if int(max_instances) > int(steps):
@@ -126,6 +143,9 @@ class DecompNet(Detector):
         self.target = target
         self.eta = float(eta)
         self.unmatched = unmatched
+        self.order = order
+        self._box_source = box_source
+        self.map_box_fraction = float(map_box_fraction)
         self.loss_normalize = loss_normalize
         self.box_loss_weight = float(box_loss_weight)
         self._stop = stop
@@ -136,7 +156,7 @@ class DecompNet(Detector):
         self.decomposer = InstanceDecomposer(
             steps=steps, cell=cell, units=units, recurrent_layers=recurrent_layers,
             conv_gru_filters=conv_gru_filters, filters=instance_filters, recurrent_norm=recurrent_norm,
-            output_activation=instance_activation, name="instance_decomposer")
+            output_activation=instance_activation, initial_state=initial_state, name="instance_decomposer")
         self.box_regressor = InstanceBoxRegressor(hidden=box_hidden, dropout=box_dropout, name="box_regressor")
         self.map_size = self.category_net.output_size(*self.image_size)
         self.p = keras.Variable(float(p), trainable=False, name="p")
@@ -147,9 +167,11 @@ class DecompNet(Detector):
             steps=self.steps, max_instances=self.max_instances, cell=cell, units=int(units),
             recurrent_layers=int(recurrent_layers), conv_gru_filters=int(conv_gru_filters),
             recurrent_norm=recurrent_norm, instance_filters=int(instance_filters),
-            instance_activation=instance_activation, category_widths=[int(w) for w in category_widths],
+            instance_activation=instance_activation, initial_state=initial_state,
+            category_widths=[int(w) for w in category_widths],
             box_hidden=int(box_hidden), box_dropout=float(box_dropout), target=target, p=float(p),
-            lam=float(lam), gamma=float(gamma), eta=self.eta, unmatched=unmatched,
+            lam=float(lam), gamma=float(gamma), eta=self.eta, unmatched=unmatched, order=order,
+            box_source=box_source, map_box_fraction=self.map_box_fraction,
             loss_normalize=loss_normalize, box_loss_weight=self.box_loss_weight, stage=stage, stop=stop,
             stop_threshold=self.stop_threshold, mask_threshold=self.mask_threshold)
         self.stage = None
@@ -168,6 +190,20 @@ class DecompNet(Detector):
             raise ValueError(f"stop must be one of {STOP_RULES}, got {value!r}")
         self._stop = value
         self._config["stop"] = value
+        self.predict_function = None
+
+    @property
+    def box_source(self):
+        """``"regressor"`` or ``"maps"``; setting it re-traces ``predict`` (both on the same
+        weights)."""
+        return self._box_source
+
+    @box_source.setter
+    def box_source(self, value):
+        if value not in ("regressor", "maps"):
+            raise ValueError(f"box_source must be 'regressor' or 'maps', got {value!r}")
+        self._box_source = value
+        self._config["box_source"] = value
         self.predict_function = None
 
     @property
@@ -300,7 +336,7 @@ class DecompNet(Detector):
         flat_valid = tf.reshape(valid, [-1, k])
         inst, sums, assignment = decomposition_set_loss(
             flat_maps, flat_masks, flat_valid, lam=self.lam, gamma=self.gamma, eta=self.eta,
-            unmatched=self.unmatched)
+            unmatched=self.unmatched, order=self.order)
         if stage in ("instance", "joint"):
             terms["instance"] = tf.reduce_sum(inst) / pixel_norm / images_norm
             terms["sum"] = tf.reduce_sum(sums) / pixel_norm / images_norm
@@ -329,7 +365,10 @@ class DecompNet(Detector):
         sh, sw = self.map_size
         h, w = self.image_size
         alive = self._emitted(maps)  # [B, C, T]
-        boxes = tf.clip_by_value(cxcywh_to_yxyx(self.regress_boxes(maps, training=False)), 0.0, 1.0)
+        if self.box_source == "maps":
+            boxes = boxes_from_maps(maps, self.map_box_fraction)
+        else:
+            boxes = tf.clip_by_value(cxcywh_to_yxyx(self.regress_boxes(maps, training=False)), 0.0, 1.0)
         scores = box_score(maps, boxes)
         m_scores = mask_score(maps, self.mask_threshold)
         batch = tf.shape(maps)[0]

@@ -243,6 +243,9 @@ class RFCN(Detector):
         coupling_norm, coupling_op: see :class:`Coupling`. Default ``"conv"``, ``"sum"``.
         l2_scale: initial scale of ``coupling_norm="l2"``. Default 10.
         attention_weight: weight of the attention loss (Eq. 4: 1). Default 1.0.
+        attention_target_threshold: object fraction of a cell that makes its attention target
+            1 (:func:`kerasdet.losses.attention_targets`). Default 0.5; the digits preset
+            uses 0.25 (thin ink masks, see there).
         rpn_channels: RPN 3x3 conv width. Default 512.
         anchor_size, scales, aspect_ratios: anchors ``anchor_size * stride * scale`` px.
             Default 8, (1, 2, 4), (0.5, 1, 2): 128/256/512 px at stride 16.
@@ -291,6 +294,7 @@ class RFCN(Detector):
         coupling_op="sum",
         l2_scale=10.0,
         attention_weight=1.0,
+        attention_target_threshold=0.5,
         rpn_channels=512,
         anchor_size=8.0,
         scales=(1.0, 2.0, 4.0),
@@ -345,6 +349,9 @@ class RFCN(Detector):
         self.context = bool(context)
         self.context_scale = float(context_scale)
         self.attention_weight = float(attention_weight)
+        self.attention_target_threshold = float(attention_target_threshold)
+        if not 0.0 < self.attention_target_threshold <= 1.0:
+            raise ValueError(f"attention_target_threshold must be in (0, 1], got {attention_target_threshold}.")
         self.box_weights = tuple(float(w) for w in box_weights)
         self.rpn_batch_size = int(rpn_batch_size)
         self.rpn_positive_fraction = float(rpn_positive_fraction)
@@ -397,7 +404,8 @@ class RFCN(Detector):
             global_branch=self.global_branch, context=self.context, context_scale=self.context_scale,
             global_pool_size=int(global_pool_size), global_channels=int(global_channels),
             coupling_norm=coupling_norm, coupling_op=coupling_op, l2_scale=float(l2_scale),
-            attention_weight=self.attention_weight, rpn_channels=int(rpn_channels), anchor_size=float(anchor_size),
+            attention_weight=self.attention_weight, attention_target_threshold=self.attention_target_threshold,
+            rpn_channels=int(rpn_channels), anchor_size=float(anchor_size),
             scales=[float(s) for s in scales], aspect_ratios=[float(r) for r in aspect_ratios],
             rpn_positive_threshold=float(rpn_positive_threshold), rpn_negative_threshold=float(rpn_negative_threshold),
             rpn_batch_size=self.rpn_batch_size, rpn_positive_fraction=self.rpn_positive_fraction,
@@ -544,7 +552,8 @@ class RFCN(Detector):
                     "The backbone has attention maps but the labels carry no 'foreground' mask: build the data "
                     "with make_dataset(masks='union') (config input.masks = 'union')."
                 )
-            attention = loss_ops.attention_loss([feats[k] for k in self.attention_keys], labels["foreground"])
+            attention = loss_ops.attention_loss([feats[k] for k in self.attention_keys], labels["foreground"],
+                                                threshold=self.attention_target_threshold)
             image_norm = loss_ops.global_normalizer(tf.cast(tf.shape(images)[0], tf.float32))
             terms["attention_loss"] = self.attention_weight * tf.cast(attention, tf.float32) / image_norm
         return terms

@@ -106,6 +106,11 @@ class SSD(Detector):
             Default None (dense).
         fusion: fuse the first source with the next two (ASSD). Default False.
         fusion_channels: ``SemanticFusion`` reduction width. Default 256.
+        fusion_alignment: grid convention of the fusion's upsampling (see
+            :mod:`kerasdet.layers.fusion`): ``"auto"`` (default) takes the backbone's,
+            ``"same_padding"`` for kerasdet's small backbone (TF ``"same"`` stride-2 convs)
+            and ``"corners"`` (the authors' ``align_corners=True``) for the ResNet / VGG
+            backbones; or ``"corners"`` / ``"half_pixel"`` / ``"same_padding"`` explicitly.
         min_sizes, max_sizes, aspect_ratios, legacy_steps: see
             :class:`~kerasdet.anchors.SSDAnchorGenerator` (defaults: ASSD513's).
         positive_threshold: matching IoU. Default 0.5.
@@ -137,6 +142,7 @@ class SSD(Detector):
         attention_block_size=None,
         fusion=False,
         fusion_channels=256,
+        fusion_alignment="auto",
         min_sizes=(0.04, 0.10, 0.26, 0.42, 0.58, 0.74, 0.90),
         max_sizes=None,
         aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)),
@@ -195,7 +201,13 @@ class SSD(Detector):
             _conv_bn_relu(mid, 1, 1, "same", f"extra{i}_a", dtype) + _conv_bn_relu(out, 3, stride, padding, f"extra{i}_b", dtype)
             for i, (mid, out, stride, padding) in enumerate(self.extra_layers)
         ]
-        self.fusion = SemanticFusion(reduced_channels=fusion_channels, dtype=dtype, name="fusion") if fusion else None
+        self.fusion_alignment = fusion_alignment
+        self.fusion = (
+            SemanticFusion(reduced_channels=fusion_channels, alignment=self.resolved_fusion_alignment(), dtype=dtype,
+                           name="fusion")
+            if fusion
+            else None
+        )
         self.attention = (
             [
                 SelfAttention(query_block_size=attention_block_size if i == 0 else None, dtype=dtype, name=f"attention{i}")
@@ -230,6 +242,7 @@ class SSD(Detector):
             attention_block_size=attention_block_size,
             fusion=bool(fusion),
             fusion_channels=fusion_channels,
+            fusion_alignment=fusion_alignment,
             **{k: v for k, v in self.anchor_generator.get_config().items()},
             positive_threshold=positive_threshold,
             negative_ratio=self.negative_ratio,
@@ -244,6 +257,13 @@ class SSD(Detector):
         )
 
     # --- forward ------------------------------------------------------------------------
+    def resolved_fusion_alignment(self):
+        """The fusion's grid convention: ``fusion_alignment``, or for ``"auto"`` the
+        backbone's (``"same_padding"`` for the small backbone, else ``"corners"``)."""
+        if self.fusion_alignment != "auto":
+            return self.fusion_alignment
+        return "same_padding" if str(getattr(self.backbone, "name", "")).startswith("small") else "corners"
+
     def build(self, input_shape=None):
         if self.built:
             return
@@ -251,8 +271,9 @@ class SSD(Detector):
         self.forward(tf.zeros((1, size, size, 3), tf.float32))
         self.built = True
 
-    def sources(self, images, training=False):
-        """The detection sources (finest first), after fusion and attention."""
+    def sources(self, images, training=False, attend=True):
+        """The detection sources (finest first), after fusion and attention (``attend=False``:
+        before the attention units, i.e. their inputs, for inspection)."""
         feats = self.backbone(images, training=training)
         taps = [feats[level] for level in self.source_levels]
         x = taps[-1]
@@ -271,7 +292,7 @@ class SSD(Detector):
             sources[0] = self.l2norm(sources[0])
         if self.fusion is not None:
             sources[0] = self.fusion(sources[:3], training=training)
-        if self.attention is not None:
+        if self.attention is not None and attend:
             sources = [unit(s) for unit, s in zip(self.attention, sources)]
         return sources
 

@@ -218,6 +218,12 @@ def test_attention_levels_add_blocks_inside_and_logit_outputs():
     assert backbone_levels(model)["A3"] == (8, 1)
     with pytest.raises(ValueError, match="attention_levels"):
         small_backbone(attention_levels=(6,))
+    # the ablation options reach the blocks: (1 + A) * f with A starting near sigmoid(3)
+    res = small_backbone(widths=(8, 16, 24, 32), blocks=(1, 1, 1, 1), attention_levels=(3,), attention_channels=4,
+                         attention_bias_init=3.0, attention_residual=True)
+    out = res(x)
+    assert res.get_layer("attention_c3").residual and res.get_layer("attention_c3").bias_init == 3.0
+    np.testing.assert_allclose(np.mean(1.0 / (1.0 + np.exp(-out["A3"].numpy()))), 1.0 / (1.0 + np.exp(-3.0)), atol=0.02)
 
 
 def test_attention_level_past_requested_levels_is_built():

@@ -191,3 +191,45 @@ def test_cli(tmp_path, capsys):
     data = _load(os.path.join(tmp_path, "annotations", "instances_val.json"))
     assert data["images"][0]["height"] == 48 and data["images"][0]["width"] == 64
     assert [c["id"] for c in data["categories"]] == [2, 8]
+
+
+def test_context_pairs_follow_the_rule_and_degrade_one_member(tmp_path):
+    """The context variant by construction and on drawn samples: every image holds pairs of
+    side-by-side digits whose classes are (c + 5) % 10 of each other; about p of the pairs
+    have exactly one degraded member, which is a blurred, fainter, still visible digit."""
+    import json
+
+    import cv2
+
+    from kerasdet.data.digits import PAIR_GAP, generate_digits
+
+    paths = generate_digits(str(tmp_path / "ctx"), num_train=60, num_val=4, context_pairs=True,
+                            degrade_probability=0.5, seed=3)
+    with open(paths["train_annotations"]) as f:
+        coco = json.load(f)
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], {}).setdefault(a["pair_id"], []).append(a)
+    pairs = [members for image in by_image.values() for members in image.values()]
+    assert len(by_image) == 60 and len(pairs) >= 60
+    sharp, blurred, degraded_pairs = [], [], 0
+    for members in pairs:
+        assert len(members) == 2
+        first, second = sorted(members, key=lambda a: a["bbox"][0])
+        c1, c2 = first["category_id"] - 1, second["category_id"] - 1
+        assert c2 == (c1 + 5) % 10 and c1 == (c2 + 5) % 10
+        assert second["bbox"][0] >= first["bbox"][0] + first["bbox"][2] + PAIR_GAP - 2  # to the right, gap
+        n_degraded = first["degraded"] + second["degraded"]
+        assert n_degraded <= 1
+        degraded_pairs += n_degraded
+        image = cv2.imread(os.path.join(paths["train_images"], f"{first['image_id'] - 1:06d}.png"), cv2.IMREAD_GRAYSCALE)
+        for a in members:
+            x, y, w, h = (int(round(v)) for v in a["bbox"])
+            crop = image[y:y + h, x:x + w].astype(np.float32)
+            (blurred if a["degraded"] else sharp).append((np.abs(np.diff(crop, axis=1)).mean(), crop.max()))
+    assert 0.3 < degraded_pairs / len(pairs) < 0.7
+    # blurred digits: much weaker edges, peak 60% of a sharp digit's, still far above black
+    assert np.mean([e for e, _ in blurred]) < 0.5 * np.mean([e for e, _ in sharp])
+    assert 100 < np.mean([m for _, m in blurred]) < 0.8 * np.mean([m for _, m in sharp])
+    with pytest.raises(ValueError, match="even number"):
+        generate_digits(str(tmp_path / "bad"), num_train=1, num_val=1, context_pairs=True, classes=(3, 6, 9))

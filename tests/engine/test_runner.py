@@ -66,6 +66,9 @@ def _overrides(recipe, preset):
     return {**COMMON, **TINY[(recipe, preset)]}
 
 
+TINY[("sliding_window", "digits")] = {"data.generate.num_clutter": 0, "data.generate.min_digits": 1,
+                                      "data.generate.max_digits": 3, "input.max_boxes": 4, "train.epochs": 1,
+                                      "model.samples_per_image": 8}
 DIGITS_PRESETS = [*TINY, ("smn", "digits"), ("smn", "digits_mlp"), ("decompnet", "digits"),
                   ("sharpmask", "deepmask_digits"), ("sharpmask", "sharpmask_digits")]
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasdet.layers.attention import SelfAttention
+from kerasdet.layers.attention import SelfAttention, torch_conv_initializer
 
 
 def _x(b=2, h=5, w=7, c=16, seed=0):
@@ -35,6 +35,32 @@ def test_matches_numpy_reference_and_parameter_count():
     np.testing.assert_allclose(y, numpy_attention(x.numpy(), wq, wk, wv), rtol=1e-4, atol=1e-4)
     # 1.25 C^2 parameters per unit, no bias (spec 002 §1.4)
     assert layer.count_params() == int(1.25 * 16 * 16)
+
+
+def test_default_init_is_pytorchs_conv_default():
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1 / (3 fan_in), by hand; he_uniform is 2 / fan_in."""
+    c = 128
+    layer = SelfAttention()
+    layer.build((None, 8, 8, c))
+    for conv in (layer.query_conv, layer.key_conv, layer.value_conv):
+        w = conv.kernel.numpy()
+        assert np.abs(w).max() <= 1.0 / np.sqrt(c) + 1e-7
+        np.testing.assert_allclose(w.var(), 1.0 / (3 * c), rtol=0.1)
+    w = torch_conv_initializer(seed=1)((3, 3, 64, 32)).numpy()  # fan_in = 3 * 3 * 64
+    np.testing.assert_allclose(w.var(), 1.0 / (3 * 576), rtol=0.05)
+    assert np.abs(w).max() <= 1.0 / np.sqrt(576) + 1e-7
+
+
+def test_default_init_starts_near_the_identity_he_uniform_does_not():
+    """The attention term's norm relative to x on ReLU'd maps of the digits shapes: ~0.3x with
+    the PyTorch init, > 1x with he_uniform (its softmax rows near one-hot)."""
+    x = tf.nn.relu(_x(2, 8, 8, 128, seed=3))
+    ratios = {}
+    for init in (None, "he_uniform"):
+        keras.utils.set_random_seed(0)
+        layer = SelfAttention(kernel_initializer=init)
+        ratios[init] = float(tf.norm(layer(x) - x) / tf.norm(x))
+    assert ratios[None] < 0.5 < 1.0 < ratios["he_uniform"]
 
 
 def test_softmax_rows_sum_to_one():

@@ -71,6 +71,29 @@ def test_instance_decomposer_steps_differ_and_config_round_trips():
         InstanceDecomposer(cell="lstm")
 
 
+def test_conv_gru_initial_state_from_the_input():
+    """initial_state='input': one tanh 3x3 conv per ConvGRU layer (parameters by hand); with
+    those convs zeroed it is the zero-state layer exactly; otherwise the first map changes."""
+    kw = dict(steps=3, cell="conv_gru", conv_gru_filters=6, filters=8, recurrent_norm="none")
+    zero = InstanceDecomposer(**kw)
+    learned = InstanceDecomposer(**kw, initial_state="input")
+    x = tf.random.uniform((2, 50, 50, 1), seed=3)
+    zero(x), learned(x)
+    assert learned.count_params() - zero.count_params() == 2 * (9 * 8 * 6 + 6)  # 2 layers, code has 8 ch
+    by_name = {v.path: v for v in learned.weights}
+    for v in zero.weights:
+        by_name[v.path.replace(zero.name, learned.name)].assign(v)
+    first = learned(x).numpy()
+    for conv in learned.state_init:
+        conv.kernel.assign(tf.zeros_like(conv.kernel))
+        conv.bias.assign(tf.zeros_like(conv.bias))
+    np.testing.assert_allclose(learned(x).numpy(), zero(x).numpy(), atol=1e-6)
+    assert not np.allclose(first[:, 0], zero(x).numpy()[:, 0], atol=1e-4)
+    assert InstanceDecomposer.from_config(learned.get_config()).initial_state == "input"
+    with pytest.raises(ValueError, match="conv_gru"):
+        InstanceDecomposer(cell="fc", initial_state="input")
+
+
 def test_box_regressor_outputs_unit_boxes():
     reg = InstanceBoxRegressor(hidden=16)
     out = reg(tf.random.uniform((5, 50, 50))).numpy()
@@ -87,3 +110,19 @@ def test_box_raster_score_and_mask_score_by_hand():
     assert float(mask_score(maps, 0.1)) == pytest.approx((1.0 + 0.5 + 2.0) / 3)
     assert float(mask_score(np.zeros((4, 4), np.float32))) == 0.0
     np.testing.assert_allclose(cxcywh_to_yxyx(tf.constant([0.5, 0.4, 0.2, 0.6])).numpy(), [0.1, 0.4, 0.7, 0.6])
+
+
+def test_boxes_from_maps_on_hand_made_maps():
+    from kerasdet.layers.decomposer import boxes_from_maps
+
+    maps = np.zeros((3, 10, 20), np.float32)
+    maps[0, 2:5, 4:9] = 1.0          # a block: rows 2-4, cols 4-8
+    maps[0, 6, 15] = 0.4             # below half the peak: ignored
+    maps[1, 1, 1] = 0.2              # one weak pixel
+    maps[1, 8, 18] = 0.15            # >= 0.5 * 0.2: counted
+    boxes = boxes_from_maps(maps, 0.5).numpy()
+    np.testing.assert_allclose(boxes[0], [0.2, 4 / 20, 0.5, 9 / 20], atol=1e-6)
+    np.testing.assert_allclose(boxes[1], [0.1, 1 / 20, 0.9, 19 / 20], atol=1e-6)
+    np.testing.assert_allclose(boxes[2], [0, 0, 0, 0])  # a black map: empty box
+    np.testing.assert_allclose(boxes_from_maps(maps[:1], 0.3).numpy()[0], [0.2, 4 / 20, 0.7, 16 / 20], atol=1e-6)
+    assert boxes_from_maps(np.zeros((2, 5, 3, 10, 20), np.float32)).shape == (2, 5, 3, 4)

@@ -51,3 +51,20 @@ def test_mirror_padded_backbone_keeps_weights_names_and_flags():
     y, z = converted(x)["C3"].numpy(), backbone(x)["C3"].numpy()
     assert y.shape == z.shape and not np.allclose(y, z)  # the border sees mirrored pixels, not zeros
     assert mirror_padded(converted) is converted
+
+
+def test_mirror_conv_keeps_its_padding_when_batchnorm_is_folded_into_it():
+    from kerasdet.layers.padding import mirror_padded
+    from kerasdet.precision import fold_batchnorm_calls
+
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(images)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = mirror_padded(keras.Model(images, x))
+    bn = model.get_layer("bn")
+    bn.set_weights([np.full(4, 2.0), np.full(4, 0.5), np.full(4, 0.1), np.full(4, 4.0)])
+    x = tf.random.normal([1, 5, 5, 3], seed=2)
+    ref = model(x, training=False).numpy()
+    with fold_batchnorm_calls(model, only_frozen=False) as folded:
+        assert folded == 1
+        np.testing.assert_allclose(model(x, training=False).numpy(), ref, atol=1e-4)

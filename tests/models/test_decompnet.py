@@ -191,3 +191,32 @@ def test_keras_file_round_trip_keeps_stage_stop_rule_and_loss_weights(tmp_path):
     assert not loaded.category_net.trainable and not loaded.decomposer.trainable and loaded.box_regressor.trainable
     assert [float(v.numpy()) for v in (loaded.p, loaded.lam, loaded.gamma)] == [1.0, np.float32(0.7),
                                                                                  np.float32(0.9)]
+
+
+def test_box_source_maps_gives_the_maps_tight_boxes_and_switches_on_the_same_weights():
+    model = DecompNet(**TINY)
+    images, _ = _data(1)
+    maps = np.zeros((1, 3, 4, 20, 20), np.float32)
+    maps[0, 0, 0, 4:8, 10:16] = 0.9  # rows 4-7, cols 10-15 of the 20x20 map = 40x40 px / 2
+    model.call = lambda images, training=None: (None, tf.constant(maps))
+    regressed = model.predict(images, verbose=0)["boxes"][0, 0]
+    model.box_source = "maps"
+    out = model.predict(images, verbose=0)
+    np.testing.assert_allclose(out["boxes"][0, 0], [8, 20, 16, 32], atol=1e-4)  # yxyx input pixels
+    assert not np.allclose(regressed, out["boxes"][0, 0])
+    assert out["scores"][0, 0] == pytest.approx(0.9)  # Eq. 5 on the tight box: the map's mean there
+    assert model.get_config()["box_source"] == "maps"
+    with pytest.raises(ValueError, match="box_source"):
+        model.box_source = "nms"
+
+
+def test_ordered_loss_trains_through_fit():
+    """order='ordered' through fit: the instance stage's loss (ordered matching + black later
+    steps; exact values in tests/test_decomposition_loss.py) falls; the option round-trips."""
+    keras.utils.set_random_seed(0)
+    images, labels = _data(16)
+    model = DecompNet(**TINY, order="ordered", stage="instance", cell="conv_gru", conv_gru_filters=8)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    hist = model.fit(images, labels, batch_size=8, epochs=6, verbose=0).history
+    assert hist["instance"][-1] < hist["instance"][0]
+    assert DecompNet.from_config(model.get_config()).order == "ordered"

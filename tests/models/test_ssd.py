@@ -31,6 +31,7 @@ def _torch_layout_count(model):
 
 def test_assd513_parameters_and_boxes_match_the_paper():
     model = SSD(backbone=resnet_backbone(101), num_classes=20, attention=True, fusion=True, extra_layers=ASSD513_EXTRAS)
+    assert model.fusion.alignment == "corners"  # exact on 513's 65 / 33 / 17 grids
     out = model(tf.zeros((1, 513, 513, 3)))
     assert out["class_logits"].shape == (1, 25_844, 21)  # paper Table 2: 25,844 boxes
     # keras.applications' ResNet convs carry biases that torchvision's do not: 52,672 of them.
@@ -100,6 +101,9 @@ def test_config_round_trip_and_bad_arguments():
     clone.build((None, 64, 64, 3))
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
+    # "auto" fusion grid: the small backbone's TF "same" convs; ResNet / VGG keep the authors' corners
+    assert config["fusion_alignment"] == "auto" and model.fusion.alignment == "same_padding"
+    assert tiny_ssd(fusion=True, fusion_alignment="corners").fusion.alignment == "corners"
     clone.set_weights(model.get_weights())
     x = tf.random.uniform((1, 64, 64, 3), 0, 255)
     np.testing.assert_allclose(clone(x)["class_logits"], model(x)["class_logits"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,131 @@
+"""The claims harness (benchmarks/paper_claims.py): statistics by hand, the record's layout,
+and its plumbing end to end on tiny data (--quick)."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import paper_claims  # noqa: E402
+
+
+def test_mean_and_sample_std_by_hand():
+    mean, std = paper_claims.mean_std([0.50, 0.54, 0.58])
+    assert mean == pytest.approx(0.54)
+    assert std == pytest.approx(0.04)  # sqrt((0.04^2 + 0 + 0.04^2) / 2)
+    assert paper_claims.mean_std([0.3]) == (0.3, 0.0)
+    with pytest.raises(ValueError):
+        paper_claims.mean_std([])
+
+
+def test_compare_welch_stderr_and_verdicts_by_hand():
+    base, treat = [0.50, 0.54, 0.58], [0.60, 0.61, 0.62]  # s_b = 0.04, s_t = 0.01
+    out = paper_claims.compare(base, treat)
+    assert out["difference"] == pytest.approx(0.07)
+    assert out["stderr"] == pytest.approx(math.sqrt(0.01**2 / 3 + 0.04**2 / 3))  # 0.0238
+    assert out["holds"] is True  # 0.07 > 2 * 0.0238
+    noisy = paper_claims.compare([0.40, 0.60, 0.50], [0.55, 0.57, 0.56])  # s_b = 0.1: stderr 0.0578
+    assert noisy["difference"] == pytest.approx(0.06) and noisy["holds"] is False
+    worse = paper_claims.compare(treat, base)
+    assert worse["difference"] == pytest.approx(-0.07) and worse["holds"] is False
+    same = paper_claims.compare([0.30, 0.31], [0.315, 0.32], rule="equivalent", margin=0.02)
+    assert same["holds"] is True and same["difference"] == pytest.approx(0.0125)
+    assert paper_claims.compare([0.30, 0.31], [0.34, 0.35], rule="equivalent", margin=0.02)["holds"] is False
+    with pytest.raises(ValueError, match="rule"):
+        paper_claims.compare(base, treat, rule="less")
+
+
+def test_claims_differ_only_in_the_papers_contribution():
+    from kerasdet.engine.recipes import load_recipe
+
+    claims = paper_claims.CLAIMS
+    assert set(claims) >= {"focal", "assd", "assd_fusion", "couplenet", "acouplenet", "decompnet", "decompnet_stop"}
+    for claim in claims.values():
+        b, t = claim.baseline, claim.treatment
+        assert b.name != t.name
+        cb = load_recipe(b.recipe).config(b.preset, dict(b.overrides))
+        ct = load_recipe(t.recipe).config(t.preset, dict(t.overrides))
+        assert cb.data == ct.data and cb.eval.metric == ct.eval.metric, claim.name  # the same data and scoring
+        if b.recipe == t.recipe and not (b.scores or t.scores):
+            assert cb.train == ct.train and cb.eval == ct.eval, claim.name  # the same budget and schedule
+    # decompNet against its paper's baseline: two models, each with its own schedule, on one data set
+    assert claims["decompnet"].baseline.recipe == "sliding_window" and claims["decompnet"].epochs is None
+    stop = claims["decompnet_stop"]  # one set of weights, scored with both stop rules
+    assert stop.baseline.scores is stop.treatment.scores is claims["decompnet"].treatment
+    assert stop.rule == "equivalent" and stop.margin == 0.02
+    focal = claims["focal"]
+    recipe = load_recipe("retinanet")
+    ce = recipe.config(focal.baseline.preset, dict(focal.baseline.overrides)).model
+    fl = recipe.config(focal.treatment.preset, dict(focal.treatment.overrides)).model
+    assert (ce.get("focal_gamma"), ce.get("focal_alpha")) == (0.0, 0.75)
+    assert {k: v for k, v in ce.items() if k not in ("focal_gamma", "focal_alpha")} == \
+        {k: v for k, v in fl.items() if k not in ("focal_gamma", "focal_alpha")}
+
+
+def test_summary_record_and_table_row():
+    claim = paper_claims.CLAIMS["couplenet"]
+    runs = {
+        "rfcn": [{"seed": s, "AP": v, "history": [v / 2, v]} for s, v in enumerate([0.40, 0.42, 0.44])],
+        "couplenet": [{"seed": s, "AP": v, "history": [v / 2, v]} for s, v in enumerate([0.47, 0.48, 0.49])],
+    }
+    result = paper_claims.summarize(claim, runs, budget={"epochs": 2})
+    for key in ("claim", "paper", "metric", "baseline", "treatment", "budget", "runs", "difference", "stderr", "holds"):
+        assert key in result
+    assert result["summary"]["rfcn"] == {"mean": pytest.approx(0.42), "std": pytest.approx(0.02), "n": 3}
+    assert result["difference"] == pytest.approx(0.06)
+    assert result["stderr"] == pytest.approx(math.sqrt(0.01**2 / 3 + 0.02**2 / 3))
+    assert result["holds"] is True
+    row = paper_claims.format_row(result)
+    assert "0.420 ± 0.020" in row and "0.480 ± 0.010" in row and "+0.060" in row and "holds" in row
+    json.dumps(result)  # JSON-serializable
+
+
+@pytest.mark.slow
+def test_quick_claim_end_to_end(tmp_path):
+    """Two seeds of both arms of the focal claim on 24 tiny images, two runs at a time:
+    the JSON and the PNG, per-epoch AP histories, cached runs reused on a second call."""
+    results = tmp_path / "results"
+    args = ["--claim", "focal", "--quick", "--seeds", "0,1", "--epochs", "1", "--jobs", "2",
+            "--work-dir", str(tmp_path / "runs"), "--results-dir", str(results)]
+    out = paper_claims.main(args)["focal"]
+    with open(results / "focal.json") as f:
+        record = json.load(f)
+    assert os.path.getsize(results / "focal.png") > 1000
+    assert record["budget"]["epochs"] == 1 and record["budget"]["threads_per_run"] == max(1, os.cpu_count() // 2)
+    for arm in ("retinanet_ce", "retinanet_focal"):
+        assert [r["seed"] for r in record["runs"][arm]] == [0, 1]
+        assert all(len(r["history"]) == 1 and 0.0 <= r["AP"] <= 1.0 for r in record["runs"][arm])
+    assert record["difference"] == pytest.approx(out["difference"])
+    before = os.path.getmtime(tmp_path / "runs" / "quick" / "retinanet_ce_s0" / "run.json")
+    paper_claims.main(args)  # cached: nothing retrained
+    assert os.path.getmtime(tmp_path / "runs" / "quick" / "retinanet_ce_s0" / "run.json") == before
+    with pytest.raises(SystemExit):
+        paper_claims.main(["--claim", "nope"])
+
+
+@pytest.mark.slow
+def test_scoring_arm_and_per_class_ap50_of_a_run(tmp_path):
+    """An arm that scores another arm's weights with an inference option changed, and the
+    per-category AP50 diagnostic, on a tiny RetinaNet run through the runner."""
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.engine.runner import run
+
+    recipe = load_recipe("retinanet")
+    overrides = {"data.generate.num_train": 8, "data.generate.num_val": 4, "train.batch_size": 4,
+                 "eval.batch_size": 4, "export.enabled": False, "train.warmup_steps": 0, "train.epochs": 1,
+                 "backbone.widths": [8, 16, 16, 16], "backbone.blocks": [0, 0, 0, 0], "model.fpn_channels": 8,
+                 "model.head_channels": 8}
+    source = paper_claims.Arm("tiny", "retinanet", "digits")
+    run(recipe, recipe.config("digits", overrides), preset="digits", work_dir=str(tmp_path / "tiny_s0"),
+        data_dir=str(tmp_path / "data"), seed=0)
+    arm = paper_claims.Arm("tiny_strict", "retinanet", "digits", (("model.score_threshold", 0.99),), scores=source)
+    row = paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=lambda *a: None)
+    assert row["seed"] == 0 and row["scored_with"] == {"model.score_threshold": 0.99}
+    with open(os.path.join(paper_claims.ROOT, row["results_file"])) as f:
+        assert all(r["score"] >= 0.99 for r in json.load(f))  # the option reached the rebuilt model
+    assert paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=pytest.fail) == row  # cached
+    per_class = paper_claims.per_class_ap50(str(tmp_path / "tiny_s0"))
+    assert set(per_class) == {str(d) for d in range(10)} and all(0.0 <= v <= 1.0 or v != v for v in per_class.values())
