@@ -124,7 +124,7 @@ def test_two_stages_train_their_own_parts():
     model = _small_model()
     patches, labels = _patches(8)
     ds = tf.data.Dataset.from_tensors((patches, labels)).repeat()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), run_eagerly=True)
     first = float(model.compute_loss(patches, labels, training=False))
     model.fit(ds, steps_per_epoch=15, epochs=1, verbose=0)
     assert float(model.compute_loss(patches, labels, training=False)) < 0.8 * first
@@ -137,7 +137,7 @@ def test_two_stages_train_their_own_parts():
     assert {v.path for v in model.trainable_variables} == refine_names
     fixed = model.backbone.weights + [v for layer in model.head_layers for v in layer.weights]
     frozen = [v.numpy().copy() for v in fixed]
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=True)
     before = float(model.detection_losses(patches, labels, training=False)["mask_loss"])
     model.fit(ds, steps_per_epoch=15, epochs=1, verbose=0)
     assert float(model.detection_losses(patches, labels, training=False)["mask_loss"]) < 0.9 * before
