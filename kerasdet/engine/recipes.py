@@ -9,10 +9,14 @@ A recipe is a Python module with
   of other open sections), ``STAGE_PARAMS`` (``{name: type}`` valid in a stage's
   ``params``), and ``stage_model(model, stage, config) -> (train_model, callbacks)``, the
   per-stage hook: which (sub-)model a stage trains and the stage's extra callbacks
-  (default: the whole model, none).
+  (default: the whole model, none), and ``train_dataset(dataset, stage, config, *, seed,
+  start_batch) -> dataset``, what a stage trains on: the detection batches of the training
+  stream turned into something else (DeepMask / SharpMask: patch batches; default: the
+  batches as they are). ``start_batch`` is the stream position of the dataset's first
+  batch, so a seeded transform resumes exactly.
 
 The recipes of the papers live in :mod:`kerasdet.recipes` (``retinanet``,
-``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``); a user's recipe is
+``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``, ``sharpmask``); a user's recipe is
 a file given by path.
 """
 from __future__ import annotations
@@ -65,6 +69,15 @@ class Recipe:
 
     def build_model(self, config: Config, num_classes: int):
         return self.module.build_model(config, num_classes)
+
+    def train_dataset(self, dataset, stage, config: Config, *, seed: int = 0, start_batch: int = 0):
+        """A stage's training data: the recipe's ``train_dataset`` hook applied to the
+        detection batches ``dataset`` (whose first batch is ``start_batch`` of the stream),
+        or ``dataset`` itself."""
+        hook = getattr(self.module, "train_dataset", None)
+        if hook is None:
+            return dataset
+        return hook(dataset, stage, config, seed=seed, start_batch=start_batch)
 
     def stage_model(self, model, stage, config: Config):
         """``(train_model, callbacks)`` of a stage (the recipe's hook, or the whole model)."""

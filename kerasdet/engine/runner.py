@@ -243,7 +243,9 @@ def _run_stage(recipe, config, model, stage, index, *, strategy, epochs, steps, 
     ]
 
     def make_train_data(start_batch):
-        return builders.build_dataset(config, train_source, training=True, seed=seed, start_batch=offset + start_batch)
+        position = offset + start_batch
+        dataset = builders.build_dataset(config, train_source, training=True, seed=seed, start_batch=position)
+        return recipe.train_dataset(dataset, stage, config, seed=seed, start_batch=position)
 
     logger.info("stage %d %r (%s): %d x %d steps", index, stage.name, stage.kind, epochs, steps)
     t0 = time.time()

@@ -31,6 +31,10 @@ TINY = {
                                          "model.rpn_post_nms_topk_train": 16, "model.rpn_post_nms_topk_test": 16,
                                          "model.ohem_rois": 8, "train.epochs": 1},
 }
+SHARPMASK_TINY = {"backbone.widths": [8, 8, 8, 8], "data.generate.image_size": [64, 64], "input.image_size": [64, 64],
+                  "model.patch_size": 32, "model.features": 4, "model.embedding": 8, "model.mask_size": 8,
+                  "model.score_hidden": 8, "model.skip_hidden": 4, "model.num_proposals": 5, "model.scales": [1.0],
+                  "patches.patches_per_image": 2}
 SMN_TINY = {**SMALL, "data.generate.image_size": [64, 64], "input.image_size": [64, 64], "base.fc_dim": 16,
             "base.rpn_channels": 8, "base.rpn_post_nms_topk_train": 16, "base.rpn_post_nms_topk_test": 16,
             "base.num_rois": 16, "model.memory_channels": 8, "model.memory_fc_dim": 16, "model.fusion_dim": 16,
@@ -57,13 +61,16 @@ def _overrides(recipe, preset):
         return {**COMMON, **SMN_TINY, **_stage_steps(recipe, preset)}
     if recipe == "decompnet":
         return {**COMMON, **DECOMP_TINY, **_stage_steps(recipe, preset)}
+    if recipe == "sharpmask":
+        return {**COMMON, **SHARPMASK_TINY, **_stage_steps(recipe, preset, steps=2)}
     return {**COMMON, **TINY[(recipe, preset)]}
 
 
 TINY[("sliding_window", "digits")] = {"data.generate.num_clutter": 0, "data.generate.min_digits": 1,
                                       "data.generate.max_digits": 3, "input.max_boxes": 4, "train.epochs": 1,
                                       "model.samples_per_image": 8}
-DIGITS_PRESETS = [*TINY, ("smn", "digits"), ("smn", "digits_mlp"), ("decompnet", "digits")]
+DIGITS_PRESETS = [*TINY, ("smn", "digits"), ("smn", "digits_mlp"), ("decompnet", "digits"),
+                  ("sharpmask", "deepmask_digits"), ("sharpmask", "sharpmask_digits")]
 
 
 def test_every_digits_preset_of_every_recipe_is_covered():
@@ -87,7 +94,10 @@ def test_digits_preset_runs_through_the_runner(tmp_path, recipe, preset):
         assert np.isfinite(record["final_loss"]), record
     with open(os.path.join(work, "run.json")) as f:
         record = json.load(f)
-    assert record["stats"] == summary["stats"] and np.isfinite(record["stats"]["AP"])
+    from kerasdet.engine.builders import HEADLINE_METRIC
+
+    headline = HEADLINE_METRIC[config.eval.metric]  # AP; mask_AR1000 for the segment proposals
+    assert record["stats"] == summary["stats"] and np.isfinite(record["stats"][headline])
     assert record["label_map"]["category_ids"] and record["config"]["train"]["batch_size"] == 4
     assert r.config_from_dict(record["config"]) == config
     assert os.path.isfile(record["paths"]["weights"])

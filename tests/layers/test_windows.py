@@ -1,0 +1,45 @@
+"""Window crops and mask pastes: the half-pixel convention, pastes land where the window is."""
+import numpy as np
+import tensorflow as tf
+
+from kerasdet.layers.windows import crop_windows, paste_masks
+
+
+def test_crop_windows_half_pixel_convention():
+    ramp = tf.reshape(tf.range(16, dtype=tf.float32), [1, 4, 4, 1])
+    # the whole image at its own size is the identity
+    same = crop_windows(ramp, tf.constant([[0.0, 0.0, 4.0, 4.0]]), tf.constant([0]), 4)
+    np.testing.assert_allclose(same.numpy(), ramp.numpy(), atol=1e-5)
+    # a 2x2 window at 1x resolution is that sub-block; outside reads the fill value
+    sub = crop_windows(ramp, tf.constant([[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 12.0, 12.0]]), tf.constant([0, 0]), 2,
+                       extrapolation_value=-1.0)
+    np.testing.assert_allclose(sub[0, ..., 0].numpy(), [[6, 7], [10, 11]], atol=1e-5)
+    assert np.all(sub[1].numpy() == -1.0)
+
+
+def test_pasted_masks_land_on_the_object():
+    # a 8x8 mask covering window [10, 20, 26, 36] (2 image px per mask px); its object is
+    # mask rows 2..5, columns 4..7 -> image rows 14..22, columns 28..36
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:6, 4:8] = 1.0
+    pasted = paste_masks(tf.constant([mask, mask]), tf.constant([[10.0, 20.0, 26.0, 36.0], [-4.0, -4.0, 12.0, 12.0]]),
+                         tf.constant([0, 1]), (40, 48)).numpy()
+    assert pasted.shape == (2, 40, 48)
+    expected = np.zeros((40, 48), bool)
+    expected[14:22, 28:36] = True
+    binary = pasted[0] > 0.5
+    assert np.array_equal(binary, expected)
+    assert np.all(pasted[0][:10] == 0) and np.all(pasted[0][:, 36:] == 0)  # nothing outside the window
+    # a constant mask fills exactly its window, edges included
+    full = paste_masks(tf.ones([1, 8, 8]), tf.constant([[10.0, 20.0, 26.0, 36.0]]), tf.constant([0]), (40, 48))
+    window = np.zeros((40, 48), np.float32)
+    window[10:26, 20:36] = 1
+    np.testing.assert_allclose(full.numpy()[0], window, atol=1e-6)
+    # a window partly outside the image (its top-left at -4, -4): the object lands at rows 0..7, columns 4..11
+    expected2 = np.zeros((40, 48), bool)
+    expected2[0:8, 4:12] = True
+    assert np.array_equal(pasted[1] > 0.5, expected2)
+    # crop of the paste gives the mask back (inverse resamplings)
+    back = crop_windows(pasted[0][None, :, :, None], tf.constant([[10.0, 20.0, 26.0, 36.0]]), tf.constant([0]), 8)
+    np.testing.assert_allclose(back.numpy()[0, ..., 0], tf.image.resize(
+        tf.image.resize(mask[None, :, :, None], [16, 16]), [8, 8]).numpy()[0, ..., 0], atol=1e-5)
