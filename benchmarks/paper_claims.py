@@ -131,7 +131,7 @@ CLAIMS = {
     c.name: c
     for c in (
         Claim("focal", "Lin, Detecting Common Objects in Context (thesis), §5.5.1, Table 5.1a-b: FL gamma 2 "
-              "34.0 AP vs alpha-balanced CE 31.1 AP (R50, 600 px)", _RETINA_CE, _RETINA_FL, epochs=6),
+              "34.0 AP vs alpha-balanced CE 31.1 AP (R50, 600 px)", _RETINA_CE, _RETINA_FL, epochs=4),
         Claim("assd", "Yi et al., ASSD: Attentive Single Shot Multibox Detector, Table 1 / 4: ASSD321 +attention "
               "+fusion over SSD321 (VOC07 test mAP 76.8 -> 80.0... see the README)", _SSD, _ASSD, epochs=4,
               diagnostics="assd"),
