@@ -29,8 +29,10 @@ setup(
         # keras-hub: tests/test_weights.py builds its RetinaNet/ResNet offline as the reference
         # (0.32.0 verified, with the tensorflow-text 2.21.1 it pulls in beside TensorFlow 2.21.0).
         "test": ["pytest>=7", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorflow-serving-api>=2.16",
-                 "ai-edge-litert>=2.0", "keras-hub>=0.32"],
-        "bench": ["keras-hub>=0.20"],
+                 "ai-edge-litert>=2.0", "keras-hub>=0.32",
+                 # the claims harness' AP-vs-epoch plots (tests/benchmarks/test_paper_claims.py)
+                 "matplotlib>=3.7"],
+        "bench": ["keras-hub>=0.20", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["kerasdet=kerasdet.cli:console_main"]},
 )
