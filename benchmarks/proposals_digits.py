@@ -25,7 +25,8 @@ are all COCO-"small", so M/L are -1). Inference time: seconds per image of the c
 predict function over the validation split at ``--eval-batch`` images a batch, after one
 warm-up batch. Writes ``--output`` (JSON) and a PNG of AR vs number of proposals next to it.
 
-Full run (about 1-1.5 h on 2 quiet cores)::
+Full run (not timed yet: four trainings of 600 steps, 35-40 s per 100 steps each on 2 shared cores for
+DeepMask and FPN proposals, then two scorings of 500 images x 1000 proposals per model)::
 
     PYTHONPATH=$PWD python benchmarks/proposals_digits.py
 
