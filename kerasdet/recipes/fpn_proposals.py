@@ -15,6 +15,8 @@ Presets:
   steps with x0.1 after 60k (the FPN RPN's 8-GPU x 2-image batch of §4.4.1), 500-step warm-up
   from 1/3; "+ 2x train schedule" (the last row of Table 4.6) is ``--set train.stages.0.steps=
   160000 --set 'train.stages.0.decay_steps=[120000]'``. At most 64 objects per image.
+  Evaluation pastes 1000 canvas-sized masks per image (1000 x 1344 x 1344 float32 = 7.2 GB),
+  hence one image an evaluation batch; ``--set model.num_proposals=100`` for a smaller host.
 * ``fpn_proposals_digits``: the same architecture on the embedded digits for a 2-core CPU,
   at DeepMask / SharpMask digits' budget (600 steps of 8 images, Adam 1e-3, the ``*_digits``
   presets of :mod:`kerasdet.recipes.sharpmask`): the small backbone C2-C5, FPN P2-P5 at d =
