@@ -16,7 +16,7 @@ A recipe is a Python module with
   batch, so a seeded transform resumes exactly.
 
 The recipes of the papers live in :mod:`kerasdet.recipes` (``retinanet``,
-``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``, ``sharpmask``); a user's recipe is
+``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``, ``sharpmask``, ``fpn_proposals``); a user's recipe is
 a file given by path.
 """
 from __future__ import annotations

@@ -66,6 +66,10 @@ def _overrides(recipe, preset):
     return {**COMMON, **TINY[(recipe, preset)]}
 
 
+TINY[("fpn_proposals", "fpn_proposals_digits")] = {
+    **SMALL, "data.generate.image_size": [64, 64], "input.image_size": [64, 64], "model.fpn_channels": 8,
+    "model.hidden": 8, "model.num_proposals": 5, "model.samples_per_image": 16, "train.stages.0.steps": 2,
+    "train.stages.0.warmup_steps": 0}
 TINY[("sliding_window", "digits")] = {"data.generate.num_clutter": 0, "data.generate.min_digits": 1,
                                       "data.generate.max_digits": 3, "input.max_boxes": 4, "train.epochs": 1,
                                       "model.samples_per_image": 8}
