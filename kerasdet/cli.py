@@ -51,11 +51,14 @@ def export(args):
         if args.version is not None:
             raise UserInputError("--version is for SavedModel exports (TF Serving's layout); a LiteRT export is "
                                  "one file")
+        if args.precision is not None:
+            raise UserInputError("--precision is for SavedModel exports; LiteRT takes --quantization")
         written = export_run_litert(args.run, args.output, weights=args.weights, quantization=args.quantization,
                                     input_size=args.input_size)
         print(f"LiteRT model written to {written}")
         return written
-    print(f"SavedModel written to {export_run(args.run, args.output, weights=args.weights, version=args.version)}")
+    written = export_run(args.run, args.output, weights=args.weights, version=args.version, precision=args.precision)
+    print(f"SavedModel written to {written}")
     return args.output
 
 
@@ -146,6 +149,9 @@ def build_parser():
                             help="LiteRT weights (default float32)")
             sp.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                             help="LiteRT input size (default the model's canvas)")
+            sp.add_argument("--precision", default=None, choices=["float32", "bfloat16", "auto"],
+                            help="SavedModel compute dtype: force float32 or bfloat16, or auto (by the CPU alone); "
+                                 "default the run's own choice (made with its validation AP check)")
         sp.set_defaults(func=func)
 
     r = sub.add_parser("predict", help="run a SavedModel on images and write them with boxes drawn")

@@ -112,6 +112,14 @@ def test_train_evaluate_export_predict(tmp_path):
     np.testing.assert_allclose(stats["AP"], summary["stats"]["AP"], atol=1e-9)
     cli.main(["export", "--run", work, "--output", str(tmp_path / "sm2")])
     assert os.path.isfile(str(tmp_path / "sm2" / "1" / "saved_model.pb"))
+    with open(tmp_path / "sm2" / "1" / "kerasdet_export.json") as f:  # the run's own choice by default
+        assert json.load(f)["inference_graph"]["precision"] == chosen["precision"]
+    forced = "float32" if chosen["precision"] == "bfloat16" else "bfloat16"
+    cli.main(["export", "--run", work, "--output", str(tmp_path / "sm2"), "--precision", forced])
+    with open(tmp_path / "sm2" / "2" / "kerasdet_export.json") as f:  # --precision forces either
+        assert json.load(f)["inference_graph"]["precision"] == forced
+    with pytest.raises(UserInputError, match="--precision is for SavedModel"):
+        cli.main(["export", "--run", work, "--format", "litert", "--precision", "float32", "--output", "x.tflite"])
     litert = cli.main(["export", "--run", work, "--format", "litert", "--quantization", "dynamic_int8",
                        "--output", str(tmp_path / "m.tflite")])
     with open(tmp_path / "m.json") as f:

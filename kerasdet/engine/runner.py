@@ -343,14 +343,19 @@ def evaluate_run(work_dir: str, *, weights: str | None = None, metric: str | Non
     return builders.evaluate(model, dataset, source, metric=metric or config.eval.metric, results_file=results_file)
 
 
-def export_run(work_dir: str, output: str, *, weights: str | None = None, version: int | None = None) -> str:
+def export_run(work_dir: str, output: str, *, weights: str | None = None, version: int | None = None,
+               precision: str | None = None) -> str:
     """Exports a finished run's weights as a SavedModel (label map from ``run.json``) to
     TF Serving's layout ``<output>/<version>/`` (default version: one above the highest);
-    returns the version folder."""
+    returns the version folder. ``precision``: ``"float32"`` / ``"bfloat16"`` force the
+    serving graph's compute dtype, ``"auto"`` takes bfloat16 on a CPU with native bfloat16;
+    default (None) the run's own choice (``run.json`` ``export.precision``, made with its
+    validation metric check), else the config's ``export.precision``."""
     from kerasdet.engine.predict import export_model
 
     _, config, model, record = load_run(work_dir, weights=weights)
-    chosen = (record.get("export") or {}).get("precision")  # the run's own choice, made with its metric check
+    # the run's own choice, made with its metric check, unless the caller forces one
+    chosen = precision or (record.get("export") or {}).get("precision")
     return export_model(model, config, record["label_map"], output, version=version, precision=chosen)
 
 
