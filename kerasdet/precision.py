@@ -112,11 +112,15 @@ def _folded_conv_call(conv, bn):
         outputs = tf.nn.bias_add(outputs, keras.ops.cast(shift, outputs.dtype))
         return conv.activation(outputs) if conv.activation is not None else outputs
 
+    call.kerasdet_folded = True
     return call
 
 
 def _identity_call(inputs, *args, **kwargs):
     return inputs
+
+
+_identity_call.kerasdet_folded = True
 
 
 @contextlib.contextmanager
@@ -146,6 +150,8 @@ def fold_batchnorm_calls(backbone, *, only_frozen=True):
             conv = backbone.get_layer(conv_name)
             if not isinstance(conv, keras.layers.Conv2D) or not hasattr(conv, "convolution_op"):
                 continue
+            if getattr(conv.__dict__.get("call"), "kerasdet_folded", False):
+                continue  # an enclosing block (e.g. another replica's trace) folded it and restores it
             patched.append((conv, conv.__dict__.get("call"), bn, bn.__dict__.get("call")))
             object.__setattr__(conv, "call", _folded_conv_call(conv, bn))
             object.__setattr__(bn, "call", _identity_call)

@@ -184,6 +184,11 @@ def test_fold_batchnorm_calls_folds_in_the_graph_and_restores():
         traced = tf.function(lambda t: bb(t, training=False))(x)
         eager = bb(x, training=False)
     assert "call" not in bn.__dict__ and "call" not in bb.get_layer("stem_conv").__dict__
+    with fold_batchnorm_calls(bb, only_frozen=False) as outer:  # re-entrant: the outer block owns the fold
+        with fold_batchnorm_calls(bb, only_frozen=False) as inner:
+            assert inner == 0
+        assert bn.call(x) is x and outer > 5
+    assert "call" not in bn.__dict__
     for level in ref:
         scale = float(tf.reduce_max(tf.abs(ref[level])))
         for out in (traced, eager):
