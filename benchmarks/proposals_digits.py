@@ -42,6 +42,8 @@ import os
 import sys
 import time
 
+from machine import cpu_flags_text  # noqa: E402  (benchmarks/, the script's folder, is on the path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CURVE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -203,9 +205,6 @@ def main(argv=None):
     record = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "args": vars(args),
               "budget": f"{args.steps} steps x {args.batch_size} images", "curve": list(CURVE),
               "wall_s": time.time() - t_start, "results": results}
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import cpu_flags_text  # benchmarks/machine.py
-
     record["machine"] = {"cpu_flags": cpu_flags_text(), "cpus": os.cpu_count()}
     with open(args.output, "w") as f:
         json.dump(record, f, indent=2, default=float)
