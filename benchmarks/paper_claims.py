@@ -126,6 +126,8 @@ _DECOMPNET_FIRST_BLACK = Arm("decompnet_ordered_first_black", "decompnet", "digi
 _RFCN = Arm("rfcn", "couplenet", "rfcn_digits")
 _COUPLENET = Arm("couplenet", "couplenet", "couplenet_digits")
 _ACOUPLENET = Arm("acouplenet", "couplenet", "acouplenet_digits")
+_ACOUPLENET_RESIDUAL = Arm("acouplenet_residual", "couplenet", "acouplenet_digits",
+                           (("backbone.attention_residual", True),))
 
 CLAIMS = {
     c.name: c
@@ -141,6 +143,8 @@ CLAIMS = {
               "coupling the global branch to R-FCN", _RFCN, _COUPLENET, epochs=4),
         Claim("acouplenet", "Zhu et al., Attention CoupleNet (TIP 2019), Table II: cascade attention over CoupleNet",
               _COUPLENET, _ACOUPLENET, epochs=4, diagnostics="acouplenet"),
+        Claim("acouplenet_residual", "ablation of acouplenet: the cascade attention as (1 + A) * f, which keeps "
+              "the context A * f erases", _COUPLENET, _ACOUPLENET_RESIDUAL, epochs=4, diagnostics="acouplenet"),
         Claim("decompnet", "Park & Berg, Learning to decompose (ICLR 2016 workshop), Fig. 4: decompNet above the "
               "sliding-window CNN + NMS on the 3-6-9 digits (box AP50 per digit)", _SLIDING_WINDOW, _DECOMPNET,
               epochs=None, metric="AP50", diagnostics="per_class_ap50"),
@@ -206,8 +210,8 @@ def _finished(work_dir, cmd):
     marker = os.path.join(work_dir, "claims_command.json")
     if not (os.path.isfile(path) and os.path.isfile(marker)):
         return False
-    with open(marker) as f:
-        if json.load(f) != cmd[1:]:
+    with open(marker) as f:  # the same arguments, in any order of the options
+        if sorted(json.load(f)) != sorted(cmd[1:]):
             return False
     with open(path) as f:
         return bool(json.load(f).get("stats"))
