@@ -31,7 +31,7 @@ import time
 from kerasdet.engine import builders
 from kerasdet.engine.config import Config, to_plain
 from kerasdet.distribute import is_chief
-from kerasdet.engine.recipes import Recipe, load_recipe
+from kerasdet.engine.recipes import Recipe, builtin_recipes, load_recipe
 from kerasdet.errors import DataFileNotFoundError, UserInputError
 from kerasdet.random_state import load_seed_states, save_seed_states
 
@@ -298,8 +298,12 @@ def load_run(work_dir: str, *, weights: str | None = None, overrides: dict | Non
     import tensorflow as tf
 
     record = read_run(work_dir)
-    recipe_ref = record["recipe"] if record.get("recipe_file", "").startswith(_package_recipes_dir()) \
-        else record["recipe_file"]
+    recipe_file = record.get("recipe_file", "")
+    # a built-in recipe by name: also when the run was made by another checkout of kerasdet
+    builtin = recipe_file.startswith(_package_recipes_dir()) or (
+        not os.path.isfile(recipe_file) and os.path.basename(os.path.dirname(recipe_file)) == "recipes"
+        and record["recipe"] in builtin_recipes())
+    recipe_ref = record["recipe"] if builtin else recipe_file
     recipe = load_recipe(recipe_ref)
     config = recipe.config_from_dict(record["config"], overrides)
     weights = weights or record["paths"]["weights"]
