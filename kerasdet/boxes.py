@@ -147,3 +147,24 @@ def clip(boxes, height, width):
     xmin = tf.clip_by_value(xmin, zero, zero + width)
     xmax = tf.clip_by_value(xmax, zero, zero + width)
     return tf.stack([ymin, xmin, ymax, xmax], axis=-1)
+
+
+def boxes_from_masks(masks):
+    """Tight ``[ymin, xmin, ymax, xmax]`` pixel-edge boxes ``[..., 4]`` of binary masks
+    ``[..., H, W]`` (rows ``r0..r1`` give ``[r0, r1 + 1]``); zeros for an empty mask. Graph
+    ops over the whole batch (the boxes of SharpMask / FPN mask proposals, decompNet's
+    boxes from its maps)."""
+    masks = tf.cast(masks, tf.bool)
+    rows = tf.reduce_any(masks, axis=-1)
+    cols = tf.reduce_any(masks, axis=-2)
+
+    def span(any_along):
+        length = tf.shape(any_along)[-1]
+        first = tf.argmax(tf.cast(any_along, tf.int32), axis=-1, output_type=tf.int32)
+        last = length - tf.argmax(tf.cast(tf.reverse(any_along, axis=[-1]), tf.int32), axis=-1, output_type=tf.int32)
+        return tf.cast(first, tf.float32), tf.cast(last, tf.float32)
+
+    y0, y1 = span(rows)
+    x0, x1 = span(cols)
+    boxes = tf.stack([y0, x0, y1, x1], axis=-1)
+    return tf.where(tf.reduce_any(rows, axis=-1)[..., None], boxes, 0.0)

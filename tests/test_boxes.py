@@ -83,3 +83,18 @@ def test_convert_format_hand_values_and_bad_name():
     np.testing.assert_allclose(np.asarray(box_ops.convert_format(b, source="yxyx", target="xywh")), [[20, 10, 40, 20]])
     with pytest.raises(ValueError, match="Unknown bounding box"):
         box_ops.convert_format(b, source="yxyx", target="xyz")
+
+
+def test_boxes_from_masks_tight_pixel_edges_by_hand():
+    import numpy as np
+
+    from kerasdet.boxes import boxes_from_masks
+
+    masks = np.zeros((2, 3, 6, 8), bool)
+    masks[0, 0, 1:4, 2:5] = True          # rows 1-3, cols 2-4 -> [1, 2, 4, 5]
+    masks[0, 1, 5, 0] = masks[0, 1, 0, 7] = True  # two corners -> the whole image
+    out = boxes_from_masks(masks).numpy()
+    np.testing.assert_array_equal(out[0, 0], [1, 2, 4, 5])
+    np.testing.assert_array_equal(out[0, 1], [0, 0, 6, 8])
+    np.testing.assert_array_equal(out[0, 2], [0, 0, 0, 0])  # empty mask
+    assert out.shape == (2, 3, 4) and not out[1].any()

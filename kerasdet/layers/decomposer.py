@@ -50,6 +50,8 @@ Choices where the paper is silent (§2.1-§2.3, App. B; ours), all constructor o
 import keras
 import tensorflow as tf
 
+from kerasdet.boxes import boxes_from_masks
+
 #: Moving-average momentum of every BatchNormalization here: 0.9 in Keras' convention is
 #: Torch's default ``momentum=0.1`` (the paper's framework). Keras' 0.99 left the moving
 #: statistics far from the batch statistics after a few hundred steps, so the frozen
@@ -429,19 +431,7 @@ def boxes_from_maps(maps, fraction=0.5):
     h, w = maps.shape[-2], maps.shape[-1]
     peak = tf.reduce_max(maps, axis=[-2, -1], keepdims=True)
     on = (maps >= float(fraction) * peak) & (peak > 0.0)
-    rows = tf.reduce_any(on, axis=-1)  # [..., S]
-    cols = tf.reduce_any(on, axis=-2)  # [..., S']
-
-    def extent(any_on, size):
-        idx = tf.range(size, dtype=tf.float32)
-        first = tf.reduce_min(tf.where(any_on, idx, float(size)), axis=-1)
-        last = tf.reduce_max(tf.where(any_on, idx, -1.0), axis=-1)
-        empty = last < 0
-        return tf.where(empty, 0.0, first / size), tf.where(empty, 0.0, (last + 1.0) / size)
-
-    ymin, ymax = extent(rows, h)
-    xmin, xmax = extent(cols, w)
-    return tf.stack([ymin, xmin, ymax, xmax], axis=-1)
+    return boxes_from_masks(on) / tf.constant([h, w, h, w], tf.float32)
 
 
 def box_score(maps, boxes):

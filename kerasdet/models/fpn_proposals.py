@@ -49,7 +49,7 @@ in one pass, the top ``num_proposals`` windows of each image (1000, AR's largest
 §4.6.1), their masks from the gathered hidden vectors only, pasted into the image
 (:func:`~kerasdet.layers.windows.paste_masks`), binarized at ``mask_threshold`` (0.2, the
 threshold of the DeepMask / SharpMask framework, §3.5) and boxed by their tight boxes
-(:func:`~kerasdet.models.sharpmask.boxes_from_masks`, §3.5.3). No NMS (none in §4.6 or in
+(:func:`~kerasdet.boxes.boxes_from_masks`, §3.5.3). No NMS (none in §4.6 or in
 the DeepMask framework). The same outputs as
 :meth:`~kerasdet.models.sharpmask.SharpMask.detect` (``masks`` ``[B, N, H, W]``), so the
 ``proposals_segm`` metric and the SavedModel's ``detection_masks`` work unchanged.
@@ -70,7 +70,7 @@ from kerasdet.layers.fpn import FeaturePyramid
 from kerasdet.layers.windows import crop_windows, paste_masks
 from kerasdet.losses import global_normalizer
 from kerasdet.models.base import Detector
-from kerasdet.models.sharpmask import boxes_from_masks
+from kerasdet.boxes import boxes_from_masks
 from kerasdet.sampling import sample_balanced
 
 

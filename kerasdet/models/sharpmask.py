@@ -59,6 +59,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from kerasdet.boxes import boxes_from_masks
 from kerasdet.layers.padding import MirrorPadding2D, mirror_padded
 from kerasdet.layers.refinement import RefinementModule, refinement_schedule
 from kerasdet.layers.windows import paste_masks
@@ -412,22 +413,3 @@ class SharpMask(Detector):
         return {"boxes": boxes_from_masks(masks), "scores": tf.where(real, tf.sigmoid(top_scores), 0.0),
                 "classes": tf.where(real, 0, -1), "num_detections": tf.reduce_sum(tf.cast(real, tf.int32), axis=1),
                 "masks": masks}
-
-
-def boxes_from_masks(masks):
-    """Tight yxyx pixel-edge boxes ``[..., 4]`` of binary masks ``[..., H, W]`` (zeros
-    for an empty mask)."""
-    masks = tf.cast(masks, tf.bool)
-    rows = tf.reduce_any(masks, axis=-1)
-    cols = tf.reduce_any(masks, axis=-2)
-
-    def span(any_along):
-        length = tf.shape(any_along)[-1]
-        first = tf.argmax(tf.cast(any_along, tf.int32), axis=-1, output_type=tf.int32)
-        last = length - tf.argmax(tf.cast(tf.reverse(any_along, axis=[-1]), tf.int32), axis=-1, output_type=tf.int32)
-        return tf.cast(first, tf.float32), tf.cast(last, tf.float32)
-
-    y0, y1 = span(rows)
-    x0, x1 = span(cols)
-    boxes = tf.stack([y0, x0, y1, x1], axis=-1)
-    return tf.where(tf.reduce_any(rows, axis=-1)[..., None], boxes, 0.0)
