@@ -305,6 +305,9 @@ def test_cli_export_version_flag(monkeypatch):
     monkeypatch.setattr(runner, "export_run", lambda run, output, **kw: calls.append((run, output, kw)) or output)
     cli.main(["export", "--run", "w", "--output", "o", "--version", "3"])
     cli.main(["export", "--run", "w", "--output", "o"])
-    assert calls == [("w", "o", {"weights": None, "version": 3}), ("w", "o", {"weights": None, "version": None})]
+    assert calls == [
+        ("w", "o", {"weights": None, "version": 3, "precision": None}),
+        ("w", "o", {"weights": None, "version": None, "precision": None}),
+    ]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["export", "--run", "w", "--output", "o", "--version", "x"])
