@@ -90,6 +90,8 @@ class Arm:
     preset: str
     overrides: tuple = ()
     scores: "Arm | None" = None
+    base_from: "Arm | None" = None  # SMN arms: start from this arm's trained base (its seed base_seed)
+    base_seed: int = 0
 
     def describe(self):
         sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in self.overrides)
@@ -128,6 +130,13 @@ _COUPLENET = Arm("couplenet", "couplenet", "couplenet_digits")
 _ACOUPLENET = Arm("acouplenet", "couplenet", "acouplenet_digits")
 _ACOUPLENET_RESIDUAL = Arm("acouplenet_residual", "couplenet", "acouplenet_digits",
                            (("backbone.attention_residual", True),))
+# SMN on the context digits: one base trained to its plateau (seed 0), then every arm trains
+# the same extra steps from it (recipes/smn.py, the digits_context* presets)
+_SMN_BASE = Arm("smn_context_base", "smn", "digits_context_base")
+_SMN_BASE_MORE = Arm("smn_context_base_more", "smn", "digits_context_base_more", base_from=_SMN_BASE)
+_SMN_FINAL = Arm("smn_context", "smn", "digits_context", base_from=_SMN_BASE)
+_SMN_STEPS = Arm("smn_context_steps", "smn", "digits_context", (("model.inference", "steps"),), scores=_SMN_FINAL)
+_SMN_MLP = Arm("smn_context_mlp", "smn", "digits_context_mlp", base_from=_SMN_BASE)
 
 CLAIMS = {
     c.name: c
@@ -148,6 +157,14 @@ CLAIMS = {
         Claim("decompnet", "Park & Berg, Learning to decompose (ICLR 2016 workshop), Fig. 4: decompNet above the "
               "sliding-window CNN + NMS on the 3-6-9 digits (box AP50 per digit)", _SLIDING_WINDOW, _DECOMPNET,
               epochs=None, metric="AP50", diagnostics="per_class_ap50"),
+        Claim("smn_context", "Chen & Gupta, Spatial Memory for Context Reasoning in Object Detection (ICCV 2017), "
+              "Table 1/3: SMN (N = 10 steps, no NMS) above its base Faster R-CNN (per-class NMS) on the context "
+              "digits", _SMN_BASE_MORE, _SMN_STEPS, epochs=None, diagnostics="smn"),
+        Claim("smn_context_final", "Chen & Gupta, Sec. 6.1: the final mode (N1 base writes + N2 memory steps, "
+              "trained that way) above the base on the context digits", _SMN_BASE_MORE, _SMN_FINAL, epochs=None,
+              diagnostics="smn"),
+        Claim("smn_vs_mlp", "Chen & Gupta, Table 2: SMN above the MLP control at the same parameter count",
+              _SMN_MLP, _SMN_FINAL, epochs=None, diagnostics="smn"),
         Claim("decompnet_stop", "Park & Berg, §2.2: the last map is black and works as a stop sign (first_black "
               "agrees with keeping every bright map, same weights)", _DECOMPNET_BRIGHT, _DECOMPNET_FIRST_BLACK,
               epochs=None, metric="AP50", rule="equivalent", margin=0.02),
@@ -200,9 +217,31 @@ def run_command(arm, seed, *, epochs, work_dir, data_dir, quick):
         cmd += ["--set", f"data.generate.num_train={quick['num_train']}",
                 "--set", f"data.generate.num_val={quick['num_val']}",
                 "--set", f"train.batch_size={quick['batch_size']}", "--set", "train.warmup_steps=0"]
+    if arm.base_from is not None:
+        cmd += ["--set", f"base.weights={json.dumps(base_weights_path(arm, os.path.dirname(work_dir)))}"]
     for key, value in arm.overrides:
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return cmd
+
+
+def base_weights_path(arm, work_root):
+    """Where the base an arm starts from (``arm.base_from``) is saved."""
+    return os.path.join(work_root, f"{arm.base_from.name}_s{arm.base_seed}", "base.weights.h5")
+
+
+def export_base(arm, work_root, log=print):
+    """Saves the C4 base of ``arm.base_from``'s finished run (seed ``arm.base_seed``) as
+    :func:`base_weights_path` (once)."""
+    path = base_weights_path(arm, work_root)
+    source = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(os.path.join(source, "run.json")):
+        return path
+    from kerasdet.engine.runner import load_run
+
+    log(f"save the base of {arm.base_from.name} seed {arm.base_seed} to {path}")
+    _, _, model, _ = load_run(source)
+    model.base.save_weights(path)
+    return path
 
 
 def _finished(work_dir, cmd):
@@ -451,10 +490,16 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
                 else:
                     tasks.setdefault((arm.scores, seed, e), None)
                     scoring.setdefault((arm, seed, e), None)
-    for arm in {key[0] for key in tasks}:
+    bases = {(key[0].base_from, key[0].base_seed, None): None for key in tasks if key[0].base_from is not None}
+    for arm in {key[0] for key in list(tasks) + list(bases)}:
         _ensure_data(arm, data_dir, quick)
     common = dict(work_root=work_root, data_dir=data_dir, quick=quick, threads=threads, log=log)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        # the shared bases first (their runs are not arms of a claim), then what starts from them
+        for future in [pool.submit(train_run, key[0], key[1], epochs=key[2], **common) for key in bases]:
+            future.result()
+        for arm in {key[0] for key in tasks if key[0].base_from is not None}:
+            export_base(arm, work_root, log=log)
         futures = {key: pool.submit(train_run, key[0], key[1], epochs=key[2], **common) for key in tasks}
         rows = {key: f.result() for key, f in futures.items()}
     for key in scoring:  # in this process, after the trainings

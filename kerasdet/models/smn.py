@@ -42,6 +42,9 @@ over the fixed N, everything else batched with static shapes):
   §5.3 (weight ``reconstruction_weight`` = 1): a second, identical set of region / RPN
   branches on ``m-conv5`` whose targets are only the covered objects (their class;
   everything else background), on the same sampled RoIs / anchors.
+* ``train_mode="final"`` trains the final inference mode (Sec. 6.1, "bootstrap from a N2=10
+  SMN model"): the top N1 base detections are written first (no loss; the ground truths
+  they hit are covered), then N2 memory steps with the losses above.
 
 Inference (``inference``):
 
@@ -69,8 +72,10 @@ to re-rank proposals at test time); box regression stays the base's; the
 written scores are the step's fused softmax (base softmax for the N1 writes, re-scored by
 the base head at the detected box, since per-class NMS keeps only one class score);
 default Keras initializers for the memory layers, the residual logits' last layers
-N(0, 0.01) so training starts at the base's scores (Sec. 5.5: the paper hand-tuned the
-init variances and used no normalisation layers).
+N(0, 0.01) so training starts at the base's scores; fc7 and m-fc7 are each scaled to unit
+RMS per RoI before the fusion (``fusion_norm="rms"``; Sec. 5.5 hand-tunes the init variances
+"to let different inputs contribute comparably" and gives no values: a parameter-free
+rescaling keeps that balance whatever the frozen base's scale).
 """
 import copy
 
@@ -88,7 +93,9 @@ from kerasdet.sampling import kth_largest, random_uniform
 
 CONTEXTS = ("memory", "mlp")
 SELECTIONS = ("softmax", "hardmax")
-INFERENCE_MODES = ("final", "steps", "base_topn")
+INFERENCE_MODES = ("final", "steps", "base_topn", "base")
+TRAIN_MODES = ("steps", "final")
+FUSION_NORMS = ("rms", "none")
 
 
 def sample_groups(groups, quotas, num_samples, seed=None):
@@ -114,6 +121,13 @@ def sample_groups(groups, quotas, num_samples, seed=None):
         out.append(sel)
         taken = taken + n
     return out
+
+
+def balance_rms(x, epsilon=1e-6):
+    """``x / sqrt(mean(x^2 over the last axis) + epsilon)``: unit root-mean-square rows (the
+    parameter-free balance of fc7 and m-fc7 before SMN's fusion, ``fusion_norm="rms"``)."""
+    x = tf.cast(x, tf.float32)
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon)
 
 
 def _best(iou, mask):
@@ -144,7 +158,20 @@ class SMN(Detector):
         context: ``"memory"`` (SMN) or ``"mlp"`` (the paper's MLP control).
         num_steps: N, the unrolled steps in training and in ``inference="steps"``. 10.
         num_base_writes, num_memory_steps: N1 / N2 of the final inference mode. 50 / 10.
-        inference: ``"final"``, ``"steps"`` or ``"base_topn"``.
+        inference: ``"final"``, ``"steps"``, ``"base_topn"`` or ``"base"`` (the base's own
+            per-class-NMS detections, no memory: the baseline of the context claims).
+        train_mode: ``"steps"`` (N unrolled steps from step 1, the curriculum stages) or
+            ``"final"`` (the final inference mode trained the paper's way, Sec. 6.1: "we set
+            N1=50 and bootstrap from a N2=10 SMN model": the top ``num_base_writes`` base
+            per-class-NMS detections are written first, covering what they hit, then
+            ``num_memory_steps`` memory steps carry the losses). ``"steps"``.
+        fusion_norm: how fc7 and m-fc7 are balanced before ``fuse_a`` (Sec. 5.5: "different
+            variances are manually set when initializing weights ... to let different
+            inputs contribute comparably (e.g. when concatenating fc7 and m-fc7)"; the
+            variances themselves are not given). ``"rms"`` (ours, the default): each side
+            divided by its root-mean-square over its channels per RoI (no parameters), so
+            both enter ``fuse_a`` at unit RMS whatever the frozen base's scale; ``"none"``:
+            the plain concatenation (configs saved before this option load as ``"none"``).
         selection: ``"softmax"`` (S) or ``"hardmax"`` (H).
         memory_channels: D = 256. prior_size: 20. crop_size: 14 (the write's crop).
         gate_channels: ConvGRU gate width (None = D; 1 = iter-reason).
@@ -180,6 +207,8 @@ class SMN(Detector):
         num_memory_steps=10,
         inference="final",
         selection="softmax",
+        train_mode="steps",
+        fusion_norm="rms",
         memory_channels=256,
         prior_size=20,
         crop_size=14,
@@ -212,6 +241,12 @@ class SMN(Detector):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if inference not in INFERENCE_MODES:
             raise ValueError(f"inference must be one of {INFERENCE_MODES}, got {inference!r}")
+        if train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+        if fusion_norm not in FUSION_NORMS:
+            raise ValueError(f"fusion_norm must be one of {FUSION_NORMS}, got {fusion_norm!r}")
+        if train_mode == "final" and context != "memory":
+            raise ValueError("train_mode='final' needs context='memory' (the MLP control has no memory to write)")
         if isinstance(base, dict):
             base = keras.saving.deserialize_keras_object(base)
         if getattr(base, "architecture", None) != "c4":
@@ -227,6 +262,8 @@ class SMN(Detector):
         self.num_memory_steps = int(num_memory_steps)
         self.inference = inference
         self.selection = selection
+        self.train_mode = train_mode
+        self.fusion_norm = fusion_norm
         self.level = base.min_level
         self.stride = 2 ** self.level
         self.num_rois = int(num_rois)
@@ -274,6 +311,7 @@ class SMN(Detector):
         self._config = dict(
             context=context, num_steps=self.num_steps, num_base_writes=self.num_base_writes,
             num_memory_steps=self.num_memory_steps, inference=inference, selection=selection,
+            train_mode=train_mode, fusion_norm=fusion_norm,
             memory_channels=d, prior_size=int(prior_size), crop_size=int(crop_size),
             gate_channels=None if gate_channels is None else int(gate_channels), context_layers=int(context_layers),
             memory_roi_crop=None if memory_roi_crop is None else int(memory_roi_crop),
@@ -298,6 +336,7 @@ class SMN(Detector):
     @classmethod
     def from_config(cls, config):
         config = copy.deepcopy(config)  # deserialization consumes nested dicts
+        config.setdefault("fusion_norm", "none")  # saved before the option: the plain concatenation
         if isinstance(config.get("base"), dict):
             config["base"] = keras.saving.deserialize_keras_object(config["base"])
         return cls(**config)
@@ -353,7 +392,10 @@ class SMN(Detector):
     def _memory_logits(self, m, base, fc7, rois):
         """Residual class logits ``[B, R, K+1]`` and objectness ``[B, A]`` from ``m-conv5``."""
         x, batch, num = self._region(self.mem_fcs, m, rois)
-        fused = self.fuse_b(self.fuse_a(tf.concat([tf.reshape(fc7, [-1, fc7.shape[-1]]), x], axis=-1)))
+        fc7 = tf.reshape(fc7, [-1, fc7.shape[-1]])
+        if self.fusion_norm == "rms":
+            fc7, x = balance_rms(fc7), balance_rms(x)
+        fused = self.fuse_b(self.fuse_a(tf.concat([fc7, x], axis=-1)))
         cls = tf.reshape(tf.cast(fused, tf.float32), [batch, num, self.num_classes + 1])
         r = self.rpn_res(self.rpn_fuse(tf.concat([base["rpn_feat"], self.mem_rpn_conv(m)], axis=-1)))
         rpn = tf.reshape(tf.cast(r, tf.float32), [batch, -1])
@@ -430,11 +472,18 @@ class SMN(Detector):
 
         if self.context == "mlp":
             steps = [0]  # one memory-free pass with the standard labels
+        elif self.train_mode == "final":
+            # Sec. 6.1 trained: the top N1 base detections (per-class NMS over the training
+            # proposals) are written in confidence order, covering what they hit; the N2
+            # memory steps that follow carry the losses
+            memory, covered = self._write_base_detections(feat, base, gt_boxes, gt_valid, image_shape)
+            steps = [2] * self.num_memory_steps
         else:
             steps = range(1, self.num_steps + 1)
             memory = self.prior(feat)
         num_loss_steps = 0
-        for n in steps:
+        steps = list(steps)
+        for j, n in enumerate(steps):
             # RoIs of this step: positive / flipped / negative under the covered set, 1:1:2
             pos, flip, neg, label, recon = self._labels(roi_iou, gt_classes, gt_valid, covered, 0.5, 0.5)
             s_pos, s_flip, s_neg = sample_groups([pos & roi_valid, flip & roi_valid, neg & roi_valid], q_roi,
@@ -471,7 +520,7 @@ class SMN(Detector):
                 for name, value in step.items():
                     totals[name] = totals[name] + value
                 num_loss_steps += 1
-            if self.context == "memory" and n < self.num_steps:
+            if self.context == "memory" and j < len(steps) - 1:
                 # the model's own greedy pick among this step's sampled (non-ground-truth) RoIs
                 probs = tf.stop_gradient(tf.nn.softmax(logits, axis=-1))
                 box, dist, _, _, _ = self._select(probs, s_boxes, take(selectable) & (w > 0))
@@ -479,6 +528,26 @@ class SMN(Detector):
                 covered = covered | hit
                 memory = self._write(memory, feat, box, dist)
         return {name: value / float(max(num_loss_steps, 1)) for name, value in totals.items()}
+
+    def _write_base_detections(self, feat, base, gt_boxes, gt_valid, image_shape):
+        """Training ``train_mode="final"``: the memory after the top ``num_base_writes`` base
+        detections (per-class NMS of the base softmax over the proposals, confidence order,
+        each re-scored by the base head at its box as in the final inference mode) and the
+        ground truths they cover (IoU >= ``cover_iou``): ``(memory, covered [B, G])``."""
+        fc7, logits, class_boxes = self._base_heads(feat, base["proposals"], image_shape)
+        del fc7
+        dets = self._base_nms(tf.nn.softmax(logits, axis=-1), class_boxes, base["valid"], image_shape,
+                              self.num_base_writes)
+        det_boxes = tf.stop_gradient(dets["boxes"])
+        _, det_logits, _ = self._base_heads(feat, det_boxes, image_shape)
+        det_probs = tf.nn.softmax(det_logits, axis=-1)
+        written = tf.range(self.num_base_writes)[None] < dets["num_detections"][:, None]  # [B, N1]
+        hits = (box_ops.iou(det_boxes, gt_boxes) >= self.cover_iou) & written[..., None] & gt_valid[:, None, :]
+        covered = tf.reduce_any(hits, axis=1)
+        memory = self.prior(feat)
+        for i in range(self.num_base_writes):  # N1 fixed: the unrolled writes of the final mode
+            memory = self._write(memory, feat, det_boxes[:, i], det_probs[:, i], written[:, i])
+        return memory, covered
 
     # --- inference ----------------------------------------------------------------------
     def _emit_final(self, boxes, scores, classes):
@@ -512,6 +581,8 @@ class SMN(Detector):
             res_cls, _ = self._memory_logits(self._context_map(feat), base, fc7, rois)
             probs = tf.nn.softmax(base_logits + res_cls, axis=-1)
             return self._base_nms(probs, class_boxes, valid, image_shape, self.max_detections)
+        if self.inference == "base":
+            return self._base_nms(base_probs, class_boxes, valid, image_shape, self.max_detections)
         if self.inference == "base_topn":
             fg = tf.where(valid[..., None], base_probs[..., 1:], -1.0)
             n = min(self.num_steps, rois.shape[1])
@@ -565,7 +636,7 @@ class SMN(Detector):
     def memory_states(self, images):
         """The memory after each write of the current ``inference`` mode (``S_0`` first):
         a list of ``[B, H', W', D]`` tensors (for tests and visualisation)."""
-        if self.context != "memory" or self.inference == "base_topn":
+        if self.context != "memory" or self.inference in ("base_topn", "base"):
             raise ValueError("memory_states needs context='memory' and inference 'final' or 'steps'")
         base = self._base_pass(images, training=False)
         fc7, base_logits, class_boxes = self._base_heads(base["feat"], base["proposals"], base["image_shape"])
@@ -574,16 +645,20 @@ class SMN(Detector):
 
     def configure(self, **changes):
         """Changes run-time settings (``num_steps``, ``inference``, ``selection``,
-        ``num_base_writes``, ``num_memory_steps``, ``score_threshold``, ``max_detections``)
+        ``num_base_writes``, ``num_memory_steps``, ``score_threshold``, ``max_detections``,
+        ``train_mode``)
         and drops the compiled train/test/predict functions so the next call retraces
         (the curriculum N = 2 -> 5 -> 10, switching inference modes)."""
         allowed = {"num_steps", "inference", "selection", "num_base_writes", "num_memory_steps",
-                   "score_threshold", "max_detections"}
+                   "score_threshold", "max_detections", "train_mode"}
         for key, value in changes.items():
             if key not in allowed:
                 raise ValueError(f"configure: {key!r} is not a run-time setting ({sorted(allowed)})")
             if key == "inference" and value not in INFERENCE_MODES:
                 raise ValueError(f"inference must be one of {INFERENCE_MODES}, got {value!r}")
+            if key == "train_mode" and (value not in TRAIN_MODES or (value == "final" and self.context != "memory")):
+                raise ValueError(f"train_mode must be one of {TRAIN_MODES} ('final' needs context='memory'), "
+                                 f"got {value!r}")
             if key == "selection" and value not in SELECTIONS:
                 raise ValueError(f"selection must be one of {SELECTIONS}, got {value!r}")
             value = float(value) if key == "score_threshold" else value

@@ -65,7 +65,7 @@ MODEL_CLASS = SMN
 #: ``base``: the C4 Faster R-CNN's keyword arguments, plus ``weights`` (a trained base to
 #: start from, e.g. for the MLP control on the same base).
 OPEN_SECTIONS = {"base": (FasterRCNN, {"weights": None})}
-STAGE_PARAMS = {"num_steps": int}
+STAGE_PARAMS = {"num_steps": int, "train_mode": str}
 
 DIGITS_BASE_STAGES = [
     {"name": "base_1", "kind": "base", "epochs": 2, "lr": 2e-3, "decay_at": (0.75,)},
@@ -142,7 +142,65 @@ def _digits_mlp():
     return config
 
 
-PRESETS = {"paper": _PAPER, "digits": _DIGITS, "digits_mlp": _digits_mlp()}
+#: The context digits (``generate_digits(context_pairs=True)``): 1-2 pairs per image whose
+#: classes follow ``(c + 5) % 10``, one member of a pair blurred to a blob with probability
+#: 0.5, so its class can only be told from its partner (the context SMN is meant to use).
+CONTEXT_DATA = {
+    "kind": "digits",
+    "dir": os.path.join("data", "digits_context"),
+    "generate": {"num_train": 2000, "num_val": 500, "image_size": (128, 128), "min_digits": 2, "max_digits": 4,
+                 "context_pairs": True, "degrade_probability": 0.5, "seed": 0},
+}
+#: Extra steps every context arm trains from the same plateaued base: the curriculum's
+#: 100 + 75 + 50 memory steps and the 50 of the trained final mode.
+CONTEXT_EXTRA_STEPS = 275
+
+
+def _context(kind):
+    """The context-claim presets (``benchmarks/paper_claims.py``: ``smn_context``,
+    ``smn_vs_mlp``), all on :data:`CONTEXT_DATA`:
+
+    * ``digits_context_base``: the C4 base alone, one 8-epoch stage (2e-3, x0.1 at 50% and
+      80%; validation AP every epoch, the plateau check), scored with its own per-class NMS
+      (``model.inference="base"``);
+    * ``digits_context_base_more``: that base (``--set base.weights=...``) trained
+      :data:`CONTEXT_EXTRA_STEPS` more steps at 1e-4 (the control for the extra head
+      training the other arms get);
+    * ``digits_context``: SMN on that base: the curriculum N = 2 / 5 / 10 (100 / 75 / 50
+      steps), then 50 steps of the final mode trained (``train_mode="final"``, N1 = 5 base
+      writes + N2 = 5 memory steps, Sec. 6.1), scored in the final mode;
+    * ``digits_context_mlp``: the MLP control on that base, :data:`CONTEXT_EXTRA_STEPS`
+      steps (width 77: SMN's inference-time parameter count, ``matched_mlp_channels``).
+    """
+    import copy
+
+    config = copy.deepcopy(_DIGITS)
+    config["data"] = copy.deepcopy(CONTEXT_DATA)
+    config["eval"] = {"every_n_epochs": 1, "batch_size": 50}
+    if kind == "base":
+        config["model"]["inference"] = "base"
+        config["train"]["stages"] = [{"name": "base", "kind": "base", "epochs": 8, "lr": 2e-3,
+                                      "decay_at": (0.5, 0.8)}]
+    elif kind == "base_more":
+        config["model"]["inference"] = "base"
+        config["train"]["stages"] = [{"name": "base_more", "kind": "base", "steps": CONTEXT_EXTRA_STEPS, "lr": 1e-4,
+                                      "decay_at": (), "warmup_steps": 0}]
+    elif kind == "memory":
+        config["train"]["stages"] = [stage for stage in _DIGITS["train"]["stages"] if stage["kind"] == "memory"] + [
+            {"name": "memory_final", "kind": "memory", "steps": 50, "lr": 1e-3, "decay_at": (0.7,),
+             "warmup_steps": 0, "params": {"num_steps": 10, "train_mode": "final"}}]
+    else:
+        config["model"]["context"] = "mlp"
+        config["model"]["mlp_channels"] = 77
+        config["train"]["stages"] = [
+            {"name": "mlp", "kind": "memory", "steps": CONTEXT_EXTRA_STEPS, "lr": 1e-3, "decay_at": (0.9,),
+             "warmup_steps": 20, "params": {"num_steps": 1}}]
+    return config
+
+
+PRESETS = {"paper": _PAPER, "digits": _DIGITS, "digits_mlp": _digits_mlp(),
+           "digits_context_base": _context("base"), "digits_context_base_more": _context("base_more"),
+           "digits_context": _context("memory"), "digits_context_mlp": _context("mlp")}
 
 
 def build_base(config, num_classes):
@@ -161,7 +219,12 @@ def build_base(config, num_classes):
 
 
 def build_model(config, num_classes):
-    """SMN (or its MLP control, ``model.context = "mlp"``) on a C4 base."""
+    """SMN (or its MLP control, ``model.context = "mlp"``) on a C4 base. A run without a
+    ``base`` stage needs ``base.weights`` (its base would stay untrained)."""
+    stages = config.train.stages or []
+    if stages and not any(stage.kind == "base" for stage in stages) and not config.section("base").get("weights"):
+        raise ConfigError("base.weights: this run has no 'base' stage, so it needs a trained base "
+                          "(--set base.weights=FILE)")
     return SMN(base=build_base(config, num_classes), weight_decay=config.train.weight_decay, **config.model)
 
 
@@ -175,5 +238,6 @@ def stage_model(model, stage, config):
     if stage.kind != "memory":
         raise ConfigError(f"SMN stage {stage.name!r}: kind must be 'base' or 'memory', got {stage.kind!r}")
     model.base.trainable = False
-    model.configure(num_steps=stage.params.get("num_steps", model.num_steps))
+    model.configure(num_steps=stage.params.get("num_steps", model.num_steps),
+                    train_mode=stage.params.get("train_mode", "steps"))
     return model, []

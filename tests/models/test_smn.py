@@ -210,3 +210,75 @@ def test_keras_file_round_trip_with_the_nested_base(context, tmp_path):
         np.testing.assert_array_equal(theirs.numpy(), mine.numpy())
     if context == "memory":  # the training-only reconstruction branches are saved too
         assert any("rec_" in v.path for v in loaded.weights)
+
+
+def test_balance_rms_gives_unit_rms_rows():
+    from kerasdet.models.smn import balance_rms
+
+    x = tf.constant([[3.0, 4.0], [0.0, 2.0]])
+    # rows' RMS: sqrt((9 + 16) / 2) = 3.5355, sqrt(4 / 2) = 1.4142
+    np.testing.assert_allclose(balance_rms(x).numpy(), [[3 / 3.5355339, 4 / 3.5355339], [0.0, 2 / 1.4142136]],
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.mean(balance_rms(x * 100.0).numpy() ** 2, axis=-1)), [1.0, 1.0], rtol=1e-5)
+
+
+def test_fusion_norm_balances_fc7_and_m_fc7_and_old_configs_load_unbalanced():
+    base = _base(3)
+    model = _smn(base)
+    assert model.fusion_norm == "rms"
+    images, _ = tiny_batch(batch=1)
+    b = model._base_pass(tf.constant(images), training=False)
+    fc7, _, _ = model._base_heads(b["feat"], b["proposals"], b["image_shape"])
+    m = model._context_map(model.prior(b["feat"]))
+    res_rms, _ = model._memory_logits(m, b, fc7 * 1000.0, b["proposals"])
+    res_plain, _ = model._memory_logits(m, b, fc7, b["proposals"])
+    # a 1000x larger fc7 changes nothing once both sides are rescaled to unit RMS
+    np.testing.assert_allclose(res_rms.numpy(), res_plain.numpy(), rtol=1e-4, atol=1e-6)
+    config = model.get_config()
+    del config["fusion_norm"]  # a config saved before the option
+    assert SMN.from_config(config).fusion_norm == "none"
+    with pytest.raises(ValueError, match="fusion_norm"):
+        _smn(base, fusion_norm="l2")
+
+
+def test_base_inference_mode_is_the_base_detector_with_nms():
+    base = _base(4)
+    model = _smn(base, inference="base")
+    images, _ = tiny_batch(batch=2)
+    ours = model.predict(images, verbose=0)
+    theirs = base.predict(images, verbose=0)
+    np.testing.assert_array_equal(ours["num_detections"], theirs["num_detections"])
+    np.testing.assert_allclose(ours["scores"], theirs["scores"], atol=1e-5)
+    np.testing.assert_allclose(ours["boxes"], theirs["boxes"], atol=1e-3)
+
+
+def test_final_train_mode_writes_base_detections_then_trains_the_memory_steps():
+    """train_mode="final" (Sec. 6.1 trained): the N1 writes cover exactly the ground truths a
+    written base detection hits (IoU >= cover_iou), and the N2 memory steps' losses fall."""
+    from kerasdet import boxes as box_ops
+
+    base = _base(5)
+    model = _smn(base, train_mode="final", num_base_writes=3, num_memory_steps=2)
+    images, labels = tiny_batch(batch=2)
+    b = model._base_pass(tf.constant(images), training=True)
+    gt_boxes = tf.cast(labels["boxes"], tf.float32)
+    gt_valid = tf.constant(np.asarray(labels["classes"]) >= 0)
+    memory, covered = model._write_base_detections(b["feat"], b, gt_boxes, gt_valid, b["image_shape"])
+    assert memory.shape == (2, 4, 4, 8)
+    fc7, logits, class_boxes = model._base_heads(b["feat"], b["proposals"], b["image_shape"])
+    dets = model._base_nms(tf.nn.softmax(logits, -1), class_boxes, b["valid"], b["image_shape"], 3)
+    expected = np.zeros(gt_valid.shape, bool)
+    for i in range(2):  # by hand: any of the image's written detections at IoU >= 0.5
+        n = int(dets["num_detections"][i])
+        iou = box_ops.iou(dets["boxes"][i:i + 1, :n], gt_boxes[i:i + 1]).numpy()[0]
+        expected[i] = (iou >= 0.5).any(axis=0) & gt_valid.numpy()[i] if n else False
+    np.testing.assert_array_equal(covered.numpy(), expected)
+
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    history = model.fit(images, labels, epochs=10, verbose=0).history
+    assert all(np.isfinite(history["mem_cls_loss"]))
+    assert history["mem_cls_loss"][-1] < history["mem_cls_loss"][0]
+    with pytest.raises(ValueError, match="train_mode"):
+        _smn(base, context="mlp", train_mode="final")
+    model.configure(train_mode="steps")
+    assert model.get_config()["train_mode"] == "steps" and model.train_function is None
