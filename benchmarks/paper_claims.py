@@ -406,8 +406,72 @@ def acouplenet_attention_inside_outside(work_dir, *, num_images=100, results_fil
     return {k: {"inside": s[0] / max(s[1], 1), "outside": s[2] / max(s[3], 1)} for k, s in sums.items()}
 
 
+def oracle_context_results(gt, results, *, iou=0.5):
+    """The context oracle: every detection whose best-overlapping ground truth (IoU >= ``iou``)
+    is a degraded member of a pair is relabelled with the class the pair rule gives its
+    partner's ground-truth class (``partner_class`` of the context digits generator, the
+    class half-way round the digit classes). What perfect use of the partner would give."""
+    import numpy as np
+
+    from kerasdet.data.digits import partner_class_of
+
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    ids = {n: c for c, n in names.items()}
+    digits = sorted(int(n) for n in names.values())
+    by_image = {}
+    for a in gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    out = []
+    for r in results:
+        anns = by_image.get(r["image_id"], [])
+        r = dict(r)
+        if anns:
+            b = np.array([a["bbox"] for a in anns], np.float64)
+            x, y, w, h = r["bbox"]
+            iw = np.maximum(0, np.minimum(x + w, b[:, 0] + b[:, 2]) - np.maximum(x, b[:, 0]))
+            ih = np.maximum(0, np.minimum(y + h, b[:, 1] + b[:, 3]) - np.maximum(y, b[:, 1]))
+            inter = iw * ih
+            overlap = inter / np.maximum(w * h + b[:, 2] * b[:, 3] - inter, 1e-9)
+            best = int(np.argmax(overlap))
+            target = anns[best]
+            if overlap[best] >= iou and target.get("degraded"):
+                partner = [a for a in anns if a.get("pair_id") == target["pair_id"] and a["id"] != target["id"]]
+                if partner:
+                    rule = partner_class_of(int(names[partner[0]["category_id"]]), digits)
+                    r["category_id"] = ids[str(rule)]
+        out.append(r)
+    return out
+
+
+def smn_context_breakdown(work_dir, *, num_images=None, results_file=None):
+    """The context digits' breakdown of a run's validation results: AP / AP50 on the degraded
+    and on the clean objects (the others ignored: :func:`kerasdet.evaluation.subsets.subset_ap`),
+    the degraded objects' AP under the context oracle (:func:`oracle_context_results`), and the
+    duplicate counts (:func:`kerasdet.evaluation.duplicates.count_duplicates`)."""
+    from kerasdet.evaluation.duplicates import count_duplicates
+    from kerasdet.evaluation.subsets import subset_ap
+
+    del num_images
+    with open(os.path.join(work_dir, "run.json")) as f:
+        record = json.load(f)
+    results_file = results_file or os.path.join(work_dir, "val_results.json")
+    with open(results_file) as f:
+        results = json.load(f)
+    gt_path = record["paths"]["val"]["val_annotations"]
+    if not os.path.isabs(gt_path):
+        gt_path = os.path.join(ROOT, gt_path)
+    with open(gt_path) as f:
+        gt = json.load(f)
+    degraded = subset_ap(gt_path, results, lambda a: bool(a.get("degraded")))
+    clean = subset_ap(gt_path, results, lambda a: not a.get("degraded"))
+    oracle = subset_ap(gt_path, oracle_context_results(gt, results), lambda a: bool(a.get("degraded")))
+    return {"degraded_AP": degraded["AP"], "degraded_AP50": degraded["AP50"], "clean_AP": clean["AP"],
+            "clean_AP50": clean["AP50"], "oracle_degraded_AP": oracle["AP"], "oracle_degraded_AP50": oracle["AP50"],
+            "degraded_objects": degraded["objects"], "clean_objects": clean["objects"], **count_duplicates(results)}
+
+
 DIAGNOSTICS = {"assd": assd_attention_entropy, "acouplenet": acouplenet_attention_inside_outside,
-               "per_class_ap50": per_class_ap50}
+               "per_class_ap50": per_class_ap50, "smn": smn_context_breakdown}
 
 
 # --- report -------------------------------------------------------------------------------
@@ -511,7 +575,7 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
         budget = {
             "epochs": e,
             "seeds": list(seeds),
-            "data": "quick" if quick else "digits (4,000 train / 500 val, 128x128; data.generate.seed 0)",
+            "data": "quick" if quick else data_text(claim.baseline.scores or claim.baseline),
             "parameters": {arm: rs[0].get("parameters") for arm, rs in runs.items()},
             "train_minutes_mean": {arm: sum(r["train_seconds"] for r in rs) / len(rs) / 60 for arm, rs in runs.items()},
             "jobs": jobs,
@@ -535,6 +599,18 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
         plot(result, os.path.join(results_dir, f"{claim.name}.png"))
         results[claim.name] = result
     return results
+
+
+def data_text(arm):
+    """The generated data set of an arm's preset, in words (for the record's budget)."""
+    from kerasdet.engine.recipes import load_recipe
+
+    data = load_recipe(arm.recipe).config(arm.preset, dict(arm.overrides)).data
+    g = dict(data.generate)
+    extra = ", ".join(f"{k}={g[k]}" for k in sorted(g) if k not in ("num_train", "num_val", "image_size", "seed"))
+    size = "x".join(str(v) for v in g.get("image_size", ()))
+    return (f"{data.dir}: {g.get('num_train')} train / {g.get('num_val')} val, {size}"
+            f"{'; ' + extra if extra else ''}; data.generate.seed {g.get('seed', 0)}")
 
 
 def _ensure_data(arm, data_dir, quick):

@@ -221,11 +221,8 @@ class _Renderer:
         raise RuntimeError("could not draw a non-empty digit: check ink_threshold/scale_range")
 
     def partner_class(self, cls):
-        """The class rule of ``context_pairs``: the class half-way round the class list
-        (all 10 digits: ``(c + 5) % 10``, pairs {0, 5}, {1, 6}, ...): an involution, so each
-        member of a pair names the other."""
-        classes = list(self.classes)
-        return int(classes[(classes.index(cls) + len(classes) // 2) % len(classes)])
+        """The class rule of ``context_pairs`` (:func:`partner_class_of` on this set's classes)."""
+        return partner_class_of(cls, self.classes)
 
     def _place_pairs(self):
         """``context_pairs``: pairs side by side (the partner PAIR_GAP px right of the first,
@@ -436,6 +433,14 @@ def _write_split(renderer: _Renderer, num_images: int, image_dir: str, ann_file:
     with open(ann_file, "w") as f:
         json.dump({"info": info, "images": images, "annotations": annotations,
                    "categories": categories}, f)
+
+
+def partner_class_of(cls, classes=tuple(range(10))):
+    """The class rule of the context digits (``generate_digits(context_pairs=True)``): the
+    class half-way round the sorted class list (all 10 digits: ``(c + 5) % 10``, pairs
+    {0, 5}, {1, 6}, ...): an involution, so each member of a pair names the other."""
+    classes = sorted(int(c) for c in classes)
+    return int(classes[(classes.index(int(cls)) + len(classes) // 2) % len(classes)])
 
 
 def generate_digits(

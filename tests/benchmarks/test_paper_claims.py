@@ -49,7 +49,7 @@ def test_claims_differ_only_in_the_papers_contribution():
         cb = load_recipe(b.recipe).config(b.preset, dict(b.overrides))
         ct = load_recipe(t.recipe).config(t.preset, dict(t.overrides))
         assert cb.data == ct.data and cb.eval.metric == ct.eval.metric, claim.name  # the same data and scoring
-        if b.recipe == t.recipe and not (b.scores or t.scores):
+        if b.recipe == t.recipe and not (b.scores or t.scores or b.base_from or t.base_from):
             assert cb.train == ct.train and cb.eval == ct.eval, claim.name  # the same budget and schedule
     # decompNet against its paper's baseline: two models, each with its own schedule, on one data set
     assert claims["decompnet"].baseline.recipe == "sliding_window" and claims["decompnet"].epochs is None
@@ -129,3 +129,64 @@ def test_scoring_arm_and_per_class_ap50_of_a_run(tmp_path):
     assert paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=pytest.fail) == row  # cached
     per_class = paper_claims.per_class_ap50(str(tmp_path / "tiny_s0"))
     assert set(per_class) == {str(d) for d in range(10)} and all(0.0 <= v <= 1.0 or v != v for v in per_class.values())
+
+
+def test_smn_context_arms_train_the_same_extra_steps_from_one_base():
+    from kerasdet.engine.recipes import load_recipe
+    from kerasdet.recipes.smn import CONTEXT_EXTRA_STEPS
+
+    recipe = load_recipe("smn")
+    arms = {}
+    for name in ("smn_context", "smn_context_final", "smn_vs_mlp"):
+        claim = paper_claims.CLAIMS[name]
+        for arm in (claim.baseline, claim.treatment):
+            arms[arm.name] = arm.scores or arm
+    assert {a.base_from for a in arms.values()} == {paper_claims._SMN_BASE}
+    for arm in arms.values():
+        config = recipe.config(arm.preset, dict(arm.overrides))
+        steps = sum(stage.steps for stage in config.train.resolved_stages())
+        assert steps == CONTEXT_EXTRA_STEPS, arm.name
+        assert all(stage.kind != "base" for stage in config.train.stages) or arm.preset.endswith("base_more")
+        cmd = paper_claims.run_command(arm, 1, epochs=None, work_dir="/w/x_s1", data_dir=None, quick=None)
+        assert 'base.weights="/w/smn_context_base_s0/base.weights.h5"' in cmd  # seed 1 starts from base seed 0
+    base = recipe.config("digits_context_base", {})
+    assert base.data == recipe.config("digits_context", {}).data and base.data.generate["context_pairs"]
+    assert base.model["inference"] == "base"
+
+
+def _context_gt():
+    # one image, one pair: a clean "2" and its degraded partner "7" ((2 + 5) % 10), ids = digit + 1
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0,
+             "pair_id": 0, "degraded": False},
+            {"id": 2, "image_id": 1, "category_id": 8, "bbox": [40, 10, 20, 20], "area": 400, "iscrowd": 0,
+             "pair_id": 0, "degraded": True}]
+    return {"images": [{"id": 1, "width": 100, "height": 100}], "annotations": anns,
+            "categories": [{"id": d + 1, "name": str(d)} for d in range(10)]}
+
+
+def test_context_oracle_relabels_only_the_degraded_member_by_the_pair_rule():
+    from kerasdet.data.digits import partner_class_of
+
+    assert partner_class_of(2) == 7 and partner_class_of(7) == 2
+    assert partner_class_of(4, (2, 4, 6, 8)) == 8
+    results = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},  # clean: kept as is
+               {"image_id": 1, "category_id": 1, "bbox": [41, 10, 20, 20], "score": 0.8},  # on the degraded "7"
+               {"image_id": 1, "category_id": 1, "bbox": [70, 70, 10, 10], "score": 0.7}]  # background
+    out = paper_claims.oracle_context_results(_context_gt(), results)
+    assert [r["category_id"] for r in out] == [1, 8, 1]
+    assert results[1]["category_id"] == 1  # the input is not modified
+
+
+def test_smn_context_breakdown_of_a_run(tmp_path):
+    gt_path = tmp_path / "val.json"
+    gt_path.write_text(json.dumps(_context_gt()))
+    (tmp_path / "run.json").write_text(json.dumps({"paths": {"val": {"val_annotations": str(gt_path)}}}))
+    results = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20], "score": 0.9},  # clean "2": right
+               {"image_id": 1, "category_id": 3, "bbox": [11, 10, 20, 20], "score": 0.6},  # its duplicate
+               {"image_id": 1, "category_id": 1, "bbox": [40, 10, 20, 20], "score": 0.8}]  # degraded "7" as "0"
+    (tmp_path / "val_results.json").write_text(json.dumps(results))
+    out = paper_claims.smn_context_breakdown(str(tmp_path))
+    assert out["clean_AP50"] == pytest.approx(1.0) and out["degraded_AP50"] == pytest.approx(0.0)
+    assert out["oracle_degraded_AP50"] == pytest.approx(1.0)  # the partner's class recovers it
+    assert (out["degraded_objects"], out["clean_objects"]) == (1, 1)
+    assert out["dup@0.3"] == 1
