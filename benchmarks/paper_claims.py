@@ -328,8 +328,44 @@ def per_class_ap50(work_dir, *, num_images=None, results_file=None):
     gt = record["paths"]["val"]["val_annotations"]
     per_class = per_class_pr(gt, results, iou=0.5)
     with open(gt) as f:
-        names = {c["id"]: c["name"] for c in json.load(f)["categories"]}
-    return {names[c]: v["ap"] for c, v in per_class.items() if c != "mean"}
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    out = {names[c]: v["ap"] for c, v in per_class.items() if c != "mean"}
+    # the sliding window counts its detections scoring >= 0.5 (after NMS); decompNet every
+    # map its stop rule keeps (its count is the number of maps: Park & Berg §3.3)
+    threshold = COUNT_SCORE_THRESHOLDS.get(record.get("recipe"), 0.0)
+    out["counts"] = count_accuracy_of_results(coco, results, score_threshold=threshold)
+    out["counts"]["score_threshold"] = threshold
+    return out
+
+
+#: Score a detection needs to count as an instance in the count accuracy, per recipe.
+COUNT_SCORE_THRESHOLDS = {"sliding_window": 0.5}
+
+
+def count_accuracy_of_results(coco, results, *, score_threshold=0.0):
+    """Instance-count accuracy (:func:`kerasdet.evaluation.per_class.count_accuracy`) of COCO
+    results against a COCO ground-truth dict: per validation image and category, the number
+    of detections scoring >= ``score_threshold`` vs the number of (non-crowd) objects."""
+    import numpy as np
+
+    from kerasdet.evaluation.per_class import count_accuracy
+
+    cats = sorted(c["id"] for c in coco["categories"])
+    images = sorted(i["id"] for i in coco["images"])
+    row = {i: n for n, i in enumerate(images)}
+    col = {c: n for n, c in enumerate(cats)}
+    target = np.zeros((len(images), len(cats)), np.int64)
+    predicted = np.zeros_like(target)
+    for a in coco["annotations"]:
+        if not a.get("iscrowd", 0):
+            target[row[a["image_id"]], col[a["category_id"]]] += 1
+    for r in results:
+        if r["score"] >= score_threshold and r["image_id"] in row:
+            predicted[row[r["image_id"]], col[r["category_id"]]] += 1
+    out = count_accuracy(predicted, target)
+    out["per_class"] = {str(c): v for c, v in zip(cats, out["per_class"])}
+    return out
 
 
 

@@ -128,7 +128,21 @@ def test_scoring_arm_and_per_class_ap50_of_a_run(tmp_path):
         assert all(r["score"] >= 0.99 for r in json.load(f))  # the option reached the rebuilt model
     assert paper_claims.score_run(arm, 0, work_root=str(tmp_path), log=pytest.fail) == row  # cached
     per_class = paper_claims.per_class_ap50(str(tmp_path / "tiny_s0"))
+    counts = per_class.pop("counts")
     assert set(per_class) == {str(d) for d in range(10)} and all(0.0 <= v <= 1.0 or v != v for v in per_class.values())
+    assert counts["score_threshold"] == 0.0 and 0.0 <= counts["per_image"] <= 1.0
+
+
+def test_count_accuracy_of_results_by_hand():
+    coco = _context_gt()  # one image: one "2" (id 3) and one "7" (id 8)
+    results = [{"image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 0.9},
+               {"image_id": 1, "category_id": 8, "bbox": [0, 0, 1, 1], "score": 0.4},
+               {"image_id": 1, "category_id": 8, "bbox": [0, 0, 1, 1], "score": 0.3}]
+    loose = paper_claims.count_accuracy_of_results(coco, results)
+    assert loose["per_class"]["3"] == 1.0 and loose["per_class"]["8"] == 0.0  # two "7"s counted for one
+    assert loose["per_image"] == 0.0 and loose["mae"] == pytest.approx(1 / 10)  # one error over 10 categories
+    strict = paper_claims.count_accuracy_of_results(coco, results, score_threshold=0.35)
+    assert strict["per_image"] == 1.0 and strict["mae"] == 0.0
 
 
 def test_smn_context_arms_train_the_same_extra_steps_from_one_base():
