@@ -53,7 +53,7 @@ each attention unit's softmax rows relative to ``log N`` (1 = uniform, 0 = one-h
 source; for ``acouplenet`` the mean ``sigmoid(A)`` inside vs outside the ground-truth boxes
 per attention level (what the A * f blocks pass through), on validation images.
 
-``--quick``: a tiny generated set and a few steps (the CI test of the harness' plumbing;
+``--quick``: a tiny generated set, a few steps and tiny networks (``QUICK_NETWORKS``; the CI test of the harness' plumbing;
 its numbers mean nothing).
 
 Usage::
@@ -204,6 +204,13 @@ def compare(baseline, treatment, *, rule="greater", margin=0.0):
 
 
 # --- runs ---------------------------------------------------------------------------------
+#: ``--quick``: tiny networks of a recipe (the plumbing test trains in seconds, not minutes).
+QUICK_NETWORKS = {
+    "retinanet": {"backbone.widths": [8, 16, 16, 16], "backbone.blocks": [0, 0, 0, 0], "model.fpn_channels": 8,
+                  "model.head_channels": 8},
+}
+
+
 def run_command(arm, seed, *, epochs, work_dir, data_dir, quick):
     """The ``kerasdet train`` command line of one run (``epochs`` None: the preset's)."""
     cmd = [sys.executable, "-m", "kerasdet.cli", "train", "--recipe", arm.recipe, "--preset", arm.preset,
@@ -217,6 +224,8 @@ def run_command(arm, seed, *, epochs, work_dir, data_dir, quick):
         cmd += ["--set", f"data.generate.num_train={quick['num_train']}",
                 "--set", f"data.generate.num_val={quick['num_val']}",
                 "--set", f"train.batch_size={quick['batch_size']}", "--set", "train.warmup_steps=0"]
+        for key, value in QUICK_NETWORKS.get(arm.recipe, {}).items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
     if arm.base_from is not None:
         cmd += ["--set", f"base.weights={json.dumps(base_weights_path(arm, os.path.dirname(work_dir)))}"]
     for key, value in arm.overrides:
