@@ -73,15 +73,57 @@ TINY[("fpn_proposals", "fpn_proposals_digits")] = {
 TINY[("sliding_window", "digits")] = {"data.generate.num_clutter": 0, "data.generate.min_digits": 1,
                                       "data.generate.max_digits": 3, "input.max_boxes": 4, "train.epochs": 1,
                                       "model.samples_per_image": 8}
-DIGITS_PRESETS = [*TINY, ("smn", "digits"), ("smn", "digits_mlp"), ("decompnet", "digits"),
-                  ("sharpmask", "deepmask_digits"), ("sharpmask", "sharpmask_digits")]
+DIGITS_PRESETS = [*TINY, ("smn", "digits_mlp"), ("sharpmask", "deepmask_digits"), ("sharpmask", "sharpmask_digits")]
+# run end to end (three times each) by the kill-and-resume tests below
+RESUME_PRESETS = [("smn", "digits"), ("decompnet", "digits")]
+
+
+# SMN's context-claim presets: a base run, then three runs that start from its base
+# (test_smn_context_presets_chain_from_one_base)
+CONTEXT_PRESETS = [("smn", "digits_context_base"), ("smn", "digits_context_base_more"), ("smn", "digits_context"),
+                   ("smn", "digits_context_mlp")]
 
 
 def test_every_digits_preset_of_every_recipe_is_covered():
     from kerasdet.engine.recipes import builtin_recipes
 
     presets = {(r, p) for r in builtin_recipes() for p in load_recipe(r).presets if "digits" in p}
-    assert presets == set(DIGITS_PRESETS)
+    assert presets == set(DIGITS_PRESETS) | set(RESUME_PRESETS) | set(CONTEXT_PRESETS)
+
+
+@pytest.mark.slow
+def test_smn_context_presets_chain_from_one_base(tmp_path):
+    """The context claims' flow: the base preset trains and scores the base alone (its own
+    NMS); its base, saved, starts the other three presets (which refuse to run without it),
+    whose base weights stay those of the saved base in the memory / MLP runs."""
+    from kerasdet.errors import ConfigError
+
+    r = load_recipe("smn")
+    data = str(tmp_path / "data")
+    tiny = {**COMMON, **SMN_TINY, "data.generate.image_size": [96, 96], "input.image_size": [96, 96],
+            "model.mlp_channels": 8}
+    summaries = {}
+    base_run = str(tmp_path / "base")
+    config = r.config("digits_context_base", {**tiny, **_stage_steps("smn", "digits_context_base")})
+    summaries["base"] = run(r, config, preset="digits_context_base", work_dir=base_run, data_dir=data,
+                            strategy="default", verbose=0)
+    _, _, model, _ = load_run(base_run)
+    assert model.inference == "base"
+    weights = str(tmp_path / "base.weights.h5")
+    model.base.save_weights(weights)
+    saved = [np.asarray(w) for w in model.base.weights]
+    with pytest.raises(ConfigError, match="base.weights"):
+        r.build_model(r.config("digits_context", tiny), 10)
+    for preset in ("digits_context_base_more", "digits_context", "digits_context_mlp"):
+        config = r.config(preset, {**tiny, **_stage_steps("smn", preset), "base.weights": weights})
+        work = str(tmp_path / preset)
+        summary = run(r, config, preset=preset, work_dir=work, data_dir=data, strategy="default", verbose=0)
+        assert all(np.isfinite(s["final_loss"]) for s in summary["stages"]), preset
+        trained = load_run(work)[2]
+        same = all(np.array_equal(a, np.asarray(b)) for a, b in zip(saved, trained.base.weights))
+        assert same == (preset != "digits_context_base_more"), preset  # only base_more trains the base
+    stages = [s["name"] for s in summary["stages"]]
+    assert stages == ["mlp"]
 
 
 @pytest.mark.slow
@@ -157,6 +199,11 @@ def _staged_resume(tmp_path, recipe, preset, steps, crash_at):
     config = r.config(preset, base)
     data = str(tmp_path / "data")
     ref = run(r, config, preset=preset, work_dir=str(tmp_path / "ref"), data_dir=data, strategy="default", verbose=0)
+    # the uninterrupted run is also the preset's end-to-end run (RESUME_PRESETS)
+    assert [s["name"] for s in ref["stages"]] == [s.name for s in config.train.resolved_stages()]
+    assert all(np.isfinite(s["final_loss"]) for s in ref["stages"])
+    with open(os.path.join(str(tmp_path / "ref"), "run.json")) as f:
+        assert r.config_from_dict(json.load(f)["config"]) == config
     work = str(tmp_path / "run")
     with pytest.raises(_Crash):
         run(r, config, preset=preset, work_dir=work, data_dir=data, strategy="default", verbose=0,
