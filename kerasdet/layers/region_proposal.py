@@ -128,6 +128,14 @@ class RegionProposalNetwork(keras.layers.Layer):
         """Anchors per location (``len(scales) * len(aspect_ratios)``)."""
         return self.anchor_generator.num_anchors_per_location
 
+    def build(self, input_shape):
+        """Builds the head for maps of ``input_shape`` (one shape or a list of them)."""
+        shapes = input_shape if isinstance(input_shape, (list, tuple)) and isinstance(
+            input_shape[0], (list, tuple)) else [input_shape]
+        if not self.head.built:
+            self.head.build(tuple(shapes[0]))
+        self.built = True
+
     # --- steps --------------------------------------------------------------------------
     def outputs(self, features):
         """``(objectness, deltas, anchors)``: lists (one entry per level, finest first) of
@@ -137,6 +145,7 @@ class RegionProposalNetwork(keras.layers.Layer):
         if len(features) != len(self.levels):
             raise ValueError(f"RegionProposalNetwork of levels {self.levels} called on {len(features)} maps.")
         logits, deltas = self.head(features)
+        self.built = True  # its only weights are the head's, built now (the models call the steps, not the layer)
         anchors = [self.anchor_generator.level_anchors(lvl, tf.shape(f)[1], tf.shape(f)[2])
                    for lvl, f in zip(self.levels, features)]
         return logits, deltas, anchors

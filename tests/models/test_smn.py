@@ -10,6 +10,7 @@ from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.smn import SMN, sample_groups
 
 from model_testutils import assert_keras_file_round_trip, tiny_batch
+from two_stage_fixtures import assert_matches_fixture
 
 K = 3
 
@@ -210,3 +211,9 @@ def test_keras_file_round_trip_with_the_nested_base(context, tmp_path):
         np.testing.assert_array_equal(theirs.numpy(), mine.numpy())
     if context == "memory":  # the training-only reconstruction branches are saved too
         assert any("rec_" in v.path for v in loaded.weights)
+
+
+def test_weights_saved_before_the_base_refactor_load_with_identical_outputs(tmp_path):
+    """Legacy fixture (tests/fixtures/two_stage): an SMN on a C4 base written before the
+    base's RegionProposalNetwork / public head methods: same paths, layout, detections, losses."""
+    assert_matches_fixture("smn", tmp_path)
