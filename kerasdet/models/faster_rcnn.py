@@ -13,6 +13,14 @@ Two architectures share one model class (``architecture=``):
   max-pool (``roi_pooler="crop_pool"``), fc6/fc7-style head (``num_fc=2, fc_dim=4096``,
   optional dropout).
 
+Parts (as TF Model Garden and detectron2 compose their two-stage models): ``backbone``,
+``proposal_network`` (a :class:`~kerasdet.layers.region_proposal.RegionProposalNetwork`:
+RPN head, anchors, proposals and the RPN loss), ``roi_layer`` and ``box_head``
+(:class:`BoxHead`); each defaults to the part the flat keyword arguments describe, which
+is what recipes and saved configs use. SMN and the benchmarks read the model through
+its public methods (:meth:`FasterRCNN.features`, ``rpn``, ``rpn_features``,
+``proposals``, ``box_head_outputs``, ``decode_boxes``, ``filter_detections``).
+
 Training is approximate joint training (one ``model.fit``; proposals and sampled RoIs are
 constants for the gradient). Four loss terms, each a local sum divided by a normalizer
 summed over replicas (:func:`kerasdet.losses.global_normalizer`, see models/base.py), so

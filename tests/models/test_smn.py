@@ -42,6 +42,12 @@ def smn():
     return _smn()
 
 
+def test_weights_saved_before_the_base_refactor_load_with_identical_outputs(tmp_path):
+    """Legacy fixture (tests/fixtures/two_stage): an SMN on a C4 base written before the
+    base's RegionProposalNetwork / public head methods: same paths, layout, detections, losses."""
+    assert_matches_fixture("smn", tmp_path)
+
+
 def test_memory_state_shapes_are_static_across_steps(smn):
     images, _ = tiny_batch(batch=2)
     for mode, count in (("steps", 3), ("final", 3 + 2)):  # S_0 + writes
@@ -211,9 +217,3 @@ def test_keras_file_round_trip_with_the_nested_base(context, tmp_path):
         np.testing.assert_array_equal(theirs.numpy(), mine.numpy())
     if context == "memory":  # the training-only reconstruction branches are saved too
         assert any("rec_" in v.path for v in loaded.weights)
-
-
-def test_weights_saved_before_the_base_refactor_load_with_identical_outputs(tmp_path):
-    """Legacy fixture (tests/fixtures/two_stage): an SMN on a C4 base written before the
-    base's RegionProposalNetwork / public head methods: same paths, layout, detections, losses."""
-    assert_matches_fixture("smn", tmp_path)
