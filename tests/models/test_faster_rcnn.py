@@ -9,7 +9,7 @@ from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.layers.roi_align import RoIAlign
 from kerasdet.models.faster_rcnn import BoxHead, FasterRCNN
 from model_testutils import assert_keras_file_round_trip, tiny_batch
-from two_stage_fixtures import assert_matches_fixture
+from two_stage_fixtures import assert_legacy_keras_file_loads, assert_matches_fixture
 
 
 def tiny_model(**kwargs):
@@ -149,8 +149,10 @@ def test_keras_file_round_trip(architecture, tmp_path):
 @pytest.mark.parametrize("name", ["faster_rcnn_fpn", "faster_rcnn_c4"])
 def test_weights_saved_before_the_parts_refactor_load_with_identical_outputs(name, tmp_path):
     """Legacy fixture (tests/fixtures/two_stage): same weight paths, .weights.h5 layout and
-    parameter count; the old config and weights file give bitwise the old detections and losses."""
+    parameter count; the old config and weights file (also as a .keras archive) give bitwise
+    the old detections and losses."""
     assert_matches_fixture(name, tmp_path)
+    assert_legacy_keras_file_loads(name, tmp_path)
 
 
 def _tiny_parts():

@@ -10,7 +10,7 @@ from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.models.rfcn import COUPLING_NORMS, COUPLING_OPS, RFCN, Coupling, context_boxes
 from kerasdet.sampling import ohem_indices, ohem_select, sample_rois
 from model_testutils import assert_keras_file_round_trip, tiny_batch
-from two_stage_fixtures import assert_matches_fixture
+from two_stage_fixtures import assert_legacy_keras_file_loads, assert_matches_fixture
 
 VARIANTS = {
     "rfcn": dict(global_branch=False),
@@ -260,8 +260,10 @@ RESNET101_NOTOP = 42_658_176  # keras.applications.ResNet101(include_top=False).
 @pytest.mark.parametrize("name", ["rfcn", "couplenet"])
 def test_weights_saved_before_the_parts_refactor_load_with_identical_outputs(name, tmp_path):
     """Legacy fixture (tests/fixtures/two_stage): same weight paths, .weights.h5 layout and
-    parameter count; the old config and weights file give bitwise the old detections and losses."""
+    parameter count; the old config and weights file (also as a .keras archive) give bitwise
+    the old detections and losses."""
     assert_matches_fixture(name, tmp_path)
+    assert_legacy_keras_file_loads(name, tmp_path)
 
 
 def test_proposal_network_part_passed_in():

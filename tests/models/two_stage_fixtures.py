@@ -142,3 +142,31 @@ def assert_matches_fixture(name, tmp_path):
         for key in ("boxes", "scores", "classes", "num_detections"):
             np.testing.assert_array_equal(out[key].numpy(), expected[key], err_msg=key)
     return restored
+
+
+def assert_legacy_keras_file_loads(name, tmp_path):
+    """A ``.keras`` archive of the legacy fixture ``name`` (its OLD config and OLD weights
+    file, assembled as ``model.save`` writes one: ``config.json``, ``metadata.json``,
+    ``model.weights.h5``) loads with ``keras.models.load_model`` (no custom objects) and
+    detects bitwise as the old code did."""
+    import zipfile
+
+    import keras
+    import tensorflow as tf
+
+    record, expected, weights = load_fixture(name)
+    model = type(MODELS[name]()).from_config(record["config"])
+    serialized = keras.saving.serialize_keras_object(model)
+    serialized["config"] = record["config"]
+    serialized["build_config"] = {"input_shape": [None, 64, 64, 3]}
+    path = str(tmp_path / f"{name}.keras")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps(serialized))
+        archive.writestr("metadata.json", json.dumps({"keras_version": keras.__version__}))
+        archive.write(weights, "model.weights.h5")
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model) and loaded.get_config() == record["config"]
+    images, _ = fixture_inputs()
+    out = loaded.detect(tf.constant(images))
+    for key in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_array_equal(out[key].numpy(), expected[key], err_msg=key)
