@@ -2,14 +2,17 @@
 
 Ren et al., "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal
 Networks" (NeurIPS 2015), §3.1: a small network slides over a shared feature map (a 3x3
-conv, then two sibling 1x1 convs for ``k`` objectness scores and ``4k`` box deltas per
-location, one per anchor), anchors of several scales and aspect ratios at each location
-(§3.1.1), a binary classification + smooth-L1 regression loss over 256 sampled anchors of
-an image with up to half positive (IoU >= 0.7 or the best anchor of a ground truth; < 0.3
-negative, §3.1.2), and NMS at 0.7 on the proposals (§3.3).
+conv, then two sibling 1x1 convs, the box-classification and box-regression layers, for
+the ``k`` anchors of each location), anchors of several scales and aspect ratios at each
+location (§3.1.1), a binary classification + smooth-L1 regression loss (§3.1.2: positive
+at IoU > 0.7 or the best anchor of a ground truth, negative below 0.3 for every ground
+truth) over 256 anchors sampled per image with up to half positive (§3.1.3), and NMS at
+0.7 on the proposals (§3.3). The classification layer gives ``k`` sigmoid logits instead
+of the paper's ``2k`` softmax scores (the same binary decision; see
+:mod:`kerasdet.layers.rpn`).
 
-On a feature pyramid (Lin's thesis, the FPN chapter §4.4.1: "Feature Pyramid Networks
-for RPN") the same head runs on every level P2..P6 ("parameters are shared across all
+On a feature pyramid (Lin's thesis, the FPN chapter §4.4, "Feature Pyramid Networks for
+RPN" §4.4.1) the same head runs on every level P2..P6 ("parameters are shared across all
 feature pyramid levels") with one anchor size per level (32² .. 512², 3 ratios), so the
 multi-scale anchors of §3.1.1 become one scale per level. A single-map RPN (Faster R-CNN
 C4, R-FCN, CoupleNet) is the one-level case ``min_level == max_level``.

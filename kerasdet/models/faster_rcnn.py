@@ -429,21 +429,25 @@ class FasterRCNN(Detector):
         return self.proposal_network.proposals(logits, deltas, anchors, image_shape=image_shape, training=training,
                                                nms_method=method)
 
+    def roi_features(self, feats, rois):
+        """``roi_layer``'s ``[B, R, P, P, C]`` features of ``rois`` ``[B, R, 4]`` on the RoI
+        levels of the RPN maps ``feats`` (:meth:`features`); the gather backend of an
+        ``"auto"`` RoIAlign under ``jit_compile=True``."""
+        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
+        return self.roi_layer(roi_feats, rois, xla=self.jit_compile is True)
+
     def box_head_outputs(self, feats, rois, training=False):
         """``(features [B, R, F], class logits [B, R, K+1], deltas [B, R, K+1, 4])`` of
         ``rois`` ``[B, R, 4]`` on the RPN maps ``feats`` (:meth:`features`; the RoI levels
         are taken from them): RoI pooling, the box head, its last hidden layer's output
         first. Logits and deltas are float32."""
-        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
-        pooled = self.roi_layer(roi_feats, rois, xla=self.jit_compile is True)
-        hidden, logits, deltas = self.box_head(pooled, training=training, return_features=True)
+        hidden, logits, deltas = self.box_head(self.roi_features(feats, rois), training=training,
+                                               return_features=True)
         return hidden, tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
     def roi_heads(self, feats, rois, training=False):
         """Class logits ``[B, R, K+1]`` and deltas ``[B, R, K+1, 4]`` for ``rois``."""
-        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
-        pooled = self.roi_layer(roi_feats, rois, xla=self.jit_compile is True)
-        logits, deltas = self.box_head(pooled, training=training)
+        logits, deltas = self.box_head(self.roi_features(feats, rois), training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
     def decode_boxes(self, box_deltas, rois, image_shape):
