@@ -2,6 +2,14 @@
 
 Graph-only (no Python loops over boxes or images); the same layer runs in ``predict_step``
 and inside the exported serving signature.
+
+* :func:`resolve_nms_method` — the one reading of a model's ``nms_method="auto"``.
+* :func:`per_class_nms`, :func:`roi_detections`, :func:`decode_roi_boxes` and
+  :func:`two_stage_detections` — the second stage of the two-stage detectors (Faster
+  R-CNN, R-FCN / CoupleNet, SMN): softmax scores, boxes decoded from the RoIs and clipped,
+  per-class NMS (Girshick, "Fast R-CNN", ICCV 2015, §3: each RoI's class posteriors and
+  class-specific box offsets, then "non-maximum suppression independently for each class").
+* :class:`DetectionPostProcessor` — the one-stage (RetinaNet, SSD) post-processing.
 """
 import keras
 import tensorflow as tf
@@ -9,7 +17,28 @@ import tensorflow as tf
 from kerasdet import boxes as box_ops
 
 NMS_METHODS = ("combined", "padded")
+#: What a model's ``nms_method`` argument accepts: the two methods or ``"auto"``.
+NMS_CHOICES = ("auto", "combined", "padded")
 SCORE_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def resolve_nms_method(nms_method, jit_compile=False):
+    """The NMS backend of a model's ``nms_method`` setting: ``"combined"`` or ``"padded"``.
+
+    ``"auto"`` is ``"padded"`` (``non_max_suppression_padded``, compiles with XLA) when
+    ``jit_compile is True`` (the model compiled with ``jit_compile=True``) and
+    ``"combined"`` (``combined_non_max_suppression``, the fast C++ kernel without an XLA
+    kernel) otherwise, Keras' ``"auto"`` included. ``"combined"`` and ``"padded"`` are
+    returned as they are.
+
+    Raises:
+        ValueError: ``nms_method`` is not one of :data:`NMS_CHOICES`.
+    """
+    if not isinstance(nms_method, str) or nms_method not in NMS_CHOICES:
+        raise ValueError(f"nms_method must be 'auto', 'combined' or 'padded', got {nms_method!r}.")
+    if nms_method == "auto":
+        return "padded" if jit_compile is True else "combined"
+    return nms_method
 
 
 def format_detections(boxes, scores, classes, valid, max_detections):
@@ -88,6 +117,57 @@ def per_class_nms(boxes, probs, image_shape, *, padded, max_detections, iou_thre
                                                 max_output_size=max_detections, iou_threshold=iou_threshold,
                                                 score_threshold=score_threshold)
     return format_detections(cand, scores, classes, valid, max_detections)
+
+
+def decode_roi_boxes(box_deltas, rois, image_shape, *, box_weights):
+    """Second-stage boxes of ``rois`` ``[B, R, 4]`` (yxyx px), clipped to ``image_shape``.
+
+    Args:
+        box_deltas: ``[B, R, K+1, 4]`` class-specific deltas (background at index 0,
+            dropped) or ``[B, R, 4]`` class-agnostic ones.
+        rois: ``[B, R, 4]`` the boxes the deltas are relative to.
+        image_shape: ``(height, width)`` of the network input.
+        box_weights: the box coder's ``(wy, wx, wh, ww)``.
+
+    Returns:
+        ``[B, R, K, 4]`` (class-specific) or ``[B, R, 1, 4]`` (class-agnostic) boxes, the
+        layout :func:`per_class_nms` takes.
+    """
+    if box_deltas.shape.rank == 3:
+        boxes = box_ops.decode(box_deltas, rois, weights=box_weights)
+        return box_ops.clip(boxes, image_shape[0], image_shape[1])[:, :, None, :]
+    boxes = box_ops.decode(box_deltas[:, :, 1:, :], rois[:, :, None, :], weights=box_weights)
+    return box_ops.clip(boxes, image_shape[0], image_shape[1])
+
+
+def roi_detections(probs, boxes, valid, image_shape, *, nms_method, max_detections, iou_threshold,
+                   score_threshold, pre_nms_topk=1000):
+    """Per-class NMS of scored RoI boxes: the detection dict of :func:`format_detections`.
+
+    Args:
+        probs: ``[B, R, K+1]`` class probabilities with background at index 0 (dropped).
+        boxes: ``[B, R, K, 4]`` or ``[B, R, 1, 4]`` decoded boxes (:func:`decode_roi_boxes`).
+        valid: ``[B, R]`` bool: padding RoIs get score 0.
+        image_shape: ``(height, width)`` of the network input.
+        nms_method: ``"combined"`` or ``"padded"`` (:func:`resolve_nms_method`).
+        max_detections, iou_threshold, score_threshold, pre_nms_topk: as :func:`per_class_nms`.
+    """
+    if nms_method not in NMS_METHODS:
+        raise ValueError(f"nms_method must be one of {NMS_METHODS}, got {nms_method!r}.")
+    scores = probs[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, K]
+    return per_class_nms(boxes, scores, image_shape, padded=nms_method == "padded", max_detections=max_detections,
+                         iou_threshold=iou_threshold, score_threshold=score_threshold, pre_nms_topk=pre_nms_topk)
+
+
+def two_stage_detections(class_logits, box_deltas, rois, valid, image_shape, *, box_weights, nms_method,
+                         max_detections, iou_threshold, score_threshold, pre_nms_topk=1000):
+    """The two-stage detectors' inference: softmax of ``class_logits`` ``[B, R, K+1]``,
+    :func:`decode_roi_boxes` of ``box_deltas`` on ``rois`` and :func:`roi_detections`
+    (arguments as there). Returns the detection dict of :func:`format_detections`."""
+    probs = tf.nn.softmax(class_logits, axis=-1)
+    boxes = decode_roi_boxes(box_deltas, rois, image_shape, box_weights=box_weights)
+    return roi_detections(probs, boxes, valid, image_shape, nms_method=nms_method, max_detections=max_detections,
+                          iou_threshold=iou_threshold, score_threshold=score_threshold, pre_nms_topk=pre_nms_topk)
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")

@@ -13,6 +13,14 @@ Two architectures share one model class (``architecture=``):
   max-pool (``roi_pooler="crop_pool"``), fc6/fc7-style head (``num_fc=2, fc_dim=4096``,
   optional dropout).
 
+Parts (as TF Model Garden and detectron2 compose their two-stage models): ``backbone``,
+``proposal_network`` (a :class:`~kerasdet.layers.region_proposal.RegionProposalNetwork`:
+RPN head, anchors, proposals and the RPN loss), ``roi_layer`` and ``box_head``
+(:class:`BoxHead`); each defaults to the part the flat keyword arguments describe, which
+is what recipes and saved configs use. SMN and the benchmarks read the model through
+its public methods (:meth:`FasterRCNN.features`, ``rpn``, ``rpn_features``,
+``proposals``, ``box_head_outputs``, ``decode_boxes``, ``filter_detections``).
+
 Training is approximate joint training (one ``model.fit``; proposals and sampled RoIs are
 constants for the gradient). Four loss terms, each a local sum divided by a normalizer
 summed over replicas (:func:`kerasdet.losses.global_normalizer`, see models/base.py), so
@@ -42,18 +50,17 @@ When the model is compiled with ``jit_compile=True`` it switches to the gather R
 backend and ``non_max_suppression_padded`` (``roi_method``/``nms_method`` ``"auto"``).
 ``roi_pooler="crop_pool"`` has no XLA path.
 """
+import copy
+
 import keras
 import tensorflow as tf
 
-from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
-from kerasdet.anchors import AnchorGenerator
 from kerasdet.layers.fpn import FeaturePyramid
-from kerasdet.layers.postprocess import per_class_nms
+from kerasdet.layers.postprocess import decode_roi_boxes, resolve_nms_method, roi_detections, two_stage_detections
+from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
-from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
-from kerasdet.matching import ArgMaxMatcher
-from kerasdet.models.base import Detector
+from kerasdet.models.base import Detector, json_like
 from kerasdet.sampling import sample_rois
 
 ARCHITECTURES = ("fpn", "c4")
@@ -93,7 +100,10 @@ class BoxHead(keras.layers.Layer):
         self.box.build(shape)
         self.built = True
 
-    def call(self, roi_features, training=False):
+    def call(self, roi_features, training=False, return_features=False):
+        """``(logits [B, R, K+1], deltas [B, R, K+1, 4])`` of ``[B, R, P, P, C]`` RoI
+        features; with ``return_features=True`` ``(features [B, R, F], logits, deltas)``,
+        ``features`` the last fc layer's output (SMN's "fc7")."""
         shape = tf.shape(roi_features)
         flat = 1
         for d in roi_features.shape[2:]:
@@ -105,6 +115,8 @@ class BoxHead(keras.layers.Layer):
                 x = self.drop(x, training=training)
         logits = tf.reshape(self.cls(x), [shape[0], shape[1], self.num_classes + 1])
         deltas = tf.reshape(self.box(x), [shape[0], shape[1], self.num_classes + 1, 4])
+        if return_features:
+            return tf.reshape(x, [shape[0], shape[1], x.shape[-1]]), logits, deltas
         return logits, deltas
 
     def get_config(self):
@@ -112,6 +124,10 @@ class BoxHead(keras.layers.Layer):
         config.update({"num_classes": self.num_classes, "num_fc": self.num_fc, "fc_dim": self.fc_dim,
                        "dropout": self.dropout})
         return config
+
+
+def _deserialize(part):
+    return keras.saving.deserialize_keras_object(part) if isinstance(part, dict) else part
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -122,9 +138,29 @@ class FasterRCNN(Detector):
     ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N] int32 (-1 padding), optional
     "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
 
+    The model is composed of parts, each with a default built from the flat arguments
+    below (TF Model Garden's and detectron2's composition): ``backbone`` (-> FPN for
+    ``"fpn"``) -> ``proposal_network`` -> ``roi_layer`` -> ``box_head``. A part passed in
+    replaces the flat arguments it would be built from (they are then not used).
+
     All arguments are keyword-only:
         backbone: ``keras.Model`` returning a dict of maps (``"C2".."C5"`` for ``fpn``).
         num_classes: K object classes (the classifier has K + 1 outputs).
+        proposal_network: a :class:`~kerasdet.layers.region_proposal.RegionProposalNetwork`
+            (or its serialized dict) whose levels are those of the RPN maps. Default
+            ``None``: built from ``min_level``, ``max_level`` and the ``rpn_*``, anchor
+            arguments. Its levels then set ``min_level`` / ``max_level`` (``c4``: both must
+            be ``feature_level``).
+        roi_layer: the RoI feature layer, called ``roi_layer(maps, rois, xla=...)`` on the
+            maps of its levels (a :class:`~kerasdet.layers.roi_align.RoIAlign` or
+            :class:`~kerasdet.layers.roi_align.RoICropAndPool`, or a serialized dict).
+            Default ``None``: built from ``roi_pooler`` and its arguments. Its
+            ``min_level`` / ``max_level`` then set ``roi_min_level`` / ``roi_max_level``.
+        box_head: the second-stage head, called ``box_head(pooled, training=...,
+            return_features=False)`` -> ``(logits [B, R, K+1], deltas [B, R, K+1, 4])``
+            (with ``return_features=True`` also the features first, see :class:`BoxHead`),
+            or a serialized dict. Default ``None``: a :class:`BoxHead` of ``num_fc``,
+            ``fc_dim``, ``dropout``.
         architecture: ``"fpn"`` or ``"c4"``.
         feature_name, feature_level: ``c4`` only: the backbone output used and its level
             (stride ``2**feature_level``). Defaults: ``block5_conv3`` or ``C4``; level 4.
@@ -148,7 +184,8 @@ class FasterRCNN(Detector):
         box_weights: second-stage box coder (10, 10, 5, 5). smooth_l1_beta: 1.0.
         score_threshold, nms_iou_threshold, max_detections: 0.05 / 0.5 / 100.
         detections_pre_nms_topk: (RoI, class) candidates before the padded (XLA) NMS.
-        nms_method: ``"auto"``, ``"combined"`` or ``"padded"``.
+        nms_method: ``"auto"``, ``"combined"`` or ``"padded"``
+            (:func:`~kerasdet.layers.postprocess.resolve_nms_method`).
         weight_decay: coupled L2 on kernels. Default 1e-4.
         bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
             the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
@@ -162,6 +199,9 @@ class FasterRCNN(Detector):
         *,
         backbone,
         num_classes,
+        proposal_network=None,
+        roi_layer=None,
+        box_head=None,
         architecture="fpn",
         feature_name=None,
         feature_level=4,
@@ -217,10 +257,12 @@ class FasterRCNN(Detector):
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
         if roi_pooler not in ("align", "crop_pool"):
             raise ValueError(f"roi_pooler must be 'align' or 'crop_pool', got {roi_pooler!r}.")
-        if nms_method not in ("auto", "combined", "padded"):
-            raise ValueError(f"nms_method must be 'auto', 'combined' or 'padded', got {nms_method!r}.")
-        if isinstance(backbone, dict):
-            backbone = keras.saving.deserialize_keras_object(backbone)
+        resolve_nms_method(nms_method)  # validates
+        backbone = _deserialize(backbone)
+        proposal_network, roi_layer, box_head = (_deserialize(p) for p in (proposal_network, roi_layer, box_head))
+        #: the parts passed in (serialized by get_config; the defaults are described by the flat arguments)
+        self._given_parts = {k: p is not None for k, p in
+                             (("proposal_network", proposal_network), ("roi_layer", roi_layer), ("box_head", box_head))}
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.architecture = architecture
@@ -229,15 +271,21 @@ class FasterRCNN(Detector):
                 names = list(backbone.output.keys()) if isinstance(backbone.output, dict) else []
                 feature_name = "block5_conv3" if "block5_conv3" in names else "C4"
             min_level = max_level = roi_min_level = roi_max_level = int(feature_level)
+        if proposal_network is not None:
+            if architecture == "c4" and not proposal_network.min_level == proposal_network.max_level == min_level:
+                raise ValueError(f"A c4 model's proposal_network must have the one level feature_level={min_level}, "
+                                 f"got levels {proposal_network.levels}.")
+            min_level, max_level = proposal_network.min_level, proposal_network.max_level
+        if roi_layer is not None:
+            roi_min_level, roi_max_level = roi_layer.min_level, roi_layer.max_level
+        if box_head is not None and getattr(box_head, "num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(f"box_head has {box_head.num_classes} classes, the model {self.num_classes}.")
         self.feature_name = feature_name
         self.min_level, self.max_level = int(min_level), int(max_level)
         self.roi_min_level, self.roi_max_level = int(roi_min_level), int(roi_max_level)
         if not (self.min_level <= self.roi_min_level <= self.roi_max_level <= self.max_level):
             raise ValueError("RoI levels must lie inside the RPN levels.")
         self.box_weights = tuple(float(w) for w in box_weights)
-        self.rpn_batch_size = int(rpn_batch_size)
-        self.rpn_positive_fraction = float(rpn_positive_fraction)
-        self.rpn_smooth_l1_beta = float(rpn_smooth_l1_beta)
         self.num_rois = int(num_rois)
         self.foreground_fraction = float(foreground_fraction)
         self.foreground_iou = float(foreground_iou)
@@ -250,49 +298,57 @@ class FasterRCNN(Detector):
         self.detections_pre_nms_topk = int(detections_pre_nms_topk)
         self.nms_method = nms_method
 
-        self.anchor_generator = AnchorGenerator(
-            min_level=self.min_level, max_level=self.max_level, anchor_size=anchor_size, scales=scales,
-            aspect_ratios=aspect_ratios,
-        )
-        self.rpn_matcher = ArgMaxMatcher(
-            positive_threshold=rpn_positive_threshold, negative_threshold=rpn_negative_threshold,
-            allow_low_quality_matches=True,
-        )
+        if proposal_network is None:
+            proposal_network = RegionProposalNetwork(
+                min_level=self.min_level, max_level=self.max_level, anchor_size=anchor_size, scales=scales,
+                aspect_ratios=aspect_ratios, channels=rpn_channels, positive_threshold=rpn_positive_threshold,
+                negative_threshold=rpn_negative_threshold, batch_size=rpn_batch_size,
+                positive_fraction=rpn_positive_fraction, pre_nms_topk_train=rpn_pre_nms_topk_train,
+                post_nms_topk_train=rpn_post_nms_topk_train, pre_nms_topk_test=rpn_pre_nms_topk_test,
+                post_nms_topk_test=rpn_post_nms_topk_test, nms_iou_threshold=rpn_nms_iou_threshold,
+                min_size=rpn_min_size, smooth_l1_beta=rpn_smooth_l1_beta, name="region_proposal_network",
+            )
         self.fpn = None
         if architecture == "fpn":
             self.fpn = FeaturePyramid(
                 min_level=self.min_level, max_level=self.max_level, backbone_max_level=backbone_max_level,
                 num_channels=fpn_channels, extra_levels="subsample_p5", name="fpn",
             )
-        self.rpn_head = RPNHead(num_anchors=self.anchor_generator.num_anchors_per_location, channels=rpn_channels,
-                                name="rpn_head")
-        self.proposal_generator = ProposalGenerator(
-            pre_nms_topk_train=rpn_pre_nms_topk_train, post_nms_topk_train=rpn_post_nms_topk_train,
-            pre_nms_topk_test=rpn_pre_nms_topk_test, post_nms_topk_test=rpn_post_nms_topk_test,
-            nms_iou_threshold=rpn_nms_iou_threshold, min_size=rpn_min_size, name="proposals",
-        )
-        level_args = dict(min_level=self.roi_min_level, max_level=self.roi_max_level,
-                          canonical_size=canonical_size, canonical_level=canonical_level)
-        if roi_pooler == "align":
-            self.roi_layer = RoIAlign(output_size=roi_output_size, sampling_ratio=sampling_ratio, aligned=aligned,
-                                      method=roi_method, name="roi_align", **level_args)
-        else:
-            self.roi_layer = RoICropAndPool(crop_size=crop_size, pool_size=2, name="roi_crop_pool", **level_args)
-        self.box_head = BoxHead(num_classes=self.num_classes, num_fc=num_fc, fc_dim=fc_dim, dropout=dropout,
-                                name="box_head")
+        # Checkpoint layout: weights files written before RegionProposalNetwork existed hold
+        # the RPN head at ``layers/rpn_head`` (Keras names a tracked layer's group after the
+        # attribute, or after its class inside ``layers``, and saves a layer once, where it
+        # is met first). Tracking the head here, before the proposal network that owns it,
+        # keeps that layout, so old ``.weights.h5`` / ``.keras`` files load unchanged
+        # (tests/fixtures/two_stage).
+        self.rpn_head = proposal_network.head
+        self.proposal_network = proposal_network
+        if roi_layer is None:
+            level_args = dict(min_level=self.roi_min_level, max_level=self.roi_max_level,
+                              canonical_size=canonical_size, canonical_level=canonical_level)
+            if roi_pooler == "align":
+                roi_layer = RoIAlign(output_size=roi_output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+                                     method=roi_method, name="roi_align", **level_args)
+            else:
+                roi_layer = RoICropAndPool(crop_size=crop_size, pool_size=2, name="roi_crop_pool", **level_args)
+        self.roi_layer = roi_layer
+        if box_head is None:
+            box_head = BoxHead(num_classes=self.num_classes, num_fc=num_fc, fc_dim=fc_dim, dropout=dropout,
+                               name="box_head")
+        self.box_head = box_head
+        rpn = proposal_network.get_config()
         self._config = dict(
             num_classes=self.num_classes, architecture=architecture, feature_name=feature_name,
             feature_level=int(feature_level), min_level=self.min_level, max_level=self.max_level,
             backbone_max_level=int(backbone_max_level), fpn_channels=int(fpn_channels),
             roi_min_level=self.roi_min_level, roi_max_level=self.roi_max_level,
             canonical_size=float(canonical_size), canonical_level=int(canonical_level),
-            rpn_channels=int(rpn_channels), anchor_size=float(anchor_size), scales=[float(s) for s in scales],
-            aspect_ratios=[float(r) for r in aspect_ratios], rpn_positive_threshold=float(rpn_positive_threshold),
-            rpn_negative_threshold=float(rpn_negative_threshold), rpn_batch_size=self.rpn_batch_size,
-            rpn_positive_fraction=self.rpn_positive_fraction, rpn_pre_nms_topk_train=int(rpn_pre_nms_topk_train),
-            rpn_post_nms_topk_train=int(rpn_post_nms_topk_train), rpn_pre_nms_topk_test=int(rpn_pre_nms_topk_test),
-            rpn_post_nms_topk_test=int(rpn_post_nms_topk_test), rpn_nms_iou_threshold=float(rpn_nms_iou_threshold),
-            rpn_min_size=float(rpn_min_size), rpn_smooth_l1_beta=self.rpn_smooth_l1_beta, num_rois=self.num_rois,
+            rpn_channels=rpn["channels"], anchor_size=rpn["anchor_size"], scales=rpn["scales"],
+            aspect_ratios=rpn["aspect_ratios"], rpn_positive_threshold=rpn["positive_threshold"],
+            rpn_negative_threshold=rpn["negative_threshold"], rpn_batch_size=rpn["batch_size"],
+            rpn_positive_fraction=rpn["positive_fraction"], rpn_pre_nms_topk_train=rpn["pre_nms_topk_train"],
+            rpn_post_nms_topk_train=rpn["post_nms_topk_train"], rpn_pre_nms_topk_test=rpn["pre_nms_topk_test"],
+            rpn_post_nms_topk_test=rpn["post_nms_topk_test"], rpn_nms_iou_threshold=rpn["nms_iou_threshold"],
+            rpn_min_size=rpn["min_size"], rpn_smooth_l1_beta=rpn["smooth_l1_beta"], num_rois=self.num_rois,
             foreground_fraction=self.foreground_fraction, foreground_iou=self.foreground_iou,
             background_iou_high=self.background_iou_high, background_iou_low=self.background_iou_low,
             roi_pooler=roi_pooler, roi_output_size=int(roi_output_size), sampling_ratio=int(sampling_ratio),
@@ -303,6 +359,24 @@ class FasterRCNN(Detector):
             detections_pre_nms_topk=self.detections_pre_nms_topk, nms_method=nms_method,
         )
 
+    def get_config(self):
+        """:class:`~kerasdet.models.base.Detector`'s config (the flat arguments) plus each
+        part that was passed in, serialized (``proposal_network``, ``roi_layer``,
+        ``box_head``; a model of default parts has none of these keys, as before parts)."""
+        config = super().get_config()
+        for name, given in self._given_parts.items():
+            if given:
+                config[name] = json_like(keras.saving.serialize_keras_object(getattr(self, name)))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
+        for name in ("backbone", "proposal_network", "roi_layer", "box_head"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(config[name])
+        return cls(**config)
+
     # --- forward ------------------------------------------------------------------------
     def build(self, input_shape=None):
         """Creates every weight by running one small forward pass (eagerly)."""
@@ -312,8 +386,24 @@ class FasterRCNN(Detector):
         self.detect(tf.zeros((1, size, size, 3), tf.float32))
         self.built = True
 
-    def _xla(self):
-        return self.jit_compile is True
+    @property
+    def nms_backend(self):
+        """``"combined"`` or ``"padded"``: :func:`~kerasdet.layers.postprocess.resolve_nms_method`
+        of ``nms_method`` and the model's ``jit_compile`` (proposals and detections)."""
+        return resolve_nms_method(self.nms_method, self.jit_compile)
+
+    @property
+    def num_anchors(self):
+        """RPN anchors per location."""
+        return self.proposal_network.num_anchors
+
+    @property
+    def roi_pool_sizes(self):
+        """``(crop_size, pool_size)`` of the RoI features: the crop-and-pool layer's, or
+        ``(output_size, 1)`` of a RoIAlign layer (the memory RoI of SMN defaults to them)."""
+        if hasattr(self.roi_layer, "pool_size"):
+            return int(self.roi_layer.crop_size), int(self.roi_layer.pool_size)
+        return int(self.roi_layer.output_size), 1
 
     def features(self, images, training=False):
         """RPN feature maps (finest first) for levels ``min_level..max_level``."""
@@ -324,27 +414,58 @@ class FasterRCNN(Detector):
         return [p_feats[f"P{lvl}"] for lvl in range(self.min_level, self.max_level + 1)]
 
     def rpn(self, feats):
-        """``(objectness, deltas, anchors)`` per RPN level."""
-        logits, deltas = self.rpn_head(feats)
-        anchors = [
-            self.anchor_generator.level_anchors(lvl, tf.shape(f)[1], tf.shape(f)[2])
-            for lvl, f in zip(self.anchor_generator.levels, feats)
-        ]
-        return logits, deltas, anchors
+        """``(objectness, deltas, anchors)`` per RPN level
+        (:meth:`~kerasdet.layers.region_proposal.RegionProposalNetwork.outputs`)."""
+        return self.proposal_network.outputs(feats)
+
+    def rpn_features(self, feat):
+        """The RPN head's 3x3 conv + ReLU features of one map ``[B, H, W, C]``."""
+        return self.proposal_network.conv_features(feat)
 
     def proposals(self, logits, deltas, anchors, image_shape, training=False):
-        method = self.proposal_generator.nms_method
-        if self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()):
-            method = "padded"
-        return self.proposal_generator(logits, deltas, anchors, image_shape=image_shape, training=training,
-                                       nms_method=method)
+        """``(boxes [B, K, 4], scores [B, K], valid [B, K])`` of :meth:`rpn`'s outputs; the
+        padded NMS when :attr:`nms_backend` is ``"padded"``, else the proposal network's."""
+        method = "padded" if self.nms_backend == "padded" else None
+        return self.proposal_network.proposals(logits, deltas, anchors, image_shape=image_shape, training=training,
+                                               nms_method=method)
+
+    def roi_features(self, feats, rois):
+        """``roi_layer``'s ``[B, R, P, P, C]`` features of ``rois`` ``[B, R, 4]`` on the RoI
+        levels of the RPN maps ``feats`` (:meth:`features`); the gather backend of an
+        ``"auto"`` RoIAlign under ``jit_compile=True``."""
+        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
+        return self.roi_layer(roi_feats, rois, xla=self.jit_compile is True)
+
+    def box_head_outputs(self, feats, rois, training=False):
+        """``(features [B, R, F], class logits [B, R, K+1], deltas [B, R, K+1, 4])`` of
+        ``rois`` ``[B, R, 4]`` on the RPN maps ``feats`` (:meth:`features`; the RoI levels
+        are taken from them): RoI pooling, the box head, its last hidden layer's output
+        first. Logits and deltas are float32."""
+        hidden, logits, deltas = self.box_head(self.roi_features(feats, rois), training=training,
+                                               return_features=True)
+        return hidden, tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
     def roi_heads(self, feats, rois, training=False):
         """Class logits ``[B, R, K+1]`` and deltas ``[B, R, K+1, 4]`` for ``rois``."""
-        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
-        pooled = self.roi_layer(roi_feats, rois, xla=self._xla())
-        logits, deltas = self.box_head(pooled, training=training)
+        logits, deltas = self.box_head(self.roi_features(feats, rois), training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
+
+    def decode_boxes(self, box_deltas, rois, image_shape):
+        """Class boxes ``[B, R, K, 4]`` of :meth:`roi_heads`' deltas on ``rois``, clipped
+        (:func:`~kerasdet.layers.postprocess.decode_roi_boxes` with ``box_weights``)."""
+        return decode_roi_boxes(box_deltas, rois, image_shape, box_weights=self.box_weights)
+
+    def filter_detections(self, probs, boxes, valid, image_shape, *, max_detections=None, nms_method=None):
+        """The detection dict of class probabilities ``[B, R, K+1]`` and :meth:`decode_boxes`'
+        boxes: :func:`~kerasdet.layers.postprocess.roi_detections` with the model's
+        ``nms_iou_threshold``, ``score_threshold`` and ``detections_pre_nms_topk``.
+        ``max_detections``: default the model's; ``nms_method``: default :attr:`nms_backend`."""
+        return roi_detections(
+            probs, boxes, valid, image_shape, nms_method=nms_method or self.nms_backend,
+            max_detections=self.max_detections if max_detections is None else int(max_detections),
+            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold,
+            pre_nms_topk=self.detections_pre_nms_topk,
+        )
 
     def call(self, images, training=False):
         return self.detect(images)
@@ -360,12 +481,8 @@ class FasterRCNN(Detector):
 
         feats = self.features(images, training=training)
         logits, deltas, anchors = self.rpn(feats)
-        rpn_cls, rpn_box = rpn_losses(
-            tf.concat(logits, axis=1), tf.concat(deltas, axis=1), tf.concat(anchors, axis=0), gt_boxes, gt_classes,
-            matcher=self.rpn_matcher, gt_crowd=gt_crowd, num_samples=self.rpn_batch_size,
-            positive_fraction=self.rpn_positive_fraction, smooth_l1_beta=self.rpn_smooth_l1_beta,
-            seed=self.sampling_seed,
-        )
+        rpn_cls, rpn_box = self.proposal_network.loss_terms(logits, deltas, anchors, gt_boxes, gt_classes,
+                                                            gt_crowd=gt_crowd, seed=self.sampling_seed)
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
         samples = sample_rois(
@@ -395,11 +512,8 @@ class FasterRCNN(Detector):
         logits, deltas, anchors = self.rpn(feats)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=False)
         class_logits, box_deltas = self.roi_heads(feats, proposals, training=False)
-        probs = tf.nn.softmax(class_logits, axis=-1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, K]
-        boxes = box_ops.decode(box_deltas[:, :, 1:, :], proposals[:, :, None, :], weights=self.box_weights)
-        boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])  # [B, R, K, 4]
-        return per_class_nms(
-            boxes, probs, image_shape, padded=self.nms_method == "padded" or (self.nms_method == "auto" and self._xla()),
-            max_detections=self.max_detections, iou_threshold=self.nms_iou_threshold,
+        return two_stage_detections(
+            class_logits, box_deltas, proposals, valid, image_shape, box_weights=self.box_weights,
+            nms_method=self.nms_backend, max_detections=self.max_detections, iou_threshold=self.nms_iou_threshold,
             score_threshold=self.score_threshold, pre_nms_topk=self.detections_pre_nms_topk,
         )

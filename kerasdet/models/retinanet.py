@@ -7,7 +7,7 @@ from kerasdet.anchors import AnchorGenerator
 from kerasdet import boxes as box_ops
 from kerasdet.layers.anchor_head import AnchorHead
 from kerasdet.layers.fpn import FeaturePyramid
-from kerasdet.layers.postprocess import DetectionPostProcessor
+from kerasdet.layers.postprocess import DetectionPostProcessor, resolve_nms_method
 from kerasdet.matching import ArgMaxMatcher, match_labels as match_ground_truth
 from kerasdet.models.base import Detector
 
@@ -107,8 +107,7 @@ class RetinaNet(Detector):
         self.focal_gamma = float(focal_gamma)
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.box_loss_weight = float(box_loss_weight)
-        if nms_method not in ("auto", "combined", "padded"):
-            raise ValueError(f"nms_method must be 'auto', 'combined' or 'padded', got {nms_method!r}.")
+        resolve_nms_method(nms_method)  # validates
         self.nms_method = nms_method
         self.anchor_generator = AnchorGenerator(
             min_level=min_level,
@@ -252,11 +251,8 @@ class RetinaNet(Detector):
 
     # --- inference ----------------------------------------------------------------------
     def _postprocessor(self):
-        if self.nms_method == "combined":
-            return self.postprocess
-        if self.nms_method == "padded":
-            return self.postprocess_xla
-        return self.postprocess_xla if self.jit_compile is True else self.postprocess
+        return self.postprocess_xla if resolve_nms_method(self.nms_method, self.jit_compile) == "padded" else (
+            self.postprocess)
 
     def detect(self, images, postprocessor=None):
         """Decoded, NMS-filtered detections in network-input pixels."""

@@ -22,9 +22,10 @@ the documented argument sets (``RFCN(global_branch=True, ...)``).
 
 Architecture (§III-A to §III-E and the released CoupleNet Caffe code; paper defaults in brackets):
 
-* RPN on C4: :class:`~kerasdet.layers.rpn.RPNHead` (3x3 conv ``rpn_channels`` [512] +
-  ReLU, 9 anchors 128/256/512 px x 1:2/1:1/2:1), :class:`~kerasdet.layers.rpn.ProposalGenerator`
-  (pre-NMS 6000, NMS 0.7, post-NMS 300 in training and at test, min size 16 px).
+* RPN on C4: a one-level :class:`~kerasdet.layers.region_proposal.RegionProposalNetwork`
+  (the ``proposal_network`` part; 3x3 conv ``rpn_channels`` [512] + ReLU, 9 anchors
+  128/256/512 px x 1:2/1:1/2:1, pre-NMS 6000, NMS 0.7, post-NMS 300 in training and at
+  test, min size 16 px).
   Objectness is one sigmoid logit per anchor (Caffe: a 2-way softmax, 18 outputs; the
   same decision with half the outputs, as :mod:`kerasdet.layers.rpn` documents).
 * ``conv_new_1``: 1x1 conv ``conv_new_channels`` [1024] + ReLU on C5, read by both
@@ -82,18 +83,18 @@ Not reproduced: bias ``lr_mult 2`` of Caffe (biases learn at the base rate here)
 stds-folding of the snapshot code (targets are scaled by the coder weights instead, which
 is the training-time equivalent).
 """
+import copy
+
 import keras
 import tensorflow as tf
 
 from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
-from kerasdet.anchors import AnchorGenerator
-from kerasdet.layers.postprocess import per_class_nms
+from kerasdet.layers.postprocess import resolve_nms_method, two_stage_detections
 from kerasdet.layers.psroi import PSRoIPooling
+from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.layers.roi_align import RoICropAndPool
-from kerasdet.layers.rpn import ProposalGenerator, RPNHead, rpn_losses
-from kerasdet.matching import ArgMaxMatcher
-from kerasdet.models.base import Detector
+from kerasdet.models.base import Detector, json_like
 from kerasdet.sampling import ohem_indices, sample_rois
 
 COUPLING_NORMS = ("conv", "none", "l2")
@@ -228,6 +229,10 @@ class RFCN(Detector):
         backbone: a backbone model (dict output with ``rpn_feature``, ``head_feature`` and
             optionally ``"A{level}"`` attention logits) or its serialized dict.
         num_classes: C object classes (VOC: 20; background is added).
+        proposal_network: a one-level
+            :class:`~kerasdet.layers.region_proposal.RegionProposalNetwork` (or its
+            serialized dict) at ``feature_level``. Default ``None``: built from the
+            ``rpn_*`` and anchor arguments (which a network passed in replaces).
         rpn_feature, head_feature: backbone keys of the RPN map and of the map under
             ``conv_new_1``. Default ``"C4"`` / ``"C5"``.
         feature_level: both maps have stride ``2**feature_level``. Default 4 (16).
@@ -264,7 +269,8 @@ class RFCN(Detector):
         smooth_l1_beta: head smooth-L1 beta (sigma 1). Default 1.0.
         score_threshold, nms_iou_threshold, max_detections: Default 0.05 / 0.3 / 100.
         detections_pre_nms_topk: candidates of the padded NMS. Default 1000.
-        nms_method: ``"auto"`` (padded under ``jit_compile``), ``"combined"`` or ``"padded"``.
+        nms_method: ``"auto"`` (padded under ``jit_compile``), ``"combined"`` or ``"padded"``
+            (:func:`~kerasdet.layers.postprocess.resolve_nms_method`).
         weight_decay: coupled L2 decay. Default 5e-4 (the paper's, §IV-A and §IV-D).
         bounding_box_format: format of the label boxes given to ``fit``/``evaluate`` and of
             the boxes ``predict`` returns. Default ``"yxyx"`` (network-input pixels); see
@@ -278,6 +284,7 @@ class RFCN(Detector):
         *,
         backbone,
         num_classes,
+        proposal_network=None,
         rpn_feature="C4",
         head_feature="C5",
         feature_level=4,
@@ -325,14 +332,17 @@ class RFCN(Detector):
         super().__init__(weight_decay=weight_decay, **kwargs)
         if psroi_method not in PSROI_METHODS:
             raise ValueError(f"psroi_method must be one of {PSROI_METHODS}, got {psroi_method!r}.")
-        if nms_method not in ("auto", "combined", "padded"):
-            raise ValueError(f"nms_method must be 'auto', 'combined' or 'padded', got {nms_method!r}.")
+        resolve_nms_method(nms_method)  # validates
         if coupling_norm not in COUPLING_NORMS:
             raise ValueError(f"coupling_norm must be one of {COUPLING_NORMS}, got {coupling_norm!r}.")
         if coupling_op not in COUPLING_OPS:
             raise ValueError(f"coupling_op must be one of {COUPLING_OPS}, got {coupling_op!r}.")
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
+        if isinstance(proposal_network, dict):
+            proposal_network = keras.saving.deserialize_keras_object(proposal_network)
+        #: whether the proposal network was passed in (get_config then serializes it)
+        self._given_proposal_network = proposal_network is not None
         self.backbone = backbone
         outputs = backbone.output if isinstance(backbone.output, dict) else {}
         for key in (rpn_feature, head_feature):
@@ -353,9 +363,6 @@ class RFCN(Detector):
         if not 0.0 < self.attention_target_threshold <= 1.0:
             raise ValueError(f"attention_target_threshold must be in (0, 1], got {attention_target_threshold}.")
         self.box_weights = tuple(float(w) for w in box_weights)
-        self.rpn_batch_size = int(rpn_batch_size)
-        self.rpn_positive_fraction = float(rpn_positive_fraction)
-        self.rpn_smooth_l1_beta = float(rpn_smooth_l1_beta)
         self.foreground_iou = float(foreground_iou)
         self.ohem_rois = int(ohem_rois or 0)
         self.smooth_l1_beta = float(smooth_l1_beta)
@@ -365,21 +372,24 @@ class RFCN(Detector):
         self.detections_pre_nms_topk = int(detections_pre_nms_topk)
         self.nms_method = nms_method
 
-        self.anchor_generator = AnchorGenerator(
-            min_level=self.feature_level, max_level=self.feature_level, anchor_size=anchor_size, scales=scales,
-            aspect_ratios=aspect_ratios,
-        )
-        self.rpn_matcher = ArgMaxMatcher(
-            positive_threshold=rpn_positive_threshold, negative_threshold=rpn_negative_threshold,
-            allow_low_quality_matches=True,
-        )
-        self.rpn_head = RPNHead(num_anchors=self.anchor_generator.num_anchors_per_location, channels=rpn_channels,
-                                name="rpn_head")
-        self.proposal_generator = ProposalGenerator(
-            pre_nms_topk_train=rpn_pre_nms_topk_train, post_nms_topk_train=rpn_post_nms_topk_train,
-            pre_nms_topk_test=rpn_pre_nms_topk_test, post_nms_topk_test=rpn_post_nms_topk_test,
-            nms_iou_threshold=rpn_nms_iou_threshold, min_size=rpn_min_size, name="proposals",
-        )
+        if proposal_network is None:
+            proposal_network = RegionProposalNetwork(
+                min_level=self.feature_level, max_level=self.feature_level, anchor_size=anchor_size, scales=scales,
+                aspect_ratios=aspect_ratios, channels=rpn_channels, positive_threshold=rpn_positive_threshold,
+                negative_threshold=rpn_negative_threshold, batch_size=rpn_batch_size,
+                positive_fraction=rpn_positive_fraction, pre_nms_topk_train=rpn_pre_nms_topk_train,
+                post_nms_topk_train=rpn_post_nms_topk_train, pre_nms_topk_test=rpn_pre_nms_topk_test,
+                post_nms_topk_test=rpn_post_nms_topk_test, nms_iou_threshold=rpn_nms_iou_threshold,
+                min_size=rpn_min_size, smooth_l1_beta=rpn_smooth_l1_beta, name="region_proposal_network",
+            )
+        elif not proposal_network.min_level == proposal_network.max_level == self.feature_level:
+            raise ValueError(f"proposal_network must have the one level feature_level={self.feature_level}, "
+                             f"got levels {proposal_network.levels}.")
+        # Tracked before the network that owns it: the checkpoint layout of the weights
+        # files written before RegionProposalNetwork (see FasterRCNN).
+        self.rpn_head = proposal_network.head
+        self.proposal_network = proposal_network
+        rpn = proposal_network.get_config()
         k, n = self.group_size, self.num_classes + 1
         self.conv_new = keras.layers.Conv2D(int(conv_new_channels), 1, activation="relu", kernel_initializer=_init(),
                                             name="conv_new_1")
@@ -405,19 +415,34 @@ class RFCN(Detector):
             global_pool_size=int(global_pool_size), global_channels=int(global_channels),
             coupling_norm=coupling_norm, coupling_op=coupling_op, l2_scale=float(l2_scale),
             attention_weight=self.attention_weight, attention_target_threshold=self.attention_target_threshold,
-            rpn_channels=int(rpn_channels), anchor_size=float(anchor_size),
-            scales=[float(s) for s in scales], aspect_ratios=[float(r) for r in aspect_ratios],
-            rpn_positive_threshold=float(rpn_positive_threshold), rpn_negative_threshold=float(rpn_negative_threshold),
-            rpn_batch_size=self.rpn_batch_size, rpn_positive_fraction=self.rpn_positive_fraction,
-            rpn_pre_nms_topk_train=int(rpn_pre_nms_topk_train), rpn_post_nms_topk_train=int(rpn_post_nms_topk_train),
-            rpn_pre_nms_topk_test=int(rpn_pre_nms_topk_test), rpn_post_nms_topk_test=int(rpn_post_nms_topk_test),
-            rpn_nms_iou_threshold=float(rpn_nms_iou_threshold), rpn_min_size=float(rpn_min_size),
-            rpn_smooth_l1_beta=self.rpn_smooth_l1_beta, foreground_iou=self.foreground_iou,
+            rpn_channels=rpn["channels"], anchor_size=rpn["anchor_size"], scales=rpn["scales"],
+            aspect_ratios=rpn["aspect_ratios"], rpn_positive_threshold=rpn["positive_threshold"],
+            rpn_negative_threshold=rpn["negative_threshold"], rpn_batch_size=rpn["batch_size"],
+            rpn_positive_fraction=rpn["positive_fraction"], rpn_pre_nms_topk_train=rpn["pre_nms_topk_train"],
+            rpn_post_nms_topk_train=rpn["post_nms_topk_train"], rpn_pre_nms_topk_test=rpn["pre_nms_topk_test"],
+            rpn_post_nms_topk_test=rpn["post_nms_topk_test"], rpn_nms_iou_threshold=rpn["nms_iou_threshold"],
+            rpn_min_size=rpn["min_size"], rpn_smooth_l1_beta=rpn["smooth_l1_beta"], foreground_iou=self.foreground_iou,
             ohem_rois=self.ohem_rois, box_weights=list(self.box_weights), smooth_l1_beta=self.smooth_l1_beta,
             score_threshold=self.score_threshold, nms_iou_threshold=self.nms_iou_threshold,
             max_detections=self.max_detections, detections_pre_nms_topk=self.detections_pre_nms_topk,
             nms_method=nms_method,
         )
+
+    def get_config(self):
+        """:class:`~kerasdet.models.base.Detector`'s config (the flat arguments), plus the
+        serialized ``proposal_network`` when one was passed in."""
+        config = super().get_config()
+        if self._given_proposal_network:
+            config["proposal_network"] = json_like(keras.saving.serialize_keras_object(self.proposal_network))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
+        for name in ("backbone", "proposal_network"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(config[name])
+        return cls(**config)
 
     # --- build --------------------------------------------------------------------------
     def build(self, input_shape=None):
@@ -445,20 +470,24 @@ class RFCN(Detector):
         """True when the backbone outputs attention maps (Attention CoupleNet)."""
         return bool(self.attention_keys)
 
-    def _padded(self):
-        return self.nms_method == "padded" or (self.nms_method == "auto" and self.jit_compile is True)
+    @property
+    def nms_backend(self):
+        """``"combined"`` or ``"padded"``: :func:`~kerasdet.layers.postprocess.resolve_nms_method`
+        of ``nms_method`` and the model's ``jit_compile`` (proposals and detections)."""
+        return resolve_nms_method(self.nms_method, self.jit_compile)
 
     # --- forward ------------------------------------------------------------------------
     def rpn(self, feature):
         """``(objectness [B, A], deltas [B, A, 4], anchors [A, 4])`` on the RPN map."""
-        logits, deltas = self.rpn_head([feature])
-        anchors = self.anchor_generator.level_anchors(self.feature_level, tf.shape(feature)[1], tf.shape(feature)[2])
-        return logits[0], deltas[0], anchors
+        logits, deltas, anchors = self.proposal_network.outputs([feature])
+        return logits[0], deltas[0], anchors[0]
 
     def proposals(self, logits, deltas, anchors, image_shape, training=False):
-        method = "padded" if self._padded() else self.proposal_generator.nms_method
-        return self.proposal_generator([logits], [deltas], [anchors], image_shape=image_shape, training=training,
-                                       nms_method=method)
+        """``(boxes [B, K, 4], scores [B, K], valid [B, K])`` of :meth:`rpn`'s outputs; the
+        padded NMS when :attr:`nms_backend` is ``"padded"``, else the proposal network's."""
+        method = "padded" if self.nms_backend == "padded" else None
+        return self.proposal_network.proposals(logits, deltas, anchors, image_shape=image_shape, training=training,
+                                               nms_method=method)
 
     def head_maps(self, feature):
         """``(conv_new_1, class score maps, box maps)`` of the head feature map."""
@@ -507,11 +536,8 @@ class RFCN(Detector):
         feats = self.backbone(images, training=training)
         logits, deltas, anchors = self.rpn(feats[self.rpn_feature])
         logits, deltas = tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
-        rpn_cls, rpn_box = rpn_losses(
-            logits, deltas, anchors, gt_boxes, gt_classes, matcher=self.rpn_matcher, gt_crowd=gt_crowd,
-            num_samples=self.rpn_batch_size, positive_fraction=self.rpn_positive_fraction,
-            smooth_l1_beta=self.rpn_smooth_l1_beta, seed=self.sampling_seed,
-        )
+        rpn_cls, rpn_box = self.proposal_network.loss_terms(logits, deltas, anchors, gt_boxes, gt_classes,
+                                                            gt_crowd=gt_crowd, seed=self.sampling_seed)
 
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=training)
         # Every proposal plus every ground truth (Caffe BATCH_SIZE -1): the quota covers them all.
@@ -568,13 +594,10 @@ class RFCN(Detector):
         logits, deltas, anchors = self.rpn(feats[self.rpn_feature])
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=False)
         class_logits, box_deltas = self.heads(feats[self.head_feature], proposals, image_shape, training=False)
-        probs = tf.nn.softmax(class_logits, axis=-1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]  # [B, R, C]
-        boxes = box_ops.decode(box_deltas, proposals, weights=self.box_weights)
-        boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])  # [B, R, 4], class-agnostic
-        return per_class_nms(
-            boxes[:, :, None, :], probs, image_shape, padded=self._padded(), max_detections=self.max_detections,
-            iou_threshold=self.nms_iou_threshold, score_threshold=self.score_threshold,
-            pre_nms_topk=self.detections_pre_nms_topk,
+        return two_stage_detections(  # class-agnostic deltas [B, R, 4]
+            class_logits, box_deltas, proposals, valid, image_shape, box_weights=self.box_weights,
+            nms_method=self.nms_backend, max_detections=self.max_detections, iou_threshold=self.nms_iou_threshold,
+            score_threshold=self.score_threshold, pre_nms_topk=self.detections_pre_nms_topk,
         )
 
 

@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdet import losses as loss_ops
-from kerasdet.layers.postprocess import per_class_nms
+from kerasdet.layers.postprocess import per_class_nms, resolve_nms_method
 from kerasdet.matching import ArgMaxMatcher, match_labels as match_ground_truth
 from kerasdet.models.base import Detector
 from kerasdet.sampling import random_uniform, sample_balanced
@@ -181,8 +181,7 @@ class SlidingWindowDetector(Detector):
         **kwargs,
     ):
         super().__init__(weight_decay=weight_decay, **kwargs)
-        if nms_method not in NMS_METHODS:
-            raise ValueError(f"nms_method must be one of {NMS_METHODS}, got {nms_method!r}.")
+        resolve_nms_method(nms_method)  # validates (NMS_METHODS)
         if not 0.0 < positive_fraction <= 1.0:
             raise ValueError(f"positive_fraction must be in (0, 1], got {positive_fraction}.")
         self.num_classes = int(num_classes)
@@ -368,9 +367,7 @@ class SlidingWindowDetector(Detector):
 
     # --- inference ----------------------------------------------------------------------
     def _padded(self):
-        if self.nms_method == "auto":
-            return self.jit_compile is True
-        return self.nms_method == "padded"
+        return resolve_nms_method(self.nms_method, self.jit_compile) == "padded"
 
     def detect(self, images):
         """Every grid window classified in one batched pass, per-class NMS, top detections."""

@@ -85,7 +85,7 @@ import tensorflow as tf
 
 from kerasdet import boxes as box_ops
 from kerasdet import losses as loss_ops
-from kerasdet.layers.postprocess import format_detections, per_class_nms
+from kerasdet.layers.postprocess import format_detections
 from kerasdet.layers.roi_align import RoICropAndPool
 from kerasdet.layers.spatial_memory import ContextNet, MemoryPrior, MemoryWrite
 from kerasdet.models.base import Detector, json_like
@@ -278,7 +278,7 @@ class SMN(Detector):
         self.max_detections = int(max_detections)
         d = int(memory_channels)
         k1 = self.num_classes + 1
-        num_anchors = base.anchor_generator.num_anchors_per_location
+        num_anchors = base.num_anchors
         small = keras.initializers.RandomNormal(stddev=0.01)
 
         if context == "memory":
@@ -287,8 +287,8 @@ class SMN(Detector):
                                       gate_channels=gate_channels, name="memory_write")
         width = d if (context == "memory" or mlp_channels is None) else int(mlp_channels)
         self.context_net = ContextNet(channels=width, num_layers=context_layers, name="context_net")
-        roi_crop = base.roi_layer.crop_size if memory_roi_crop is None else int(memory_roi_crop)
-        roi_pool = base.roi_layer.pool_size if memory_roi_pool is None else int(memory_roi_pool)
+        roi_crop = base.roi_pool_sizes[0] if memory_roi_crop is None else int(memory_roi_crop)
+        roi_pool = base.roi_pool_sizes[1] if memory_roi_pool is None else int(memory_roi_pool)
         self.mem_roi = RoICropAndPool(crop_size=roi_crop, pool_size=roi_pool, min_level=self.level,
                                       max_level=self.level, name="memory_roi")
 
@@ -367,19 +367,14 @@ class SMN(Detector):
         return {
             "feat": feat, "image_shape": image_shape, "proposals": proposals, "valid": valid,
             "rpn_logits": tf.stop_gradient(tf.cast(tf.concat(rpn_logits, axis=1), tf.float32)),
-            "rpn_feat": tf.stop_gradient(base.rpn_head.conv(feat)),
+            "rpn_feat": tf.stop_gradient(base.rpn_features(feat)),
             "anchors": tf.concat(anchors, axis=0),
         }
 
     def _base_heads(self, feat, rois, image_shape):
         """fc7 ``[B, R, F]``, logits ``[B, R, K+1]``, clipped class boxes ``[B, R, K, 4]``."""
-        base = self.base
-        x, batch, num = _pool_and_fcs(base.roi_layer, feat, rois, base.box_head.fcs)
-        logits = tf.reshape(tf.cast(base.box_head.cls(x), tf.float32), [batch, num, self.num_classes + 1])
-        deltas = tf.reshape(tf.cast(base.box_head.box(x), tf.float32), [batch, num, self.num_classes + 1, 4])
-        boxes = box_ops.decode(deltas[:, :, 1:, :], rois[:, :, None, :], weights=base.box_weights)
-        boxes = box_ops.clip(boxes, image_shape[0], image_shape[1])
-        fc7 = tf.reshape(x, [batch, num, base.box_head.fc_dim])
+        fc7, logits, deltas = self.base.box_head_outputs([feat], rois, training=False)
+        boxes = self.base.decode_boxes(deltas, rois, image_shape)
         return tf.stop_gradient(fc7), tf.stop_gradient(logits), tf.stop_gradient(boxes)
 
     # --- memory outputs -----------------------------------------------------------------
@@ -566,11 +561,8 @@ class SMN(Detector):
         return format_detections(out_boxes, tf.maximum(top, 0.0), out_classes, valid, self.max_detections)
 
     def _base_nms(self, probs, class_boxes, valid, image_shape, max_detections):
-        base = self.base
-        fg = probs[..., 1:] * tf.cast(valid, tf.float32)[..., None]
-        return per_class_nms(class_boxes, fg, image_shape, padded=False, max_detections=max_detections,
-                             iou_threshold=base.nms_iou_threshold, score_threshold=base.score_threshold,
-                             pre_nms_topk=base.detections_pre_nms_topk)
+        return self.base.filter_detections(probs, class_boxes, valid, image_shape, max_detections=max_detections,
+                                           nms_method="combined")
 
     def detect(self, images):
         base = self._base_pass(images, training=False)

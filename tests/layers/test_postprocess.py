@@ -129,6 +129,69 @@ def test_per_class_nms_hand_checked_padded_equals_combined_agnostic_equals_broad
         assert np.all(out["boxes"][0, 3:].numpy() == 0)
 
 
+@pytest.mark.parametrize("setting,jit_compile,expected", [
+    ("auto", False, "combined"), ("auto", True, "padded"), ("auto", "auto", "combined"), ("auto", None, "combined"),
+    ("combined", True, "combined"), ("padded", False, "padded"),
+])
+def test_resolve_nms_method(setting, jit_compile, expected):
+    from kerasdet.layers.postprocess import resolve_nms_method
+
+    assert resolve_nms_method(setting, jit_compile) == expected
+
+
+def test_resolve_nms_method_rejects_unknown_methods():
+    from kerasdet.layers.postprocess import resolve_nms_method
+
+    for bad in ("soft", None, "Padded"):
+        with pytest.raises(ValueError, match="nms_method must be 'auto', 'combined' or 'padded'"):
+            resolve_nms_method(bad)
+
+
+def test_decode_roi_boxes_class_specific_and_agnostic():
+    from kerasdet.layers.postprocess import decode_roi_boxes
+
+    rois = tf.constant([[[10.0, 10.0, 30.0, 50.0], [40.0, 40.0, 70.0, 90.0]]])  # RoI 1 crosses the border
+    specific = np.zeros((1, 2, 3, 4), "float32")  # K + 1 = 3 (background first)
+    specific[0, 0, 0] = [9.0, 9.0, 9.0, 9.0]  # the background slot is dropped
+    specific[0, 0, 2] = [1.0, 0.0, 0.0, 0.0]  # class 1: dy = 1 / 10 of the height 20 -> +2 px
+    out = decode_roi_boxes(tf.constant(specific), rois, (64, 80), box_weights=(10.0, 10.0, 5.0, 5.0)).numpy()
+    assert out.shape == (1, 2, 2, 4)
+    np.testing.assert_allclose(out[0, 0, 0], [10, 10, 30, 50], atol=1e-5)
+    np.testing.assert_allclose(out[0, 0, 1], [12, 10, 32, 50], atol=1e-5)
+    np.testing.assert_allclose(out[0, 1, 0], [40, 40, 64, 80], atol=1e-5)  # clipped to (64, 80)
+    agnostic = decode_roi_boxes(tf.constant(specific[:, :, 2]), rois, (64, 80), box_weights=(10.0, 10.0, 5.0, 5.0))
+    assert agnostic.shape == (1, 2, 1, 4)
+    np.testing.assert_allclose(agnostic.numpy()[:, :, 0], out[:, :, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["combined", "padded"])
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_two_stage_detections_is_softmax_decode_clip_and_per_class_nms(method, agnostic):
+    from kerasdet.layers.postprocess import per_class_nms, roi_detections, two_stage_detections
+
+    rng = np.random.RandomState(0)
+    rois = np.sort(rng.uniform(0, 60, (2, 30, 2, 2)), axis=2).transpose(0, 1, 3, 2).reshape(2, 30, 4)
+    rois = tf.constant(rois.astype("float32"))
+    logits = tf.constant(rng.normal(size=(2, 30, 4)).astype("float32") * 3)
+    shape = (2, 30, 4) if agnostic else (2, 30, 4, 4)
+    deltas = tf.constant(rng.normal(size=shape).astype("float32") * 0.5)
+    valid = tf.constant(rng.uniform(size=(2, 30)) > 0.2)
+    args = dict(max_detections=15, iou_threshold=0.5, score_threshold=0.05, pre_nms_topk=200)
+    out = two_stage_detections(logits, deltas, rois, valid, (64, 64), box_weights=(10.0, 10.0, 5.0, 5.0),
+                               nms_method=method, **args)
+    probs = tf.nn.softmax(logits, -1)[..., 1:] * tf.cast(valid, tf.float32)[..., None]
+    if agnostic:
+        boxes = box_ops.clip(box_ops.decode(deltas, rois, weights=(10.0, 10.0, 5.0, 5.0)), 64, 64)[:, :, None]
+    else:
+        boxes = box_ops.clip(box_ops.decode(deltas[:, :, 1:], rois[:, :, None], weights=(10.0, 10.0, 5.0, 5.0)), 64, 64)
+    ref = per_class_nms(boxes, probs, (64, 64), padded=method == "padded", **args)
+    assert int(tf.reduce_sum(ref["num_detections"])) > 0
+    for key in ref:
+        np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
+    with pytest.raises(ValueError, match="nms_method"):
+        roi_detections(tf.nn.softmax(logits, -1), boxes, valid, (64, 64), nms_method="auto", **args)
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("topk", [7, 50, 5000])
 def test_two_stage_topk_equals_brute_force_over_all_pairs(activation, topk):

@@ -5,8 +5,11 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.backbones import resnet_backbone, small_backbone, vgg16_backbone
-from kerasdet.models.faster_rcnn import FasterRCNN
+from kerasdet.layers.region_proposal import RegionProposalNetwork
+from kerasdet.layers.roi_align import RoIAlign
+from kerasdet.models.faster_rcnn import BoxHead, FasterRCNN
 from model_testutils import assert_keras_file_round_trip, tiny_batch
+from two_stage_fixtures import assert_legacy_keras_file_loads, assert_matches_fixture
 
 
 def tiny_model(**kwargs):
@@ -141,6 +144,64 @@ def test_keras_file_round_trip(architecture, tmp_path):
     images, _ = tiny_batch(batch=2)
     loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)  # built by predict alone
     assert loaded.architecture == architecture and loaded.roi_layer.name == model.roi_layer.name
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn_fpn", "faster_rcnn_c4"])
+def test_weights_saved_before_the_parts_refactor_load_with_identical_outputs(name, tmp_path):
+    """Legacy fixture (tests/fixtures/two_stage): same weight paths, .weights.h5 layout and
+    parameter count; the old config and weights file (also as a .keras archive) give bitwise
+    the old detections and losses."""
+    assert_matches_fixture(name, tmp_path)
+    assert_legacy_keras_file_loads(name, tmp_path)
+
+
+def _tiny_parts():
+    """The parts tiny_model() builds from its flat arguments, made by hand."""
+    return dict(
+        proposal_network=RegionProposalNetwork(
+            min_level=2, max_level=6, anchor_size=4.0, channels=16, pre_nms_topk_train=200, post_nms_topk_train=100,
+            pre_nms_topk_test=100, post_nms_topk_test=50, name="my_rpn"),
+        roi_layer=RoIAlign(min_level=2, max_level=5, canonical_size=112.0, name="my_roi"),
+        box_head=BoxHead(num_classes=3, fc_dim=32, name="my_head"),
+    )
+
+
+def test_parts_passed_in_equal_the_default_parts_and_round_trip(tmp_path):
+    keras.utils.set_random_seed(6)
+    default = tiny_model(score_threshold=0.0)
+    default.build((None, 64, 64, 3))
+    model = tiny_model(score_threshold=0.0, **_tiny_parts())
+    model.build((None, 64, 64, 3))
+    assert model.proposal_network.name == "my_rpn" and model.rpn_head is model.proposal_network.head
+    assert model.count_params() == default.count_params()
+    assert [v.shape for v in model.weights] == [v.shape for v in default.weights]
+    model.set_weights(default.get_weights())
+    images, _ = tiny_batch(batch=2)
+    ref, out = default.detect(tf.constant(images)), model.detect(tf.constant(images))
+    for key in ref:
+        np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
+    config = model.get_config()
+    assert {"proposal_network", "roi_layer", "box_head"} <= set(config)
+    assert not {"proposal_network", "roi_layer", "box_head"} & set(default.get_config())  # as before parts
+    flat = {k: v for k, v in config.items() if k not in ("proposal_network", "roi_layer", "box_head", "name")}
+    assert flat == {k: v for k, v in default.get_config().items() if k != "name"}  # the flat view of the parts
+    loaded, _ = assert_keras_file_round_trip(model, images, tmp_path)
+    assert loaded.proposal_network.name == "my_rpn" and loaded.box_head.name == "my_head"
+
+
+def test_a_proposal_network_part_sets_the_rpn_levels():
+    parts = _tiny_parts()
+    parts["proposal_network"] = RegionProposalNetwork(min_level=3, max_level=5, anchor_size=4.0, channels=16)
+    parts["roi_layer"] = RoIAlign(min_level=3, max_level=4, canonical_size=112.0)
+    model = tiny_model(**parts)
+    assert (model.min_level, model.max_level, model.roi_min_level, model.roi_max_level) == (3, 5, 3, 4)
+    assert model.fpn.max_level == 5 and model.get_config()["max_level"] == 5
+    with pytest.raises(ValueError, match="feature_level=4"):
+        tiny_model(architecture="c4", backbone=small_backbone(widths=(8, 16, 16, 16), blocks=(0, 0, 0, 0),
+                                                              levels=("C4",)),
+                   proposal_network=RegionProposalNetwork(min_level=3, max_level=3))
+    with pytest.raises(ValueError, match="classes"):
+        tiny_model(box_head=BoxHead(num_classes=5))
 
 
 def vgg16_c4_head_params(num_classes):

@@ -6,9 +6,11 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.backbones import get_backbone, small_backbone
+from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.models.rfcn import COUPLING_NORMS, COUPLING_OPS, RFCN, Coupling, context_boxes
 from kerasdet.sampling import ohem_indices, ohem_select, sample_rois
 from model_testutils import assert_keras_file_round_trip, tiny_batch
+from two_stage_fixtures import assert_legacy_keras_file_loads, assert_matches_fixture
 
 VARIANTS = {
     "rfcn": dict(global_branch=False),
@@ -253,6 +255,38 @@ def test_keras_file_round_trip(variant, kwargs, tmp_path):
 
 # --- paper configurations ----------------------------------------------------------------
 RESNET101_NOTOP = 42_658_176  # keras.applications.ResNet101(include_top=False).count_params()
+
+
+@pytest.mark.parametrize("name", ["rfcn", "couplenet"])
+def test_weights_saved_before_the_parts_refactor_load_with_identical_outputs(name, tmp_path):
+    """Legacy fixture (tests/fixtures/two_stage): same weight paths, .weights.h5 layout and
+    parameter count; the old config and weights file (also as a .keras archive) give bitwise
+    the old detections and losses."""
+    assert_matches_fixture(name, tmp_path)
+    assert_legacy_keras_file_loads(name, tmp_path)
+
+
+def test_proposal_network_part_passed_in():
+    keras.utils.set_random_seed(8)
+    default = tiny_model("rfcn", score_threshold=0.0)
+    default.build((None, 64, 64, 3))
+    rpn = RegionProposalNetwork(min_level=4, max_level=4, anchor_size=1.0, scales=(1.0, 2.0), channels=16,
+                                pre_nms_topk_train=200, post_nms_topk_train=48, pre_nms_topk_test=100,
+                                post_nms_topk_test=32, min_size=0.0, name="my_rpn")
+    model = tiny_model("rfcn", score_threshold=0.0, proposal_network=rpn)
+    model.build((None, 64, 64, 3))
+    assert model.count_params() == default.count_params() and model.rpn_head is rpn.head
+    model.set_weights(default.get_weights())
+    images, _ = tiny_batch(batch=2)
+    ref, out = default.detect(tf.constant(images)), model.detect(tf.constant(images))
+    for key in ref:
+        np.testing.assert_array_equal(out[key].numpy(), ref[key].numpy(), err_msg=key)
+    config = model.get_config()
+    assert "proposal_network" in config and "proposal_network" not in default.get_config()
+    clone = RFCN.from_config(config)
+    assert clone.get_config() == config and clone.proposal_network.name == "my_rpn"
+    with pytest.raises(ValueError, match="feature_level=4"):
+        tiny_model("rfcn", proposal_network=RegionProposalNetwork(min_level=3, max_level=4))
 
 
 def conv(k, cin, cout):

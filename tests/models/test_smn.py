@@ -10,6 +10,7 @@ from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.smn import SMN, sample_groups
 
 from model_testutils import assert_keras_file_round_trip, tiny_batch
+from two_stage_fixtures import assert_legacy_keras_file_loads, assert_matches_fixture
 
 K = 3
 
@@ -39,6 +40,14 @@ def _smn(base=None, **kwargs):
 @pytest.fixture(scope="module")
 def smn():
     return _smn()
+
+
+def test_weights_saved_before_the_base_refactor_load_with_identical_outputs(tmp_path):
+    """Legacy fixture (tests/fixtures/two_stage): an SMN on a C4 base written before the
+    base's RegionProposalNetwork / public head methods: same paths, layout, detections, losses
+    (the weights file, and a .keras archive of the old config and weights)."""
+    assert_matches_fixture("smn", tmp_path)
+    assert_legacy_keras_file_loads("smn", tmp_path)
 
 
 def test_memory_state_shapes_are_static_across_steps(smn):
