@@ -137,6 +137,9 @@ _SMN_BASE_MORE = Arm("smn_context_base_more", "smn", "digits_context_base_more",
 _SMN_FINAL = Arm("smn_context", "smn", "digits_context", base_from=_SMN_BASE)
 _SMN_STEPS = Arm("smn_context_steps", "smn", "digits_context", (("model.inference", "steps"),), scores=_SMN_FINAL)
 _SMN_MLP = Arm("smn_context_mlp", "smn", "digits_context_mlp", base_from=_SMN_BASE)
+# the final mode without its N2 memory steps: the N1 = 5 base detections it writes (= the base's top 5)
+_SMN_WRITES_ONLY = Arm("smn_context_writes_only", "smn", "digits_context", (("model.num_memory_steps", 0),),
+                       scores=_SMN_FINAL)
 
 CLAIMS = {
     c.name: c
@@ -163,6 +166,9 @@ CLAIMS = {
         Claim("smn_context_final", "Chen & Gupta, Sec. 6.1: the final mode (N1 base writes + N2 memory steps, "
               "trained that way) above the base on the context digits", _SMN_BASE_MORE, _SMN_FINAL, epochs=None,
               diagnostics="smn"),
+        Claim("smn_memory_steps", "ablation of smn_context_final: the N2 memory steps over the N1 base writes "
+              "alone (the same weights; what the memory adds to the base's top detections)", _SMN_WRITES_ONLY,
+              _SMN_FINAL, epochs=None, diagnostics="smn"),
         Claim("smn_vs_mlp", "Chen & Gupta, Table 2: SMN above the MLP control at the same parameter count",
               _SMN_MLP, _SMN_FINAL, epochs=None, diagnostics="smn"),
         Claim("decompnet_stop", "Park & Berg, §2.2: the last map is black and works as a stop sign (first_black "
