@@ -132,6 +132,25 @@ def test_export_detection_masks_equal_predict_masks(tmp_path):
     # a 128x128 input: masks come back at the input size
     big = tf.image.resize(images, (128, 128)).numpy().astype(np.uint8)
     assert loaded.signatures["serving_default"](images=tf.constant(big))["detection_masks"].shape[2:] == (128, 128)
+    # the encoded-image and tf.Example signatures: a batch of differently sized images, each
+    # image's masks in its top-left corner equal to the uint8 signature's for it alone
+    import cv2
+
+    from kerasdet.export import encode_example
+
+    rng = np.random.RandomState(0)
+    mixed = [rng.randint(0, 256, shape).astype(np.uint8) for shape in ((96, 80, 3), (50, 70, 3))]
+    files = [cv2.imencode(".png", cv2.cvtColor(im, cv2.COLOR_RGB2BGR))[1].tobytes() for im in mixed]
+    sigs = loaded.signatures
+    enc = {k: v.numpy() for k, v in sigs["encoded_image"](image_bytes=tf.constant(files)).items()}
+    exa = sigs["tf_example"](serialized_examples=tf.constant([encode_example(f) for f in files]))
+    np.testing.assert_array_equal(exa["detection_masks"].numpy(), enc["detection_masks"])
+    for i, image in enumerate(mixed):
+        alone = sigs["serving_default"](images=tf.constant(image[None]))
+        h, w = image.shape[:2]
+        assert int(alone["num_detections"][0]) > 0 and alone["detection_masks"].numpy()[0].any()
+        np.testing.assert_array_equal(enc["detection_masks"][i, :, :h, :w], alone["detection_masks"].numpy()[0])
+        assert not enc["detection_masks"][i, :, h:].any() and not enc["detection_masks"][i, :, :, w:].any()
 
 
 def mask_rcnn_fpn_param_count(num_classes, resnet_params, d=256):
