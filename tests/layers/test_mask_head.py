@@ -57,6 +57,9 @@ def test_select_class_masks_takes_each_rois_channel():
     picked = select_class_masks(tf.tile(logits, (1, 1, 2, 2, 1)), tf.constant([[4, 1]])).numpy()
     np.testing.assert_array_equal(picked[0, 0], np.full((2, 2), 4.0))
     np.testing.assert_array_equal(picked[0, 1], np.full((2, 2), 7.0))
+    # class-agnostic logits (one channel): that channel for every class
+    agnostic = select_class_masks(tf.ones((1, 2, 3, 3, 1)), tf.constant([[4, -1]])).numpy()
+    assert agnostic.shape == (1, 2, 3, 3) and np.all(agnostic == 1.0)
 
 
 def test_loss_uses_only_positive_rois_and_the_matched_class_channel():

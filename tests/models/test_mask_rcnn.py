@@ -170,3 +170,15 @@ def test_r50_fpn_mask_rcnn_parameter_count_matches_paper_layer_list():
     assert expected == 44_480_116
     assert model.count_params() == expected
     assert model.mask_head.count_params() == expected - 41_836_836
+
+
+def test_class_agnostic_mask_head_trains_and_predicts():
+    keras.utils.set_random_seed(5)
+    model = tiny_model(mask_head=MaskHead(num_classes=3, num_convs=1, channels=4, class_agnostic=True,
+                                          roi_output_size=7), score_threshold=0.0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images, labels = masked_batch(batch=2)
+    logs = model.train_on_batch(images, labels, return_dict=True)
+    assert np.isfinite(logs["mask_loss"]) and logs["mask_loss"] > 0
+    out = model.predict(images, verbose=0)
+    assert out["masks"].shape == (2, 20, 64, 64) and model.mask_head.predictor.filters == 1
