@@ -6,14 +6,14 @@ He, Gkioxari, Dollár and Girshick, "Mask R-CNN", ICCV 2017:
   features, four 3x3 convs of 256 channels (+ReLU), a 2x2 stride-2 deconvolution (+ReLU)
   to 28x28 and a 1x1 conv to ``K`` mask logits, one m x m mask per class
   (``class_agnostic=True``: one mask, the paper's §4.2 ablation "class-agnostic masks").
-* §3, "Multi-task loss": ``L_mask`` is the average binary cross-entropy of per-pixel
-  sigmoids, defined on positive RoIs only and, for an RoI of ground-truth class k, on the
-  k-th mask only (the other masks do not contribute). :func:`mask_loss` sums it over the
-  positive RoIs and divides by their number summed over replicas
-  (:func:`kerasdet.losses.global_normalizer`), so the update is the same on 1 or N
-  replicas and a batch without positives has zero loss.
-* §3, "The mask target of an RoI is the intersection between an RoI and its associated
-  ground-truth mask": :func:`mask_targets` resamples the matched instance mask over each
+* §3 (the multi-task loss ``L = L_cls + L_box + L_mask``): ``L_mask`` is the average
+  binary cross-entropy of per-pixel sigmoids and, for an RoI of ground-truth class k, only
+  the k-th mask contributes; §3.1 "Training": it is defined on positive RoIs only.
+  :func:`mask_loss` sums it over the positive RoIs and divides by their number summed
+  over replicas (:func:`kerasdet.losses.global_normalizer`), so the update is the same on
+  1 or N replicas and a batch without positives has zero loss.
+* §3.1 "Training": the mask target is the intersection of an RoI and its associated
+  ground-truth mask. :func:`mask_targets` resamples the matched instance mask over each
   RoI to m x m (bilinear, pixel-centre sampling of
   :func:`~kerasdet.layers.windows.crop_windows`: the inverse of the inference paste
   :func:`~kerasdet.layers.windows.paste_masks`) and binarizes it at 0.5 (Detectron's
@@ -105,7 +105,7 @@ class MaskHead(keras.layers.Layer):
 
 
 def mask_targets(gt_masks, rois, matched, *, size=28, threshold=0.5):
-    """Mask targets ``[B, R, size, size]`` (0/1 float32) of Mask R-CNN §3.
+    """Mask targets ``[B, R, size, size]`` (0/1 float32) of Mask R-CNN §3.1 "Training".
 
     Args:
         gt_masks: ``[B, N, H, W]`` instance masks (0/1, any dtype) on the network input,
@@ -144,9 +144,9 @@ def select_class_masks(logits, classes):
 
 
 def mask_loss(logits, targets, classes, positive):
-    """``L_mask`` (Mask R-CNN §3): per-pixel sigmoid cross-entropy of the ground-truth
-    class's mask, averaged over the m x m pixels of each positive RoI, summed over positive
-    RoIs and divided by their number summed over replicas
+    """``L_mask`` (Mask R-CNN §3 and §3.1 "Training"): per-pixel sigmoid cross-entropy of
+    the ground-truth class's mask, averaged over the m x m pixels of each positive RoI,
+    summed over positive RoIs and divided by their number summed over replicas
     (:func:`kerasdet.losses.global_normalizer`; 0, not NaN, without positives).
 
     Args:

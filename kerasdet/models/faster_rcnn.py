@@ -53,16 +53,16 @@ backend and ``non_max_suppression_padded`` (``roi_method``/``nms_method`` ``"aut
 **Mask R-CNN** (He et al., "Mask R-CNN", ICCV 2017): an optional ``mask_head`` part (a
 :class:`~kerasdet.layers.mask_head.MaskHead`, Fig. 4 right) adds the mask branch in
 parallel to the box head. The model then has its own RoIAlign of ``mask_head.roi_output_size``
-(14, §3.1 / Fig. 4) on the box RoI layer's levels with the same Eq. 4.1 assignment.
+(14, Fig. 4; RoIAlign: §3) on the box RoI layer's levels with the same Eq. 4.1 assignment.
 
-* Training (§3 "Multi-task loss", "Training"): the mask branch runs on the foreground
+* Training (§3 loss, §3.1 "Training"): the mask branch runs on the foreground
   prefix of the sampled RoIs (``sample_rois`` puts them first, at most
   ``int(num_rois * foreground_fraction)``); targets are the matched instance masks
   (``labels["masks"]`` ``[B, N, H, W]``, ``make_dataset(masks="instances")``) RoIAligned
   to 28x28 (:func:`~kerasdet.layers.mask_head.mask_targets`); ``mask_loss`` is the
   average per-pixel sigmoid cross-entropy of the ground-truth class's mask over the
   positive RoIs (:func:`~kerasdet.layers.mask_head.mask_loss`, normalized over replicas).
-* Inference (§3 "Inference"): the mask branch runs on the (at most 100) kept detection
+* Inference (§3.1 "Inference"): the mask branch runs on the (at most 100) kept detection
   boxes; the predicted class's m x m mask is sigmoid-ed, resized to its box and pasted
   into the image (:func:`~kerasdet.layers.windows.paste_masks`) and binarized at
   ``mask_threshold`` (0.5): ``masks`` ``[B, max_detections, H, W]`` (0/1 float32) in the
@@ -157,7 +157,8 @@ class FasterRCNN(Detector):
 
     Input: float images ``[B, H, W, 3]``, RGB 0..255 (the backbone normalizes). Targets:
     ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N] int32 (-1 padding), optional
-    "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
+    "is_crowd"}`` (with a ``mask_head`` also ``"masks"`` ``[B, N, H, W]``). ``predict`` returns
+    ``{"boxes", "scores", "classes", "num_detections"}`` (with a ``mask_head`` also ``"masks"``).
 
     The model is composed of parts, each with a default built from the flat arguments
     below (TF Model Garden's and detectron2's composition): ``backbone`` (-> FPN for
@@ -188,8 +189,8 @@ class FasterRCNN(Detector):
             :class:`~kerasdet.layers.mask_head.MaskHead`, or its serialized dict. Default
             ``None``: no masks (then no ``mask_head`` / ``mask_threshold`` config keys).
             Training then needs ``labels["masks"]``.
-        mask_threshold: binarization of the pasted mask probabilities (Mask R-CNN §3:
-            0.5); only used with ``mask_head``.
+        mask_threshold: binarization of the pasted mask probabilities (Mask R-CNN §3.1
+            "Inference": 0.5); only used with ``mask_head``.
         architecture: ``"fpn"`` or ``"c4"``.
         feature_name, feature_level: ``c4`` only: the backbone output used and its level
             (stride ``2**feature_level``). Defaults: ``block5_conv3`` or ``C4``; level 4.
@@ -511,7 +512,7 @@ class FasterRCNN(Detector):
         return tf.cast(self.mask_head(pooled, training=training), tf.float32)
 
     def detection_masks(self, feats, boxes, classes, image_shape):
-        """Mask R-CNN inference (§3): binary masks ``[B, D, H, W]`` (float32 0/1) of the
+        """Mask R-CNN inference (§3.1 "Inference"): binary masks ``[B, D, H, W]`` (float32 0/1) of the
         detections ``boxes`` ``[B, D, 4]`` (yxyx input pixels) of ``classes`` ``[B, D]``
         (-1 padding: zero masks): each box's predicted-class mask, sigmoid, pasted into
         the ``image_shape`` canvas over its box (:func:`~kerasdet.layers.windows.paste_masks`)
@@ -581,7 +582,7 @@ class FasterRCNN(Detector):
         return terms
 
     def mask_loss_term(self, feats, samples, labels, training=False):
-        """Mask R-CNN's ``L_mask`` (§3) of :func:`~kerasdet.sampling.sample_rois`' samples:
+        """Mask R-CNN's ``L_mask`` (§3, §3.1 "Training") of :func:`~kerasdet.sampling.sample_rois`' samples:
         the mask branch on the foreground prefix of the sampled RoIs (at most
         ``int(num_rois * foreground_fraction)``), targets from ``labels["masks"]``."""
         if "masks" not in labels:
