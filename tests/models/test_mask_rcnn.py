@@ -182,3 +182,45 @@ def test_class_agnostic_mask_head_trains_and_predicts():
     assert np.isfinite(logs["mask_loss"]) and logs["mask_loss"] > 0
     out = model.predict(images, verbose=0)
     assert out["masks"].shape == (2, 20, 64, 64) and model.mask_head.predictor.filters == 1
+
+
+MIRRORED_SCRIPT = r'''
+import sys, json
+sys.path.insert(0, sys.argv[1])
+from kerasdet.distribute import split_cpu
+split_cpu(2)
+import keras, numpy as np, tensorflow as tf
+from test_mask_rcnn import masked_batch, tiny_mask_model
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+images, labels = masked_batch(batch=4)
+ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(4, drop_remainder=True)
+with strategy.scope():
+    model = tiny_mask_model()
+    model.build((None, 64, 64, 3))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+hist = model.fit(ds, steps_per_epoch=4, epochs=4, verbose=0).history
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "history": hist}))
+'''
+
+
+@pytest.mark.slow
+def test_fit_under_mirrored_strategy_two_replicas(tmp_path):
+    """Mask R-CNN trains by model.fit under MirroredStrategy (2 logical CPUs, its own
+    process): every loss, mask_loss included, finite; the total falling."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), here], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    hist = result["history"]
+    assert result["replicas"] == 2
+    for key in ("rpn_cls_loss", "rpn_box_loss", "cls_loss", "box_loss", "mask_loss", "loss"):
+        assert key in hist and np.all(np.isfinite(hist[key])), key
+    assert hist["loss"][-1] < 0.8 * hist["loss"][0]
