@@ -124,7 +124,9 @@ def sample_rois(
         ``rois [B, S, 4]``, ``labels [B, S]`` int32 (0 background, ``1..K`` object class
         ``c + 1``), ``box_targets [B, S, 4]`` (encoded against the RoI for the matched
         ground truth; zeros for background), ``weights [B, S]`` float32 (1 for sampled RoIs,
-        0 for fillers), ``foreground [B, S]`` bool and ``max_iou [B, S]``. All outputs are
+        0 for fillers), ``foreground [B, S]`` bool, ``max_iou [B, S]`` and ``matched [B, S]``
+        int32 (the row of ``gt_boxes`` each RoI is matched to; meaningful for foreground,
+        e.g. to pick its instance mask). All outputs are
         wrapped in ``stop_gradient`` (approximate joint training).
     """
     proposals = tf.stop_gradient(tf.cast(proposals, tf.float32))
@@ -184,6 +186,7 @@ def sample_rois(
         "weights": weights,
         "foreground": sel_fg,
         "max_iou": tf.gather(max_iou, index, batch_dims=1),
+        "matched": sel_matched,
     }
     return {k: tf.stop_gradient(v) for k, v in out.items()}
 

@@ -16,8 +16,8 @@ A recipe is a Python module with
   batch, so a seeded transform resumes exactly.
 
 The recipes of the papers live in :mod:`kerasdet.recipes` (``retinanet``,
-``faster_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``, ``sharpmask``, ``fpn_proposals``); a user's recipe is
-a file given by path.
+``faster_rcnn_fpn``, ``mask_rcnn_fpn``, ``assd``, ``couplenet``, ``smn``, ``decompnet``, ``sharpmask``,
+``fpn_proposals``); a user's recipe is a file given by path.
 """
 from __future__ import annotations
 

@@ -49,6 +49,25 @@ XLA: ``crop_and_resize`` and ``combined_non_max_suppression`` do not compile wit
 When the model is compiled with ``jit_compile=True`` it switches to the gather RoIAlign
 backend and ``non_max_suppression_padded`` (``roi_method``/``nms_method`` ``"auto"``).
 ``roi_pooler="crop_pool"`` has no XLA path.
+
+**Mask R-CNN** (He et al., "Mask R-CNN", ICCV 2017): an optional ``mask_head`` part (a
+:class:`~kerasdet.layers.mask_head.MaskHead`, Fig. 4 right) adds the mask branch in
+parallel to the box head. The model then has its own RoIAlign of ``mask_head.roi_output_size``
+(14, Fig. 4; RoIAlign: §3) on the box RoI layer's levels with the same Eq. 4.1 assignment.
+
+* Training (§3 loss, §3.1 "Training"): the mask branch runs on the foreground
+  prefix of the sampled RoIs (``sample_rois`` puts them first, at most
+  ``int(num_rois * foreground_fraction)``); targets are the matched instance masks
+  (``labels["masks"]`` ``[B, N, H, W]``, ``make_dataset(masks="instances")``) RoIAligned
+  to 28x28 (:func:`~kerasdet.layers.mask_head.mask_targets`); ``mask_loss`` is the
+  average per-pixel sigmoid cross-entropy of the ground-truth class's mask over the
+  positive RoIs (:func:`~kerasdet.layers.mask_head.mask_loss`, normalized over replicas).
+* Inference (§3.1 "Inference"): the mask branch runs on the (at most 100) kept detection
+  boxes; the predicted class's m x m mask is sigmoid-ed, resized to its box and pasted
+  into the image (:func:`~kerasdet.layers.windows.paste_masks`) and binarized at
+  ``mask_threshold`` (0.5): ``masks`` ``[B, max_detections, H, W]`` (0/1 float32) in the
+  detection dict, the key SharpMask / DecompNet return, so export's ``detection_masks``
+  work unchanged.
 """
 import copy
 
@@ -57,9 +76,11 @@ import tensorflow as tf
 
 from kerasdet import losses as loss_ops
 from kerasdet.layers.fpn import FeaturePyramid
+from kerasdet.layers.mask_head import mask_loss, mask_targets, select_class_masks
 from kerasdet.layers.postprocess import decode_roi_boxes, resolve_nms_method, roi_detections, two_stage_detections
 from kerasdet.layers.region_proposal import RegionProposalNetwork
 from kerasdet.layers.roi_align import RoIAlign, RoICropAndPool
+from kerasdet.layers.windows import paste_masks
 from kerasdet.models.base import Detector, json_like
 from kerasdet.sampling import sample_rois
 
@@ -136,7 +157,8 @@ class FasterRCNN(Detector):
 
     Input: float images ``[B, H, W, 3]``, RGB 0..255 (the backbone normalizes). Targets:
     ``{"boxes": [B, N, 4] (``bounding_box_format``), "classes": [B, N] int32 (-1 padding), optional
-    "is_crowd"}``. ``predict`` returns ``{"boxes", "scores", "classes", "num_detections"}``.
+    "is_crowd"}`` (with a ``mask_head`` also ``"masks"`` ``[B, N, H, W]``). ``predict`` returns
+    ``{"boxes", "scores", "classes", "num_detections"}`` (with a ``mask_head`` also ``"masks"``).
 
     The model is composed of parts, each with a default built from the flat arguments
     below (TF Model Garden's and detectron2's composition): ``backbone`` (-> FPN for
@@ -161,6 +183,14 @@ class FasterRCNN(Detector):
             (with ``return_features=True`` also the features first, see :class:`BoxHead`),
             or a serialized dict. Default ``None``: a :class:`BoxHead` of ``num_fc``,
             ``fc_dim``, ``dropout``.
+        mask_head: optional Mask R-CNN mask branch (module docstring), called
+            ``mask_head(features [B, R, P, P, C])`` -> logits ``[B, R, 2P, 2P, K or 1]``
+            with attributes ``num_classes`` (K) and ``roi_output_size`` (P), e.g. a
+            :class:`~kerasdet.layers.mask_head.MaskHead`, or its serialized dict. Default
+            ``None``: no masks (then no ``mask_head`` / ``mask_threshold`` config keys).
+            Training then needs ``labels["masks"]``.
+        mask_threshold: binarization of the pasted mask probabilities (Mask R-CNN §3.1
+            "Inference": 0.5); only used with ``mask_head``.
         architecture: ``"fpn"`` or ``"c4"``.
         feature_name, feature_level: ``c4`` only: the backbone output used and its level
             (stride ``2**feature_level``). Defaults: ``block5_conv3`` or ``C4``; level 4.
@@ -202,6 +232,8 @@ class FasterRCNN(Detector):
         proposal_network=None,
         roi_layer=None,
         box_head=None,
+        mask_head=None,
+        mask_threshold=0.5,
         architecture="fpn",
         feature_name=None,
         feature_level=4,
@@ -259,10 +291,20 @@ class FasterRCNN(Detector):
             raise ValueError(f"roi_pooler must be 'align' or 'crop_pool', got {roi_pooler!r}.")
         resolve_nms_method(nms_method)  # validates
         backbone = _deserialize(backbone)
-        proposal_network, roi_layer, box_head = (_deserialize(p) for p in (proposal_network, roi_layer, box_head))
+        proposal_network, roi_layer, box_head, mask_head = (
+            _deserialize(p) for p in (proposal_network, roi_layer, box_head, mask_head))
         #: the parts passed in (serialized by get_config; the defaults are described by the flat arguments)
         self._given_parts = {k: p is not None for k, p in
-                             (("proposal_network", proposal_network), ("roi_layer", roi_layer), ("box_head", box_head))}
+                             (("proposal_network", proposal_network), ("roi_layer", roi_layer), ("box_head", box_head),
+                              ("mask_head", mask_head))}
+        if mask_head is not None:
+            if int(mask_head.num_classes) != int(num_classes):
+                raise ValueError(f"mask_head has {mask_head.num_classes} classes, the model {int(num_classes)}.")
+            # one more loss term, tracked like the others (Detector makes a tracker per name)
+            self.LOSS_NAMES = FasterRCNN.LOSS_NAMES + ("mask_loss",)
+            trackers = list(self._tracker_list)
+            trackers.insert(1 + len(FasterRCNN.LOSS_NAMES), keras.metrics.Mean(name="mask_loss"))
+            self._tracker_list = trackers
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.architecture = architecture
@@ -335,6 +377,15 @@ class FasterRCNN(Detector):
             box_head = BoxHead(num_classes=self.num_classes, num_fc=num_fc, fc_dim=fc_dim, dropout=dropout,
                                name="box_head")
         self.box_head = box_head
+        self.mask_head = mask_head
+        self.mask_threshold = float(mask_threshold)
+        self.mask_roi_layer = None
+        if mask_head is not None:
+            self.mask_roi_layer = RoIAlign(
+                output_size=int(mask_head.roi_output_size), sampling_ratio=getattr(roi_layer, "sampling_ratio", 2),
+                aligned=getattr(roi_layer, "aligned", True), method=getattr(roi_layer, "method", "auto"),
+                min_level=roi_layer.min_level, max_level=roi_layer.max_level, canonical_size=roi_layer.canonical_size,
+                canonical_level=roi_layer.canonical_level, name="mask_roi_align")
         rpn = proposal_network.get_config()
         self._config = dict(
             num_classes=self.num_classes, architecture=architecture, feature_name=feature_name,
@@ -358,11 +409,13 @@ class FasterRCNN(Detector):
             nms_iou_threshold=self.nms_iou_threshold, max_detections=self.max_detections,
             detections_pre_nms_topk=self.detections_pre_nms_topk, nms_method=nms_method,
         )
+        if mask_head is not None:
+            self._config["mask_threshold"] = self.mask_threshold
 
     def get_config(self):
         """:class:`~kerasdet.models.base.Detector`'s config (the flat arguments) plus each
         part that was passed in, serialized (``proposal_network``, ``roi_layer``,
-        ``box_head``; a model of default parts has none of these keys, as before parts)."""
+        ``box_head``, ``mask_head``; a model of default parts has none of these keys, as before parts)."""
         config = super().get_config()
         for name, given in self._given_parts.items():
             if given:
@@ -372,7 +425,7 @@ class FasterRCNN(Detector):
     @classmethod
     def from_config(cls, config):
         config = copy.deepcopy(config)  # deserialization consumes nested dicts
-        for name in ("backbone", "proposal_network", "roi_layer", "box_head"):
+        for name in ("backbone", "proposal_network", "roi_layer", "box_head", "mask_head"):
             if isinstance(config.get(name), dict):
                 config[name] = keras.saving.deserialize_keras_object(config[name])
         return cls(**config)
@@ -450,6 +503,29 @@ class FasterRCNN(Detector):
         logits, deltas = self.box_head(self.roi_features(feats, rois), training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
+    def mask_outputs(self, feats, rois, training=False):
+        """Mask logits ``[B, R, m, m, K]`` (float32; ``K = 1`` class-agnostic) of ``rois``
+        ``[B, R, 4]`` on the RPN maps ``feats``: the mask RoIAlign (Eq. 4.1 levels) and
+        ``mask_head``. Only for a model with a ``mask_head``."""
+        roi_feats = feats[self.roi_min_level - self.min_level: self.roi_max_level - self.min_level + 1]
+        pooled = self.mask_roi_layer(roi_feats, rois, xla=self.jit_compile is True)
+        return tf.cast(self.mask_head(pooled, training=training), tf.float32)
+
+    def detection_masks(self, feats, boxes, classes, image_shape):
+        """Mask R-CNN inference (§3.1 "Inference"): binary masks ``[B, D, H, W]`` (float32 0/1) of the
+        detections ``boxes`` ``[B, D, 4]`` (yxyx input pixels) of ``classes`` ``[B, D]``
+        (-1 padding: zero masks): each box's predicted-class mask, sigmoid, pasted into
+        the ``image_shape`` canvas over its box (:func:`~kerasdet.layers.windows.paste_masks`)
+        and binarized at ``mask_threshold``."""
+        probs = tf.sigmoid(select_class_masks(self.mask_outputs(feats, boxes), classes))  # [B, D, m, m]
+        shape = tf.shape(probs)
+        flat_boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+        pasted = paste_masks(tf.reshape(probs, tf.stack([-1, shape[2], shape[3]])), flat_boxes,
+                             tf.range(tf.shape(flat_boxes)[0]), image_shape)
+        real = tf.reshape(tf.cast(classes >= 0, tf.float32), [-1, 1, 1])
+        masks = tf.cast(pasted > self.mask_threshold, tf.float32) * real
+        return tf.reshape(masks, tf.stack([shape[0], shape[1], image_shape[0], image_shape[1]]))
+
     def decode_boxes(self, box_deltas, rois, image_shape):
         """Class boxes ``[B, R, K, 4]`` of :meth:`roi_heads`' deltas on ``rois``, clipped
         (:func:`~kerasdet.layers.postprocess.decode_roi_boxes` with ``box_weights``)."""
@@ -500,7 +576,23 @@ class FasterRCNN(Detector):
         own = tf.gather(box_deltas, samples["labels"], batch_dims=2)  # [B, R, 4]
         box = tf.reduce_sum(loss_ops.smooth_l1_loss(samples["box_targets"], own, beta=self.smooth_l1_beta), -1)
         box_loss = tf.reduce_sum(box * tf.cast(samples["foreground"], tf.float32)) / roi_norm
-        return {"rpn_cls_loss": rpn_cls, "rpn_box_loss": rpn_box, "cls_loss": cls_loss, "box_loss": box_loss}
+        terms = {"rpn_cls_loss": rpn_cls, "rpn_box_loss": rpn_box, "cls_loss": cls_loss, "box_loss": box_loss}
+        if self.mask_head is not None:
+            terms["mask_loss"] = self.mask_loss_term(feats, samples, labels, training=training)
+        return terms
+
+    def mask_loss_term(self, feats, samples, labels, training=False):
+        """Mask R-CNN's ``L_mask`` (§3, §3.1 "Training") of :func:`~kerasdet.sampling.sample_rois`' samples:
+        the mask branch on the foreground prefix of the sampled RoIs (at most
+        ``int(num_rois * foreground_fraction)``), targets from ``labels["masks"]``."""
+        if "masks" not in labels:
+            raise ValueError("A FasterRCNN with a mask_head trains on instance masks: labels need 'masks' "
+                             "[B, N, H, W] (make_dataset(masks='instances')).")
+        quota = max(1, int(self.num_rois * self.foreground_fraction))
+        rois = samples["rois"][:, :quota]
+        logits = self.mask_outputs(feats, rois, training=training)
+        targets = mask_targets(labels["masks"], rois, samples["matched"][:, :quota], size=int(logits.shape[2]))
+        return mask_loss(logits, targets, samples["labels"][:, :quota] - 1, samples["foreground"][:, :quota])
 
     # --- inference ----------------------------------------------------------------------
     def detect(self, images):
@@ -512,8 +604,11 @@ class FasterRCNN(Detector):
         logits, deltas, anchors = self.rpn(feats)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shape, training=False)
         class_logits, box_deltas = self.roi_heads(feats, proposals, training=False)
-        return two_stage_detections(
+        detections = two_stage_detections(
             class_logits, box_deltas, proposals, valid, image_shape, box_weights=self.box_weights,
             nms_method=self.nms_backend, max_detections=self.max_detections, iou_threshold=self.nms_iou_threshold,
             score_threshold=self.score_threshold, pre_nms_topk=self.detections_pre_nms_topk,
         )
+        if self.mask_head is not None:
+            detections["masks"] = self.detection_masks(feats, detections["boxes"], detections["classes"], image_shape)
+        return detections
