@@ -628,7 +628,9 @@ def run_claims(claims, *, seeds, epochs=None, work_root, data_dir=None, quick=No
             "seeds": list(seeds),
             "data": "quick" if quick else data_text(claim.baseline.scores or claim.baseline),
             "parameters": {arm: rs[0].get("parameters") for arm, rs in runs.items()},
-            "train_minutes_mean": {arm: sum(r["train_seconds"] for r in rs) / len(rs) / 60 for arm, rs in runs.items()},
+            # an arm that scores another's weights trains nothing: None
+            "train_minutes_mean": {arm: (sum(r["train_seconds"] for r in rs) / len(rs) / 60
+                                         if all("train_seconds" in r for r in rs) else None) for arm, rs in runs.items()},
             "jobs": jobs,
             "threads_per_run": threads,
             "cpu_flags": cpu_flags_text(),
