@@ -204,3 +204,36 @@ def test_smn_context_breakdown_of_a_run(tmp_path):
     assert out["oracle_degraded_AP50"] == pytest.approx(1.0)  # the partner's class recovers it
     assert (out["degraded_objects"], out["clean_objects"]) == (1, 1)
     assert out["dup@0.3"] == 1
+
+
+def test_run_claims_with_scoring_arms_and_shared_bases(tmp_path, monkeypatch):
+    """The queue and the record without training: a claim whose arms both score one trained
+    arm (decompnet_stop: no train time for them) and the SMN arms, whose shared base trains
+    first and is saved once before the arms that start from it."""
+    calls = []
+
+    def fake_train(arm, seed, *, epochs, work_root, data_dir, quick, threads, log):
+        calls.append(("train", arm.name, seed))
+        return {"seed": seed, "AP": 0.5, "AP50": 0.7 + 0.01 * seed, "history": [0.4, 0.5], "train_seconds": 60.0,
+                "parameters": 10, "work_dir": arm.name}
+
+    def fake_score(arm, seed, *, work_root, log):
+        calls.append(("score", arm.name, seed))
+        return {"seed": seed, "AP": 0.5, "AP50": 0.7 + 0.01 * seed, "history": [], "parameters": 10}
+
+    monkeypatch.setattr(paper_claims, "train_run", fake_train)
+    monkeypatch.setattr(paper_claims, "score_run", fake_score)
+    monkeypatch.setattr(paper_claims, "_ensure_data", lambda *a, **k: None)
+    monkeypatch.setattr(paper_claims, "export_base", lambda arm, root, log=None: calls.append(("export", arm.name)))
+    claims = [paper_claims.CLAIMS["decompnet_stop"], paper_claims.CLAIMS["smn_context"]]
+    out = paper_claims.run_claims(claims, seeds=[0, 1], work_root=str(tmp_path), results_dir=str(tmp_path),
+                                  diagnose=False, log=lambda *a: None)
+    stop = out["decompnet_stop"]
+    assert stop["budget"]["train_minutes_mean"] == {"decompnet_ordered_bright": None,
+                                                    "decompnet_ordered_first_black": None}
+    assert stop["difference"] == pytest.approx(0.0) and stop["holds"] is True  # equivalent within 0.02
+    assert out["smn_context"]["budget"]["train_minutes_mean"]["smn_context_base_more"] == pytest.approx(1.0)
+    first_export = calls.index(next(c for c in calls if c[0] == "export"))
+    assert calls[:first_export] == [("train", "smn_context_base", 0)]  # the shared base, once, first
+    assert ("train", "smn_context_base", 1) not in calls
+    assert os.path.isfile(tmp_path / "smn_context.json") and os.path.isfile(tmp_path / "decompnet_stop.png")
