@@ -138,6 +138,16 @@ def score(name, work_dir, args):
                  "final_loss": s["final_loss"]} for s in record["stages"]]}
 
 
+def _finished_run(work_dir, recipe, config):
+    """A finished run of this very config in ``work_dir`` (``run.json`` with stats)."""
+    path = os.path.join(work_dir, "run.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        record = json.load(f)
+    return bool(record.get("stats")) and recipe.config_from_dict(record["config"]) == config
+
+
 def plot(results, path):
     import matplotlib
 
@@ -175,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--work-dir", default="runs/proposals_bench")
     parser.add_argument("--data-dir", default="data/proposals_bench")
     parser.add_argument("--output", default="benchmarks/results/proposals_digits.json")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="score a model's finished run in --work-dir (same config) instead of training it again")
     args = parser.parse_args(argv)
 
     from kerasdet.engine.recipes import load_recipe
@@ -192,8 +204,12 @@ def main(argv=None):
         config = recipe.config(preset, overrides(name, args))
         work = os.path.join(args.work_dir, name)
         t0 = time.time()
-        run(recipe, config, preset=preset, work_dir=work, data_dir=args.data_dir, strategy="default", verbose=0)
-        train_wall = time.time() - t0
+        if args.reuse_runs and _finished_run(work, recipe, config):
+            print(f"{name}: reusing the finished run in {work}", flush=True)
+            train_wall = None
+        else:
+            run(recipe, config, preset=preset, work_dir=work, data_dir=args.data_dir, strategy="default", verbose=0)
+            train_wall = time.time() - t0
         results[name] = score(name, work, args)
         results[name]["run_wall_s"] = train_wall
         s = results[name]["stats"]
@@ -201,6 +217,13 @@ def main(argv=None):
               + (f"  segm {s['mask_AR10']:.3f} / {s['mask_AR100']:.3f} / {s['mask_AR1000']:.3f}"
                  if "mask_AR10" in s else "")
               + f"  {results[name]['infer_s_per_image'] * 1000:.1f} ms/image", flush=True)
+        png = write_results(results, args, t_start)  # after every model: an interrupted run keeps what it scored
+    print(f"wrote {args.output} and {png}")
+    return 0
+
+
+def write_results(results, args, t_start):
+    """Writes ``--output`` (JSON) and the recall-vs-proposals PNG next to it; returns the PNG path."""
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     record = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "args": vars(args),
               "budget": f"{args.steps} steps x {args.batch_size} images", "curve": list(CURVE),
@@ -210,8 +233,7 @@ def main(argv=None):
         json.dump(record, f, indent=2, default=float)
     png = os.path.splitext(args.output)[0] + ".png"
     plot(results, png)
-    print(f"wrote {args.output} and {png}")
-    return 0
+    return png
 
 
 if __name__ == "__main__":
