@@ -25,10 +25,12 @@ are all COCO-"small", so M/L are -1). Inference time: seconds per image of the c
 predict function over the validation split at ``--eval-batch`` images a batch, after one
 warm-up batch. Writes ``--output`` (JSON) and a PNG of AR vs number of proposals next to it.
 
-Full run (not timed yet: four trainings of 600 steps, 35-40 s per 100 steps each on 2 shared cores for
-DeepMask and FPN proposals, then two scorings of 500 images x 1000 proposals per model)::
+Full run (measured 2026-12-01 on 2 cores loaded by other jobs: about 1.5 h, most of it the
+runner's and this script's scorings of SharpMask's 1000 refined windows per image, 2 s per
+image; ``--reuse-runs`` scores finished runs of the same config instead of retraining them;
+the JSON is rewritten after every model)::
 
-    PYTHONPATH=$PWD python benchmarks/proposals_digits.py
+    PYTHONPATH=$PWD python benchmarks/proposals_digits.py [--reuse-runs]
 
 Smoke run (a few steps on a tiny set under /tmp, tiny networks)::
 
