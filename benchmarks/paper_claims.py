@@ -125,6 +125,9 @@ _SLIDING_WINDOW = Arm("sliding_window", "sliding_window", "digits")
 _DECOMPNET_BRIGHT = Arm("decompnet_ordered_bright", "decompnet", "digits", (("model.stop", "bright"),), scores=_DECOMPNET)
 _DECOMPNET_FIRST_BLACK = Arm("decompnet_ordered_first_black", "decompnet", "digits", (("model.stop", "first_black"),),
                              scores=_DECOMPNET)
+# decompNet's boxes from its maps (the tight box of the map above half its peak) instead of the regressor
+_DECOMPNET_MAP_BOXES = Arm("decompnet_ordered_map_boxes", "decompnet", "digits", (("model.box_source", "maps"),),
+                           scores=_DECOMPNET)
 _RFCN = Arm("rfcn", "couplenet", "rfcn_digits")
 _COUPLENET = Arm("couplenet", "couplenet", "couplenet_digits")
 _ACOUPLENET = Arm("acouplenet", "couplenet", "acouplenet_digits")
@@ -160,6 +163,10 @@ CLAIMS = {
         Claim("decompnet", "Park & Berg, Learning to decompose (ICLR 2016 workshop), Fig. 4: decompNet above the "
               "sliding-window CNN + NMS on the 3-6-9 digits (box AP50 per digit)", _SLIDING_WINDOW, _DECOMPNET,
               epochs=None, metric="AP50", diagnostics="per_class_ap50"),
+        Claim("decompnet_map_boxes", "ablation of decompnet: the same weights with boxes from the maps (Park & "
+              "Berg §2.3: boxes 'by a simple program' from the maps) instead of the regressor, against the "
+              "sliding window", _SLIDING_WINDOW, _DECOMPNET_MAP_BOXES, epochs=None, metric="AP50",
+              diagnostics="per_class_ap50"),
         Claim("smn_context", "Chen & Gupta, Spatial Memory for Context Reasoning in Object Detection (ICCV 2017), "
               "Table 1/3: SMN (N = 10 steps, no NMS) above its base Faster R-CNN (per-class NMS) on the context "
               "digits", _SMN_BASE_MORE, _SMN_STEPS, epochs=None, diagnostics="smn"),
