@@ -158,10 +158,10 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, prefix, title in ((axes[0], "", "box proposals"), (axes[1], "mask_", "segment proposals")):
-        for name, r in results.items():
+        for i, (name, r) in enumerate(results.items()):  # one colour per model in both panels
             keys = [f"{prefix}AR{n}" for n in CURVE]
             if all(k in r["stats"] for k in keys):
-                ax.plot(CURVE, [r["stats"][k] for k in keys], marker="o", label=name)
+                ax.plot(CURVE, [r["stats"][k] for k in keys], marker="o", label=name, color=f"C{i}")
         ax.set_xscale("log")
         ax.set_xlabel("number of proposals")
         ax.set_title(title)
