@@ -336,18 +336,26 @@ def score_run(arm, seed, *, work_root, log):
 
 
 # --- diagnostics --------------------------------------------------------------------------
+def run_results(work_dir, results_file=None):
+    """``(run.json record, COCO results list, validation annotations path)`` of a finished run
+    (``results_file``: another results file of its validation split, e.g. a scoring arm's)."""
+    with open(os.path.join(work_dir, "run.json")) as f:
+        record = json.load(f)
+    with open(results_file or os.path.join(work_dir, "val_results.json")) as f:
+        results = json.load(f)
+    gt_path = record["paths"]["val"]["val_annotations"]
+    if not os.path.isabs(gt_path):
+        gt_path = os.path.join(ROOT, gt_path)
+    return record, results, gt_path
+
+
 def per_class_ap50(work_dir, *, num_images=None, results_file=None):
     """Box AP at IoU 0.5 per category (pycocotools, :func:`kerasdet.evaluation.per_class.
     per_class_pr`) of a run's final validation results, by category name."""
     from kerasdet.evaluation.per_class import per_class_pr
 
     del num_images
-    with open(os.path.join(work_dir, "run.json")) as f:
-        record = json.load(f)
-    results_file = results_file or os.path.join(work_dir, "val_results.json")
-    with open(results_file) as f:
-        results = json.load(f)
-    gt = record["paths"]["val"]["val_annotations"]
+    record, results, gt = run_results(work_dir, results_file)
     per_class = per_class_pr(gt, results, iou=0.5)
     with open(gt) as f:
         coco = json.load(f)
@@ -510,14 +518,7 @@ def smn_context_breakdown(work_dir, *, num_images=None, results_file=None):
     from kerasdet.evaluation.subsets import subset_ap
 
     del num_images
-    with open(os.path.join(work_dir, "run.json")) as f:
-        record = json.load(f)
-    results_file = results_file or os.path.join(work_dir, "val_results.json")
-    with open(results_file) as f:
-        results = json.load(f)
-    gt_path = record["paths"]["val"]["val_annotations"]
-    if not os.path.isabs(gt_path):
-        gt_path = os.path.join(ROOT, gt_path)
+    _, results, gt_path = run_results(work_dir, results_file)
     with open(gt_path) as f:
         gt = json.load(f)
     degraded = subset_ap(gt_path, results, lambda a: bool(a.get("degraded")))
