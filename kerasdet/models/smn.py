@@ -471,7 +471,10 @@ class SMN(Detector):
             # Sec. 6.1 trained: the top N1 base detections (per-class NMS over the training
             # proposals) are written in confidence order, covering what they hit; the N2
             # memory steps that follow carry the losses
-            memory, covered = self._write_base_detections(feat, base, gt_boxes, gt_valid, image_shape)
+            num_proposals = tf.shape(base["proposals"])[1]  # rois = [proposals, ground truth]
+            memory, covered = self._write_base_detections(
+                feat, base, base_logits[:, :num_proposals], class_boxes[:, :num_proposals], gt_boxes, gt_valid,
+                image_shape)
             steps = [2] * self.num_memory_steps
         else:
             steps = range(1, self.num_steps + 1)
@@ -524,13 +527,12 @@ class SMN(Detector):
                 memory = self._write(memory, feat, box, dist)
         return {name: value / float(max(num_loss_steps, 1)) for name, value in totals.items()}
 
-    def _write_base_detections(self, feat, base, gt_boxes, gt_valid, image_shape):
+    def _write_base_detections(self, feat, base, logits, class_boxes, gt_boxes, gt_valid, image_shape):
         """Training ``train_mode="final"``: the memory after the top ``num_base_writes`` base
-        detections (per-class NMS of the base softmax over the proposals, confidence order,
-        each re-scored by the base head at its box as in the final inference mode) and the
-        ground truths they cover (IoU >= ``cover_iou``): ``(memory, covered [B, G])``."""
-        fc7, logits, class_boxes = self._base_heads(feat, base["proposals"], image_shape)
-        del fc7
+        detections (per-class NMS of the base softmax ``logits`` / ``class_boxes`` over the
+        proposals, confidence order, each re-scored by the base head at its box as in the final
+        inference mode) and the ground truths they cover (IoU >= ``cover_iou``):
+        ``(memory, covered [B, G])``."""
         dets = self._base_nms(tf.nn.softmax(logits, axis=-1), class_boxes, base["valid"], image_shape,
                               self.num_base_writes)
         det_boxes = tf.stop_gradient(dets["boxes"])

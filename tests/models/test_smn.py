@@ -272,9 +272,10 @@ def test_final_train_mode_writes_base_detections_then_trains_the_memory_steps():
     b = model._base_pass(tf.constant(images), training=True)
     gt_boxes = tf.cast(labels["boxes"], tf.float32)
     gt_valid = tf.constant(np.asarray(labels["classes"]) >= 0)
-    memory, covered = model._write_base_detections(b["feat"], b, gt_boxes, gt_valid, b["image_shape"])
-    assert memory.shape == (2, 4, 4, 8)
     fc7, logits, class_boxes = model._base_heads(b["feat"], b["proposals"], b["image_shape"])
+    memory, covered = model._write_base_detections(b["feat"], b, logits, class_boxes, gt_boxes, gt_valid,
+                                                   b["image_shape"])
+    assert memory.shape == (2, 4, 4, 8)
     dets = model._base_nms(tf.nn.softmax(logits, -1), class_boxes, b["valid"], b["image_shape"], 3)
     expected = np.zeros(gt_valid.shape, bool)
     for i in range(2):  # by hand: any of the image's written detections at IoU >= 0.5
