@@ -1,5 +1,6 @@
 """The claims harness (benchmarks/paper_claims.py): statistics by hand, the record's layout,
 and its plumbing end to end on tiny data (--quick)."""
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,12 @@ def test_compare_welch_stderr_and_verdicts_by_hand():
     same = paper_claims.compare([0.30, 0.31], [0.315, 0.32], rule="equivalent", margin=0.02)
     assert same["holds"] is True and same["difference"] == pytest.approx(0.0125)
     assert paper_claims.compare([0.30, 0.31], [0.34, 0.35], rule="equivalent", margin=0.02)["holds"] is False
+    # not_below: holds unless the treatment is below the baseline by more than 2 stderr
+    slightly = paper_claims.compare([0.50, 0.54, 0.58], [0.48, 0.52, 0.56], rule="not_below")  # -0.02, stderr 0.0327
+    assert slightly["difference"] == pytest.approx(-0.02) and slightly["holds"] is True
+    clearly = paper_claims.compare([0.60, 0.61, 0.62], [0.55, 0.56, 0.57], rule="not_below")  # -0.05, stderr 0.0082
+    assert clearly["stderr"] == pytest.approx(math.sqrt(2 * 0.01**2 / 3)) and clearly["holds"] is False
+    assert paper_claims.compare(base, treat, rule="not_below")["holds"] is True
     with pytest.raises(ValueError, match="rule"):
         paper_claims.compare(base, treat, rule="less")
 
@@ -48,7 +55,9 @@ def test_claims_differ_only_in_the_papers_contribution():
         assert b.name != t.name
         cb = load_recipe(b.recipe).config(b.preset, dict(b.overrides))
         ct = load_recipe(t.recipe).config(t.preset, dict(t.overrides))
-        assert cb.data == ct.data and cb.eval.metric == ct.eval.metric, claim.name  # the same data and scoring
+        assert cb.data == ct.data, claim.name  # the same data
+        # the same scoring (Mask R-CNN's coco_segm scores the boxes as coco does, and the masks)
+        assert cb.eval.metric == ct.eval.metric or (cb.eval.metric, ct.eval.metric) == ("coco", "coco_segm"), claim.name
         if b.recipe == t.recipe and not (b.scores or t.scores or b.base_from or t.base_from):
             assert cb.train == ct.train and cb.eval == ct.eval, claim.name  # the same budget and schedule
     # decompNet against its paper's baseline: two models, each with its own schedule, on one data set
@@ -56,6 +65,11 @@ def test_claims_differ_only_in_the_papers_contribution():
     stop = claims["decompnet_stop"]  # one set of weights, scored with both stop rules
     assert stop.baseline.scores is stop.treatment.scores is claims["decompnet"].treatment
     assert stop.rule == "equivalent" and stop.margin == 0.02
+    mask = claims["mask_rcnn_boxes"]  # Faster R-CNN and the same with a mask head, the same schedule
+    cb, ct = (load_recipe(a.recipe).config(a.preset, dict(a.overrides)) for a in (mask.baseline, mask.treatment))
+    assert mask.rule == "not_below" and mask.metric == "AP"
+    assert cb.train == ct.train and cb.model == ct.model and cb.backbone == ct.backbone
+    assert dataclasses.replace(ct.input, masks=cb.input.masks) == cb.input and ct.input.masks == "instances"
     focal = claims["focal"]
     recipe = load_recipe("retinanet")
     ce = recipe.config(focal.baseline.preset, dict(focal.baseline.overrides)).model
@@ -74,13 +88,20 @@ def test_summary_record_and_table_row():
     result = paper_claims.summarize(claim, runs, budget={"epochs": 2})
     for key in ("claim", "paper", "metric", "baseline", "treatment", "budget", "runs", "difference", "stderr", "holds"):
         assert key in result
-    assert result["summary"]["rfcn"] == {"mean": pytest.approx(0.42), "std": pytest.approx(0.02), "n": 3}
+    assert result["summary"]["rfcn"] == {"mean": pytest.approx(0.42), "std": pytest.approx(0.02), "n": 3, "stats": {}}
     assert result["difference"] == pytest.approx(0.06)
     assert result["stderr"] == pytest.approx(math.sqrt(0.01**2 / 3 + 0.02**2 / 3))
     assert result["holds"] is True
     row = paper_claims.format_row(result)
     assert "0.420 ± 0.020" in row and "0.480 ± 0.010" in row and "+0.060" in row and "holds" in row
     json.dumps(result)  # JSON-serializable
+    # the other stats every seed has, summarized per arm beside the claim's metric
+    for arm, rs in runs.items():
+        for r in rs:
+            r["mask_AP"] = r["AP"] - 0.1
+    runs["rfcn"][0]["AP75"] = 0.3  # one seed only: not summarized
+    stats = paper_claims.summarize(claim, runs, budget={})["summary"]["rfcn"]["stats"]
+    assert stats == {"mask_AP": {"mean": pytest.approx(0.32), "std": pytest.approx(0.02)}}
 
 
 @pytest.mark.slow
