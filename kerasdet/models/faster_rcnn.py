@@ -516,15 +516,27 @@ class FasterRCNN(Detector):
         detections ``boxes`` ``[B, D, 4]`` (yxyx input pixels) of ``classes`` ``[B, D]``
         (-1 padding: zero masks): each box's predicted-class mask, sigmoid, pasted into
         the ``image_shape`` canvas over its box (:func:`~kerasdet.layers.windows.paste_masks`)
-        and binarized at ``mask_threshold``."""
-        probs = tf.sigmoid(select_class_masks(self.mask_outputs(feats, boxes), classes))  # [B, D, m, m]
+        and binarized at ``mask_threshold``.
+
+        Outside XLA the mask branch runs only on the first ``k`` detection slots, ``k`` the
+        last real slot of any image (the rest is padding: zero masks), not on all
+        ``max_detections``: on the digits preset (1-4 digits an image) that is most of the
+        predict time of a mask model. Under ``jit_compile=True`` every slot runs (static
+        shapes)."""
+        num_slots = tf.shape(boxes)[1]
+        if self.jit_compile is not True:
+            slot = tf.range(1, num_slots + 1)[None, :]
+            keep = tf.maximum(tf.reduce_max(tf.where(classes >= 0, slot, 0)), 1)
+            boxes, classes = boxes[:, :keep], classes[:, :keep]
+        probs = tf.sigmoid(select_class_masks(self.mask_outputs(feats, boxes), classes))  # [B, k, m, m]
         shape = tf.shape(probs)
         flat_boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
         pasted = paste_masks(tf.reshape(probs, tf.stack([-1, shape[2], shape[3]])), flat_boxes,
                              tf.range(tf.shape(flat_boxes)[0]), image_shape)
         real = tf.reshape(tf.cast(classes >= 0, tf.float32), [-1, 1, 1])
         masks = tf.cast(pasted > self.mask_threshold, tf.float32) * real
-        return tf.reshape(masks, tf.stack([shape[0], shape[1], image_shape[0], image_shape[1]]))
+        masks = tf.reshape(masks, tf.stack([shape[0], shape[1], image_shape[0], image_shape[1]]))
+        return tf.pad(masks, [[0, 0], [0, num_slots - shape[1]], [0, 0], [0, 0]])
 
     def decode_boxes(self, box_deltas, rois, image_shape):
         """Class boxes ``[B, R, K, 4]`` of :meth:`roi_heads`' deltas on ``rois``, clipped

@@ -88,6 +88,33 @@ def test_pasted_masks_are_the_predicted_class_mask_inside_its_box():
     assert not masks[0, 3].any()  # padding row
 
 
+def test_mask_branch_skips_trailing_padding_slots_only():
+    """Outside XLA the mask branch runs on the slots up to the last real one of any image; a
+    padding slot between real ones, and the skipped tail, come back as zero masks."""
+    keras.utils.set_random_seed(3)
+    model = tiny_mask_model()
+    model.build((None, 64, 64, 3))
+    model.mask_head.predictor.bias.assign(np.full((3,), 0.5, np.float32))
+    images = tf.constant(tiny_batch(batch=2)[0])
+    feats = model.features(images)
+    boxes = tf.constant([[[10.0, 20.0, 30.0, 50.0], [0.0, 0.0, 0.0, 0.0], [5.3, 7.6, 40.2, 21.4], [0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0]],
+                         [[8.0, 8.0, 40.0, 30.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0]]])
+    classes = tf.constant([[1, -1, 2, -1, -1], [0, -1, -1, -1, -1]])
+    masks = model.detection_masks(feats, boxes, classes, (64, 64)).numpy()
+    assert masks.shape == (2, 5, 64, 64)
+    assert masks[0, 0].sum() > 0 and masks[0, 2].sum() > 0 and masks[1, 0].sum() > 0
+    assert not masks[0, 1].any() and not masks[:, 3:].any() and not masks[1, 1:].any()
+    # each real slot's mask is the one computed on that box alone
+    for b, i in ((0, 0), (0, 2), (1, 0)):
+        alone = model.detection_masks(feats, tf.tile(boxes[:, i:i + 1], [1, 1, 1]),
+                                      tf.constant([[int(classes[b, i])]] * 2), (64, 64)).numpy()
+        np.testing.assert_array_equal(masks[b, i], alone[b, 0])
+    none = model.detection_masks(feats, boxes, tf.fill([2, 5], -1), (64, 64)).numpy()
+    assert none.shape == (2, 5, 64, 64) and not none.any()
+
+
 def test_predict_masks_match_detections_and_keras_file_round_trip(tmp_path):
     keras.utils.set_random_seed(2)
     model = tiny_mask_model(score_threshold=0.0)
