@@ -104,7 +104,7 @@ class MaskHead(keras.layers.Layer):
         return config
 
 
-def mask_targets(gt_masks, rois, matched, *, size=28, threshold=0.5):
+def mask_targets(gt_masks, rois, matched, *, size=28, threshold=0.5, backend="crop_and_resize"):
     """Mask targets ``[B, R, size, size]`` (0/1 float32) of Mask R-CNN §3.1 "Training".
 
     Args:
@@ -116,6 +116,8 @@ def mask_targets(gt_masks, rois, matched, *, size=28, threshold=0.5):
         size: m, the target side (28 in the paper).
         threshold: binarization of the bilinearly resampled mask (``>= threshold``).
             Default 0.5.
+        backend: :func:`~kerasdet.layers.windows.crop_windows`' ``backend``
+            (``"matmul"`` compiles with XLA). Default ``"crop_and_resize"``.
 
     Each target pixel samples the matched mask at its centre inside the RoI (bilinear,
     :func:`~kerasdet.layers.windows.crop_windows`, zero outside the image). Targets are
@@ -126,7 +128,8 @@ def mask_targets(gt_masks, rois, matched, *, size=28, threshold=0.5):
     flat_masks = tf.reshape(tf.cast(gt_masks, tf.float32), tf.stack([-1, shape[2], shape[3], 1]))
     matched = tf.clip_by_value(tf.cast(matched, tf.int32), 0, tf.maximum(num - 1, 0))
     box_index = tf.reshape(matched + num * tf.range(batch)[:, None], [-1])
-    crops = crop_windows(flat_masks, tf.reshape(tf.cast(rois, tf.float32), [-1, 4]), box_index, int(size))[..., 0]
+    crops = crop_windows(flat_masks, tf.reshape(tf.cast(rois, tf.float32), [-1, 4]), box_index, int(size),
+                         backend=backend)[..., 0]
     out = tf.shape(rois)
     targets = tf.reshape(tf.cast(crops >= threshold, tf.float32), tf.stack([out[0], out[1], size, size]))
     return tf.stop_gradient(targets)

@@ -5,12 +5,54 @@
 full-image inference of :class:`kerasdet.models.sharpmask.SharpMask`); both use pixel
 edges for windows and the half-pixel (pixel-centre) sampling convention of
 ``tf.image.resize``, so a crop and a paste of the same window are inverse resamplings.
-Graph ops, batched over windows (one ``crop_and_resize`` call each).
+Graph ops, batched over windows (one ``crop_and_resize`` call each, or, with
+``backend="matmul"``, two batched matrix products that XLA compiles: ``crop_and_resize``
+has no XLA kernel).
 """
 import tensorflow as tf
 
 
-def crop_windows(images, windows, box_indices, size, *, method="bilinear", extrapolation_value=0.0):
+#: ``backend`` values of :func:`crop_windows` / :func:`paste_masks`.
+BACKENDS = ("crop_and_resize", "matmul")
+
+
+def _axis_weights(coord, length):
+    """Bilinear weights ``[M, S, length]`` of the samples ``coord`` ``[M, S]`` (pixel-index
+    coordinates) on an axis of ``length`` pixels, ``crop_and_resize``'s rule: rows ``floor``
+    and ``floor + 1`` by the fraction; a sample outside ``[0, length - 1]`` has no weights.
+    Also returns the ``[M, S]`` validity."""
+    valid = (coord >= 0.0) & (coord <= tf.cast(length, tf.float32) - 1.0)
+    top = tf.floor(coord)
+    frac = (coord - top)[..., None]
+    top = tf.cast(top, tf.int32)
+    low = tf.one_hot(tf.clip_by_value(top, 0, length - 1), length)
+    high = tf.one_hot(tf.clip_by_value(top + 1, 0, length - 1), length)
+    valid_f = tf.cast(valid, tf.float32)
+    return (low * (1.0 - frac) + high * frac) * valid_f[..., None], valid_f
+
+
+def _crop_matmul(images, windows, box_indices, size_h, size_w, extrapolation_value):
+    """:func:`crop_windows` on the padded ``images`` (``windows`` in their pixel edges) as
+    ``W_y @ image @ W_x^T`` per window (bilinear)."""
+    shape = tf.shape(images)
+    y0, x0, y1, x1 = tf.unstack(windows, axis=-1)
+
+    def centres(start, end, n):  # pixel-centre samples in pixel-index coordinates
+        n = tf.cast(n, tf.float32)
+        return start[:, None] - 0.5 + (tf.range(n)[None, :] + 0.5) * ((end - start) / n)[:, None]
+
+    wy, vy = _axis_weights(centres(y0, y1, size_h), shape[1])
+    wx, vx = _axis_weights(centres(x0, x1, size_w), shape[2])
+    picked = tf.gather(images, tf.cast(box_indices, tf.int32))
+    out = tf.einsum("msh,mhwc,mtw->mstc", wy, picked, wx)
+    if extrapolation_value:
+        outside = 1.0 - vy[:, :, None] * vx[:, None, :]
+        out += float(extrapolation_value) * outside[..., None]
+    return out
+
+
+def crop_windows(images, windows, box_indices, size, *, method="bilinear", extrapolation_value=0.0,
+                 backend="crop_and_resize"):
     """Resamples ``windows`` (yxyx pixel edges of ``images``) to ``size`` (an int for a
     square, or ``(height, width)``).
 
@@ -21,11 +63,22 @@ def crop_windows(images, windows, box_indices, size, *, method="bilinear", extra
     with that value gives (the image is padded by one pixel, so a sample a rounding error
     past the last pixel centre still reads that pixel). ``windows`` ``[M, 4]``,
     ``box_indices`` ``[M]`` int32. Returns ``[M, size_h, size_w, C]`` float32.
+
+    ``backend``: ``"crop_and_resize"`` (default; ``tf.image.crop_and_resize``) or
+    ``"matmul"`` (the same samples as two batched matrix products with one-hot bilinear
+    weights: XLA-compilable, ``method="bilinear"`` only; equal to the default to float
+    rounding).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     size_h, size_w = (size, size) if isinstance(size, int) else size
     images = tf.pad(tf.cast(images, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]],
                     constant_values=extrapolation_value)
     windows = tf.cast(windows, tf.float32) + 1.0
+    if backend == "matmul":
+        if method != "bilinear":
+            raise ValueError(f"backend 'matmul' is bilinear only, got method={method!r}")
+        return _crop_matmul(images, windows, box_indices, size_h, size_w, extrapolation_value)
     shape = tf.shape(images)
     height = tf.cast(shape[1], tf.float32)
     width = tf.cast(shape[2], tf.float32)
@@ -42,7 +95,7 @@ def crop_windows(images, windows, box_indices, size, *, method="bilinear", extra
                                     extrapolation_value=extrapolation_value)
 
 
-def paste_masks(masks, windows, box_indices, size, *, method="bilinear"):
+def paste_masks(masks, windows, box_indices, size, *, method="bilinear", backend="crop_and_resize"):
     """Puts ``masks`` ``[M, m, m]`` (each covering its ``windows`` row, yxyx pixel edges
     of an image of ``size = (height, width)``) into image coordinates: ``[M, height,
     width]`` float32. ``box_indices`` must be ``range(M)`` (one mask per window; the
@@ -51,7 +104,8 @@ def paste_masks(masks, windows, box_indices, size, *, method="bilinear"):
     Image pixel ``(y, x)`` whose centre lies inside its window reads the mask at ``((y +
     0.5 - y0) * m / h - 0.5, ...)``, interpolated with the edge rows / columns repeated
     (what ``tf.image.resize`` does at the borders, so a mask resized to the window's size
-    and pasted agree); pixels outside the window are 0.
+    and pasted agree); pixels outside the window are 0. ``backend``: as
+    :func:`crop_windows` (``"matmul"``: XLA-compilable).
     """
     masks = tf.cast(masks, tf.float32)
     windows = tf.cast(windows, tf.float32)
@@ -64,7 +118,8 @@ def paste_masks(masks, windows, box_indices, size, *, method="bilinear"):
     sx = side / tf.maximum(x1 - x0, 1e-6)
     # the image rectangle in the padded mask's pixel edges (one extra pixel on each side)
     rect = tf.stack([1.0 - y0 * sy, 1.0 - x0 * sx, 1.0 + (fh - y0) * sy, 1.0 + (fw - x0) * sx], axis=-1)
-    pasted = crop_windows(padded[..., None], rect, box_indices, (height, width), method=method)[..., 0]
+    pasted = crop_windows(padded[..., None], rect, box_indices, (height, width), method=method,
+                          backend=backend)[..., 0]
     cy = tf.range(fh) + 0.5
     cx = tf.range(fw) + 0.5
     inside_y = (cy[None, :] >= y0[:, None]) & (cy[None, :] < y1[:, None])

@@ -511,6 +511,12 @@ class FasterRCNN(Detector):
         pooled = self.mask_roi_layer(roi_feats, rois, xla=self.jit_compile is True)
         return tf.cast(self.mask_head(pooled, training=training), tf.float32)
 
+    def _mask_resampling(self):
+        """The mask targets' and pastes' resampling backend: ``crop_and_resize`` has no XLA
+        kernel, so a ``jit_compile=True`` model uses the matrix-product form (the same
+        samples, :func:`~kerasdet.layers.windows.crop_windows`)."""
+        return "matmul" if self.jit_compile is True else "crop_and_resize"
+
     def detection_masks(self, feats, boxes, classes, image_shape):
         """Mask R-CNN inference (§3.1 "Inference"): binary masks ``[B, D, H, W]`` (float32 0/1) of the
         detections ``boxes`` ``[B, D, 4]`` (yxyx input pixels) of ``classes`` ``[B, D]``
@@ -522,7 +528,7 @@ class FasterRCNN(Detector):
         last real slot of any image (the rest is padding: zero masks), not on all
         ``max_detections``: on the digits preset (1-4 digits an image) that is most of the
         predict time of a mask model. Under ``jit_compile=True`` every slot runs (static
-        shapes)."""
+        shapes), and the pastes are matrix products (:meth:`_mask_resampling`)."""
         num_slots = tf.shape(boxes)[1]
         if self.jit_compile is not True:
             slot = tf.range(1, num_slots + 1)[None, :]
@@ -532,7 +538,7 @@ class FasterRCNN(Detector):
         shape = tf.shape(probs)
         flat_boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
         pasted = paste_masks(tf.reshape(probs, tf.stack([-1, shape[2], shape[3]])), flat_boxes,
-                             tf.range(tf.shape(flat_boxes)[0]), image_shape)
+                             tf.range(tf.shape(flat_boxes)[0]), image_shape, backend=self._mask_resampling())
         real = tf.reshape(tf.cast(classes >= 0, tf.float32), [-1, 1, 1])
         masks = tf.cast(pasted > self.mask_threshold, tf.float32) * real
         masks = tf.reshape(masks, tf.stack([shape[0], shape[1], image_shape[0], image_shape[1]]))
@@ -603,7 +609,8 @@ class FasterRCNN(Detector):
         quota = max(1, int(self.num_rois * self.foreground_fraction))
         rois = samples["rois"][:, :quota]
         logits = self.mask_outputs(feats, rois, training=training)
-        targets = mask_targets(labels["masks"], rois, samples["matched"][:, :quota], size=int(logits.shape[2]))
+        targets = mask_targets(labels["masks"], rois, samples["matched"][:, :quota], size=int(logits.shape[2]),
+                               backend=self._mask_resampling())
         return mask_loss(logits, targets, samples["labels"][:, :quota] - 1, samples["foreground"][:, :quota])
 
     # --- inference ----------------------------------------------------------------------

@@ -43,3 +43,34 @@ def test_pasted_masks_land_on_the_object():
     back = crop_windows(pasted[0][None, :, :, None], tf.constant([[10.0, 20.0, 26.0, 36.0]]), tf.constant([0]), 8)
     np.testing.assert_allclose(back.numpy()[0, ..., 0], tf.image.resize(
         tf.image.resize(mask[None, :, :, None], [16, 16]), [8, 8]).numpy()[0, ..., 0], atol=1e-5)
+
+
+def test_matmul_backend_equals_crop_and_resize_and_compiles_with_xla():
+    """backend="matmul" (XLA-compilable) takes the same samples as crop_and_resize: random
+    windows inside, across and outside the image, up- and down-sampling, a fill value, a
+    non-square size; the pastes too, also inside an XLA-compiled function."""
+    import pytest
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(size=(3, 20, 24, 2)).astype(np.float32))
+    y0 = rng.uniform(-10, 20, size=40)
+    x0 = rng.uniform(-10, 24, size=40)
+    windows = np.stack([y0, x0, y0 + rng.uniform(0.5, 30, 40), x0 + rng.uniform(0.5, 30, 40)], -1)
+    windows[0] = [0, 0, 20, 24]  # the whole image, on the pixel grid
+    windows[1] = [30, 30, 40, 40]  # wholly outside
+    windows = tf.constant(windows, tf.float32)
+    index = tf.constant(rng.integers(0, 3, size=40), tf.int32)
+    for size, fill in ((7, 0.0), ((5, 9), -1.5), (1, 0.25)):
+        ref = crop_windows(images, windows, index, size, extrapolation_value=fill)
+        got = crop_windows(images, windows, index, size, extrapolation_value=fill, backend="matmul")
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+    assert np.all(got.numpy()[1] == 0.25)
+    masks = tf.constant(rng.uniform(size=(40, 6, 6)).astype(np.float32))
+    ref = paste_masks(masks, windows, tf.range(40), (20, 24))
+    got = tf.function(lambda m, w: paste_masks(m, w, tf.range(40), (20, 24), backend="matmul"),
+                      jit_compile=True)(masks, windows)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        crop_windows(images, windows, index, 4, backend="gather")
+    with pytest.raises(ValueError, match="bilinear only"):
+        crop_windows(images, windows, index, 4, method="nearest", backend="matmul")
