@@ -17,7 +17,7 @@ Presets:
   loaded, box and mask AP (``coco_segm``; headline ``mask_AP``). Measured (3 seeds, 5
   epochs, 2026-12-01): box AP 0.789 +- 0.003 against the Faster R-CNN preset's 0.782 +-
   0.006 at the same schedule (the mask branch does not hurt the boxes, the paper's Table 3
-  point); mask AP 0.808 +- 0.002, AP50 0.978, AP75 0.947; ~2x Faster R-CNN's train step
+  point); mask AP 0.808 +- 0.002, AP50 0.978, AP75 0.947; 2.5x Faster R-CNN's train step
   (the four 3x3 convs on 16 foreground RoIs an image).
 
 Run: ``python recipes/mask_rcnn_fpn.py --preset digits`` (same as
