@@ -16,24 +16,11 @@ Usage::
 """
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from machine import cpu_flags_text  # noqa: E402  (benchmarks/, the script's folder, is on the path)
-
-
-def median_seconds(fn, repeats, warmup=2):
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from retinanet_speed import median_time  # noqa: E402
 
 
 def time_run(work_dir, repeats):
@@ -49,14 +36,14 @@ def time_run(work_dir, repeats):
     model.compile(optimizer=builders.build_optimizer(config.train.resolved_stages()[0], 1000, train=config.train),
                   jit_compile=config.train.jit_compile)
     batches = iter(train)
-    step = median_seconds(lambda: model.train_on_batch(*next(batches)), repeats)
+    step = median_time(lambda: model.train_on_batch(*next(batches)), repeats)
     images = next(iter(val))
     images = images[0] if isinstance(images, tuple) else images
     images = images["images"] if isinstance(images, dict) else images
     images = images[:16]
     out = model.predict_on_batch(images)
-    return {"train_step": step, "predict_16": median_seconds(lambda: model.predict_on_batch(images), repeats),
-            "predict_1": median_seconds(lambda: model.predict_on_batch(images[:1]), repeats),
+    return {"train_step": step, "predict_16": median_time(lambda: model.predict_on_batch(images), repeats),
+            "predict_1": median_time(lambda: model.predict_on_batch(images[:1]), repeats),
             "detections": float(np.mean(out["num_detections"])), "max_detections": int(out["boxes"].shape[1])}
 
 
