@@ -7,10 +7,10 @@ with the same budget, schedule and seeds, and writes
 
     {"claim", "paper", "metric", "baseline", "treatment", "budget": {...},
      "runs": {ARM: [{"seed", "AP", "AP50", ..., "history": [val AP per epoch]}, ...]},
-     "summary": {ARM: {"mean", "std", "n"}},
+     "summary": {ARM: {"mean", "std", "n", "stats": {AP50, AP75, mask_AP, ...: {"mean", "std"}}}},
      "difference": mean(treatment) - mean(baseline),
      "stderr": sqrt(s_t^2 / n_t + s_b^2 / n_b),        (s: sample standard deviations)
-     "holds": difference > 2 * stderr,
+     "holds": difference > 2 * stderr,                 (rule "greater"; see compare())
      "diagnostics": {...}}
 
 plus ``NAME.png``: validation AP against epoch for each arm (mean line, min-max band over
@@ -36,6 +36,12 @@ Claims (treatment vs baseline):
 * ``decompnet_stop``: the same decompNet weights scored with ``first_black`` vs ``bright``
   (every map whose peak reaches 0.5): holds when the AP50s agree within 0.02 (the paper's
   stop sign works).
+* ``mask_rcnn_boxes``: Mask R-CNN (``mask_rcnn_fpn`` digits) vs the Faster R-CNN it
+  extends (``faster_rcnn_fpn`` digits, the same network and schedule), box AP with the rule
+  ``not_below`` (He et al., "Mask R-CNN", ICCV 2017, Table 3: multi-task training does not
+  hurt, and there helps, the boxes); the mask AP / AP50 / AP75 in ``summary``.
+* the SMN context claims (``smn_context``, ``smn_context_final``, ``smn_vs_mlp``,
+  ``smn_memory_steps``) and the decompNet ablation ``decompnet_map_boxes``: see ``CLAIMS``.
 
 An arm may score another arm's weights (``Arm.scores``) with an inference option changed:
 it trains nothing.
